@@ -1,0 +1,63 @@
+// dmzproxy explain -t TOPOLOGY --from IP [--user U] [--method M] [--with-test-rule] [--json] URL
+// dmzproxy explain -t TOPOLOGY --from IP smtp[:SERVER[:PORT]] --mail-from A --rcpt B
+#include <iostream>
+#include <memory>
+
+#include "commands.hpp"
+#include "dmz/topology/explain.hpp"
+#include "output.hpp"
+
+namespace dmz::cli {
+
+namespace {
+struct explain_options {
+    std::string topology, from, user, method = "GET", mail_from, rcpt, what;
+    bool json = false, with_test_rule = false;
+};
+}  // namespace
+
+command add_explain(CLI::App& app) {
+    auto o = std::make_shared<explain_options>();
+    auto* sub = app.add_subcommand("explain", "Offline: the decision at each tier for one request or mail (exit 0 allowed, 1 denied)");
+    sub->add_option("-t,--topology", o->topology, "topology (TOML)")->required();
+    sub->add_option("--from", o->from, "client address, e.g. 127.10.0.100 (its network follows from the topology)")->required();
+    sub->add_option("--user", o->user, "evaluate as this authenticated user (default: anonymous)");
+    sub->add_option("--method,-X", o->method, "HTTP method (default GET)");
+    sub->add_option("--mail-from", o->mail_from, "SMTP envelope sender");
+    sub->add_option("--rcpt", o->rcpt, "SMTP envelope recipient");
+    sub->add_flag("--with-test-rule", o->with_test_rule, "evaluate as if each tier's test rule were enabled");
+    sub->add_flag("--json", o->json, "print the explanation as JSON");
+    sub->add_option("what", o->what, "URL (https://mail.contoso.com/owa/), or smtp / smtp:SERVER[:PORT]")->required();
+    return [o]() -> int {
+        topology::probe p;
+        auto from = rules::ip_address::parse(o->from);
+        if (!from) throw std::invalid_argument("--from '" + o->from + "' is not an IP address");
+        p.from = *from;
+        p.user = o->user;
+        p.method = o->method;
+        p.with_test_rules = o->with_test_rule;
+        if (o->what == "smtp" || o->what.rfind("smtp:", 0) == 0) {
+            p.smtp = true;
+            if (o->what.size() > 5) p.smtp_server = o->what.substr(5);
+            if (o->rcpt.empty()) throw std::invalid_argument("explain smtp needs --rcpt ADDRESS");
+            p.mail_from = o->mail_from;
+            p.rcpt = o->rcpt;
+        } else {
+            p.url = o->what;
+        }
+        auto res = topology::load(o->topology);
+        if (!res.topo || rules::has_errors(res.diags)) {
+            print_diagnostics(std::cerr, res.diags);
+            std::cerr << "dmzproxy explain: the topology has errors; run 'dmzproxy check -t " << o->topology << "'\n";
+            return 2;
+        }
+        auto ex = topology::explain(*res.topo, p);
+        if (o->json)
+            std::cout << explanation_json(p, ex).dump(2) << "\n";
+        else
+            print_explanation(std::cout, p, *res.topo, ex);
+        return ex.allowed() ? 0 : 1;
+    };
+}
+
+}  // namespace dmz::cli

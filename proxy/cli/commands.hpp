@@ -1,0 +1,15 @@
+#pragma once
+// Subcommands of the dmzproxy executable. Each returns the process exit code:
+// 0 ok, 1 findings or a denial, 2 usage or parse error.
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace dmz::cli {
+
+using command = std::function<int()>;
+
+command add_check(CLI::App& app);
+command add_explain(CLI::App& app);
+
+}  // namespace dmz::cli

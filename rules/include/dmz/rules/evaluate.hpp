@@ -1,0 +1,93 @@
+#pragma once
+/// @file First-match evaluation of one instance's rules over what is known of a transaction.
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dmz/rules/model.hpp"
+#include "dmz/rules/path.hpp"
+
+namespace dmz::rules {
+
+/// Three-valued result of a condition: a fact not yet known (Host at the TLS stage) leaves
+/// it undecided rather than guessed.
+enum class tri { no, yes, unknown };
+
+enum class identity { unknown, anonymous, authenticated };
+
+/// What is known of a transaction at the moment of evaluation. Unset optionals are unknown.
+struct facts {
+    std::string listener;  ///< required: the listener the connection arrived on
+    std::optional<ip_address> client;  ///< the original client (after trusted forwarding)
+    std::optional<std::string> sni;
+    std::optional<std::string> host;    ///< Host header without port, any case
+    std::optional<std::string> method;
+    std::optional<std::string> target;  ///< origin-form request-target, raw
+    identity who = identity::unknown;
+    std::string user;
+    std::vector<std::string> groups;
+    // SMTP
+    std::optional<std::string> mail_from;
+    std::optional<std::string> rcpt;
+};
+
+enum class verdict { allow, deny, undecided };
+const char* to_string(verdict v);
+
+/// Why a transaction was refused, in DESIGN.md's fault classes.
+enum class fault { none, rule_denied, no_rule_matched, auth_required };
+const char* to_string(fault f);
+
+struct examined_rule {
+    std::string rule;
+    source_location where;
+    enum class outcome { skipped_disabled, not_applicable, failed, undecided, matched } result;
+    std::string condition;  ///< the first condition that failed or was undecided
+    std::string reason;
+};
+const char* to_string(examined_rule::outcome o);
+
+struct decision {
+    verdict result = verdict::deny;
+    fault why = fault::no_rule_matched;
+    const rule* matched = nullptr;  ///< nullptr: the built-in default deny
+    std::string rule_name;          ///< "default deny" when no rule matched
+    source_location where;
+    std::string reason;  ///< one line: why allowed or denied
+    std::vector<examined_rule> trace;
+    normalized_target path;  ///< set for web transactions with a target
+    /// SMTP: "submit" or "relay" when allowed
+    std::string smtp_disposition;
+    const target* to() const { return matched && result == verdict::allow && matched->to ? &*matched->to : nullptr; }
+};
+
+struct evaluate_options {
+    bool enable_test_rules = false;  ///< evaluate as if each test rule were enabled
+};
+
+/// An instance's rules compiled once into immutable matchers.
+class policy {
+public:
+    explicit policy(instance_config cfg);
+    const instance_config& config() const { return cfg_; }
+    decision evaluate(const facts& f, const evaluate_options& opts = {}) const;
+    /// Whether a source name (network, address set) covers the address.
+    bool source_contains(const std::string& source_name, const ip_address& a) const;
+
+private:
+    tri match_sources(const std::vector<std::string>& names, const std::optional<ip_address>& a) const;
+    instance_config cfg_;
+};
+
+/// Host name match with a leading "*." wildcard covering exactly one label.
+bool host_matches(std::string_view pattern, std::string_view host);
+
+/// RFC 5321 address checks relevant to relaying. Returns "" when the mailbox is a plain
+/// local@domain, else why it must never relay (percent hack, bang path, source route,
+/// quoted local part, double '@', over-long parts).
+std::string relay_trick(std::string_view mailbox);
+/// The domain of local@domain, lower case, without brackets or angle brackets.
+std::string mailbox_domain(std::string_view mailbox);
+
+}  // namespace dmz::rules

@@ -1,0 +1,95 @@
+#pragma once
+/// @file A lab topology: networks, instances with their legs, simulated hosts, public names;
+/// and each instance's config derived from it.
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dmz/rules/config.hpp"
+#include "dmz/rules/evaluate.hpp"
+
+namespace dmz::topology {
+
+using rules::diagnostics;
+using rules::ip_address;
+using rules::source_location;
+
+struct network {
+    std::string name;
+    std::vector<rules::cidr> ranges;
+    std::optional<ip_address> client_address;  ///< an address a lab client binds to be here
+    source_location where;
+};
+
+struct leg {
+    std::string network;
+    ip_address address;
+    source_location where;
+};
+
+struct host_service {
+    std::string name;
+    rules::protocol proto = rules::protocol::https;
+    std::uint16_t port = 0;
+    std::string role;  ///< "frontend" or "hub" for Exchange transport; free text otherwise
+    source_location where;
+};
+
+struct host {
+    std::string name;
+    std::string network;
+    ip_address address;
+    std::vector<std::string> names;  ///< DNS names, and the names on its certificate
+    std::vector<std::string> accepted_domains;
+    std::vector<host_service> services;
+    source_location where;
+    const host_service* service_at(std::uint16_t port) const;
+};
+
+struct instance {
+    std::string name;
+    std::string role;
+    std::vector<leg> legs;
+    std::string config_file;  ///< where its config was read from (the topology itself if inline)
+    std::shared_ptr<const rules::policy> policy;  ///< null when the config failed to load
+    source_location where;
+    std::optional<ip_address> address_on(const std::string& network) const;
+};
+
+struct topology {
+    std::string file;
+    std::string name;
+    std::string description;
+    std::string domain;
+    std::string mx;  ///< the name SMTP clients connect to
+    std::vector<network> networks;  ///< External included, with the lab range clients use
+    std::vector<instance> instances;
+    std::vector<host> hosts;
+    std::map<std::string, std::string> names;  ///< public DNS name -> instance or host
+    std::map<std::string, source_location> name_where;
+
+    const instance* find_instance(std::string_view n) const;
+    const host* find_host(std::string_view n) const;
+    /// The topology network an address lies in; External when none claims it.
+    std::string network_of(const ip_address& a) const;
+    /// The instance or host that owns an address (a leg or a host address).
+    std::string node_at(const ip_address& a) const;
+    std::vector<ip_address> addresses_of(std::string_view node) const;
+};
+
+struct load_result {
+    std::optional<topology> topo;
+    diagnostics diags;
+    bool parsed = false;  ///< false: unreadable file or TOML syntax error somewhere
+};
+
+/// Loads a topology and derives each instance's config (listeners bound on legs, targets
+/// naming instances and hosts resolved to addresses).
+load_result load(const std::string& path);
+
+/// Topology-level findings (TOP*, TLS*), on top of each instance's own lint.
+void lint(const topology& t, diagnostics& out);
+
+}  // namespace dmz::topology

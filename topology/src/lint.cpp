@@ -1,0 +1,146 @@
+#include <algorithm>
+#include <functional>
+#include <set>
+
+#include "dmz/rules/lint.hpp"
+#include "dmz/topology/topology.hpp"
+
+namespace dmz::topology {
+
+using rules::severity;
+
+namespace {
+void add(diagnostics& out, severity s, const char* code, const source_location& where, std::string key,
+         std::string msg, std::string hint = {}) {
+    out.push_back({s, code, where, std::move(key), std::move(msg), std::move(hint)});
+}
+
+const rules::listener* listener_at(const rules::instance_config& c, const ip_address& a, std::uint16_t port) {
+    for (auto& l : c.listeners)
+        for (auto& b : l.bind)
+            if (b.port == port && (b.address == a || b.address.is_unspecified())) return &l;
+    return nullptr;
+}
+}  // namespace
+
+void lint(const topology& t, diagnostics& out) {
+    for (auto& in : t.instances)
+        if (in.policy) rules::lint(in.policy->config(), out);
+
+    // Two services of one host on one port: the seed's FrontEnd and Hub transport both on 25.
+    for (auto& h : t.hosts)
+        for (std::size_t i = 0; i < h.services.size(); ++i)
+            for (std::size_t j = 0; j < i; ++j)
+                if (h.services[i].port == h.services[j].port)
+                    add(out, severity::error, "TOP001", h.services[i].where, "hosts." + h.name + ".services",
+                        "host '" + h.name + "': services '" + h.services[j].name + "' and '" + h.services[i].name +
+                            "' both listen on " + h.address.to_string() + ":" + std::to_string(h.services[i].port),
+                        "on a multi-role Exchange server FrontEnd transport owns 25 and Hub transport 2525; "
+                        "a receive connector created with the wrong TransportRole takes 25 twice "
+                        "(Set-ReceiveConnector -TransportRole FrontEndTransport)");
+
+    // Public names must land on a leg on External.
+    for (auto& [name, node] : t.names) {
+        auto* in = t.find_instance(node);
+        bool external = in ? in->address_on(rules::external_network).has_value()
+                           : (t.find_host(node) && t.find_host(node)->network == rules::external_network);
+        if (!external)
+            add(out, severity::warning, "TOP007", t.name_where.at(name), "names." + name,
+                "public name '" + name + "' points to '" + node + "', which has no address on External",
+                "clients on the Internet will not reach it; point it at the front-end");
+    }
+
+    // Targets: something must listen there, with the right name on its certificate.
+    std::map<std::string, std::set<std::string>> edges;
+    for (auto& in : t.instances) {
+        if (!in.policy) continue;
+        for (auto& r : in.policy->config().rules) {
+            if (!r.enabled && !r.test) continue;
+            if (!r.to || !r.to->address || r.act != rules::action::allow) continue;
+            auto& to = *r.to;
+            auto key = "rules." + r.name + ".target";
+            auto where = to.where;
+            if (!to.instance.empty()) {
+                if (r.enabled) edges[in.name].insert(to.instance);
+                auto* other = t.find_instance(to.instance);
+                if (!other || !other->policy) continue;
+                auto* l = listener_at(other->policy->config(), *to.address, to.port);
+                if (!l) {
+                    add(out, severity::error, "TOP006", where, key,
+                        "rule '" + r.name + "' of '" + in.name + "' targets " + to.describe() + ", but no listener of '" +
+                            to.instance + "' binds that address and port",
+                        "add a listener on the shared network, or fix the port");
+                    continue;
+                }
+                bool web_rule = r.kind == rules::rule_kind::web;
+                if (web_rule && (l->proto == rules::protocol::https) != to.tls)
+                    add(out, severity::error, "TOP008", where, key + ".tls",
+                        "rule '" + r.name + "' speaks " + (to.tls ? "https" : "http") + " to listener '" + l->name + "' of '" +
+                            to.instance + "', which is " + rules::to_string(l->proto));
+                if (to.tls && l->proto == rules::protocol::https) {
+                    bool covered = false;
+                    for (auto& cert : l->certificates)
+                        for (auto& n : cert.names) covered = covered || rules::host_matches(n, to.name);
+                    if (!covered)
+                        add(out, severity::warning, "TLS001", where, key + ".name",
+                            "rule '" + r.name + "' verifies name '" + to.name + "', which is not on the certificates of listener '" +
+                                l->name + "' of '" + to.instance + "'",
+                            "the name also needs to be on the trusted certificate of the next hop");
+                }
+            } else if (!to.host.empty()) {
+                auto* h = t.find_host(to.host);
+                if (!h) continue;
+                auto* s = h->service_at(to.port);
+                if (!s) {
+                    add(out, severity::error, "TOP006", where, key,
+                        "rule '" + r.name + "' targets " + to.describe() + ", but host '" + h->name + "' has no service on port " +
+                            std::to_string(to.port));
+                    continue;
+                }
+                if (to.tls && std::none_of(h->names.begin(), h->names.end(), [&](auto& n) { return rules::host_matches(n, to.name); }))
+                    add(out, severity::warning, "TLS001", where, key + ".name",
+                        "rule '" + r.name + "' verifies name '" + to.name + "', which is not among the names of host '" + h->name + "'",
+                        "the name also needs to be on the trusted certificate on the Exchange server");
+                if (r.kind == rules::rule_kind::server && s->role == "hub")
+                    add(out, severity::warning, "TOP005", where, key + ".port",
+                        "rule '" + r.name + "' sends SMTP to '" + s->name + "' (Hub transport, port " + std::to_string(s->port) +
+                            "); mail from outside belongs on FrontEnd transport",
+                        "target port 25 (FrontEnd transport); 2525 is for Exchange servers talking among themselves");
+            }
+        }
+    }
+
+    // Publishing loops: a chain of instances that comes back to itself (TMG error 12206).
+    std::set<std::string> reported;
+    for (auto& in : t.instances) {
+        std::vector<std::string> stack;
+        std::function<bool(const std::string&)> dfs = [&](const std::string& n) -> bool {
+            auto pos = std::find(stack.begin(), stack.end(), n);
+            if (pos != stack.end()) {
+                stack.erase(stack.begin(), pos);
+                return true;
+            }
+            stack.push_back(n);
+            auto it = edges.find(n);
+            if (it != edges.end())
+                for (auto& next : it->second)
+                    if (dfs(next)) return true;
+            stack.pop_back();
+            return false;
+        };
+        if (!dfs(in.name)) continue;
+        auto members = std::set<std::string>(stack.begin(), stack.end());
+        auto sig = std::string();
+        for (auto& m : members) sig += m + ",";
+        if (!reported.insert(sig).second) continue;
+        std::string chain;
+        for (auto& s : stack) chain += s + " -> ";
+        chain += stack.front();
+        auto* first = t.find_instance(stack.front());
+        add(out, severity::error, "TOP002", first ? first->where : source_location{t.file, 0, 0}, "instances." + stack.front(),
+            "publishing loop: " + chain + " (a request would pass the same proxy twice, TMG error 12206)",
+            "each tier must publish toward the Exchange host, never back toward an earlier tier");
+    }
+}
+
+}  // namespace dmz::topology

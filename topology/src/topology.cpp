@@ -1,0 +1,430 @@
+#include "dmz/topology/topology.hpp"
+
+#include <algorithm>
+#include <filesystem>
+
+#include "dmz/rules/path.hpp"
+#include "dmz/rules/toml_reader.hpp"
+
+namespace dmz::topology {
+
+namespace fs = std::filesystem;
+using rules::severity;
+
+const host_service* host::service_at(std::uint16_t port) const {
+    for (auto& s : services)
+        if (s.port == port) return &s;
+    return nullptr;
+}
+
+std::optional<ip_address> instance::address_on(const std::string& net) const {
+    for (auto& l : legs)
+        if (l.network == net) return l.address;
+    return std::nullopt;
+}
+
+const instance* topology::find_instance(std::string_view n) const {
+    for (auto& i : instances)
+        if (i.name == n) return &i;
+    return nullptr;
+}
+
+const host* topology::find_host(std::string_view n) const {
+    for (auto& h : hosts)
+        if (h.name == n) return &h;
+    return nullptr;
+}
+
+std::string topology::network_of(const ip_address& a) const {
+    for (auto& n : networks)
+        if (n.name != rules::external_network)
+            for (auto& r : n.ranges)
+                if (r.contains(a)) return n.name;
+    return rules::external_network;
+}
+
+std::string topology::node_at(const ip_address& a) const {
+    for (auto& i : instances)
+        for (auto& l : i.legs)
+            if (l.address == a) return i.name;
+    for (auto& h : hosts)
+        if (h.address == a) return h.name;
+    return "";
+}
+
+std::vector<ip_address> topology::addresses_of(std::string_view node) const {
+    std::vector<ip_address> out;
+    if (auto* i = find_instance(node))
+        for (auto& l : i->legs) out.push_back(l.address);
+    if (auto* h = find_host(node)) out.push_back(h->address);
+    return out;
+}
+
+namespace {
+
+class loader {
+public:
+    loader(const std::string& file, load_result& res) : r_(file, res.diags), res_(res) {}
+
+    void load(const toml::table& root) {
+        topology t;
+        t.file = r_.file();
+        r_.only_keys(root, "", {"topology", "networks", "instances", "hosts", "names"});
+        if (auto* tt = r_.table(root, "topology", "", true)) {
+            r_.only_keys(*tt, "topology", {"name", "description", "domain", "mx"});
+            t.name = r_.str(*tt, "name", "topology", true).value_or("");
+            t.description = r_.str(*tt, "description", "topology").value_or("");
+            t.domain = rules::to_lower(r_.str(*tt, "domain", "topology").value_or(""));
+            t.mx = rules::to_lower(r_.str(*tt, "mx", "topology").value_or(t.domain.empty() ? "" : "mail." + t.domain));
+        }
+        if (auto* nt = r_.table(root, "networks", "", true)) load_networks(*nt, t);
+        if (auto* ht = r_.table(root, "hosts", "")) load_hosts(*ht, t);
+        if (auto* it = r_.table(root, "instances", "", true)) load_instances(*it, t);
+        if (auto* nt = r_.table(root, "names", "")) load_names(*nt, t);
+        derive_configs(root, t);
+        res_.topo = std::move(t);
+    }
+
+private:
+    std::optional<ip_address> address(const toml::table& t, const char* key, const std::string& path) {
+        auto s = r_.str(t, key, path, true);
+        if (!s) return std::nullopt;
+        auto a = ip_address::parse(*s);
+        if (!a) r_.error("CFG004", r_.at_key(t, key), path + "." + key, "'" + *s + "' is not an IP address");
+        else if (!a->is_v4() || a->bytes()[12] != 127)
+            r_.error("CFG004", r_.at_key(t, key), path + "." + key,
+                     "lab address '" + *s + "' is outside 127.0.0.0/8",
+                     "a lab lives on loopback: give each network its own 127.x range");
+        return a;
+    }
+
+    void load_networks(const toml::table& nt, topology& t) {
+        bool has_external = false;
+        for (auto&& [k, v] : nt) {
+            network n;
+            n.name = std::string(k.str());
+            n.where = r_.at(k);
+            auto path = "networks." + n.name;
+            auto* tt = v.as_table();
+            if (!tt) {
+                r_.error("CFG003", r_.at(v), path, "'" + path + "' must be a table");
+                continue;
+            }
+            r_.only_keys(*tt, path, {"ranges", "client_address", "description"});
+            r_.str(*tt, "description", path);
+            for (auto& [s, where] : r_.located_strings(*tt, "ranges", path, true)) {
+                std::string err;
+                auto c = rules::cidr::parse(s, &err);
+                if (!c) r_.error("CFG004", where, path + ".ranges", "invalid CIDR: " + err);
+                else n.ranges.push_back(*c);
+            }
+            if (tt->get("client_address")) {
+                n.client_address = address(*tt, "client_address", path);
+                if (n.client_address && std::none_of(n.ranges.begin(), n.ranges.end(), [&](auto& r) { return r.contains(*n.client_address); }))
+                    r_.error("CFG004", r_.at_key(*tt, "client_address"), path + ".client_address",
+                             "client_address " + n.client_address->to_string() + " is not inside network '" + n.name + "'");
+            }
+            has_external = has_external || n.name == rules::external_network;
+            for (auto& other : t.networks)
+                for (auto& a : other.ranges)
+                    for (auto& b : n.ranges)
+                        if (a.overlaps(b))
+                            r_.error("NET001", n.where, path,
+                                     "networks '" + other.name + "' and '" + n.name + "' overlap (" + a.to_string() + ", " + b.to_string() + ")");
+            t.networks.push_back(std::move(n));
+        }
+        if (!has_external)
+            r_.error("CFG008", r_.at(nt), "networks.External",
+                     "the topology needs a networks.External table with the range lab clients use",
+                     "e.g. [networks.External] ranges = [\"127.10.0.0/16\"]");
+    }
+
+    bool known_network(const topology& t, const std::string& n) {
+        return std::any_of(t.networks.begin(), t.networks.end(), [&](auto& x) { return x.name == n; });
+    }
+
+    std::vector<std::string> network_names(const topology& t) {
+        std::vector<std::string> out;
+        for (auto& n : t.networks) out.push_back(n.name);
+        return out;
+    }
+
+    void unknown(const source_location& where, const std::string& key, const std::string& what,
+                 const std::string& name, const std::vector<std::string>& known) {
+        auto guess = rules::did_you_mean(name, known);
+        r_.error("CFG006", where, key, "unknown " + what + " '" + name + "'",
+                 guess.empty() ? "" : "did you mean '" + guess + "'?");
+    }
+
+    void check_in_network(const topology& t, const std::string& net, const ip_address& a,
+                          const source_location& where, const std::string& key) {
+        if (t.network_of(a) != net)
+            r_.error("CFG004", where, key,
+                     "address " + a.to_string() + " lies in network '" + t.network_of(a) + "', not '" + net + "'");
+    }
+
+    void claim_node(const topology& t, const std::string& name, const source_location& where, const std::string& key) {
+        for (auto& i : t.instances)
+            if (i.name == name) r_.error("CFG005", where, key, "duplicate node name '" + name + "': an instance at " + i.where.to_string());
+        for (auto& h : t.hosts)
+            if (h.name == name) r_.error("CFG005", where, key, "duplicate node name '" + name + "': a host at " + h.where.to_string());
+        for (auto& n : t.networks)
+            if (n.name == name) r_.error("CFG005", where, key, "duplicate name '" + name + "': a network at " + n.where.to_string());
+    }
+
+    void claim_address(const topology& t, const ip_address& a, const std::string& owner,
+                       const source_location& where, const std::string& key) {
+        auto other = t.node_at(a);
+        if (!other.empty() && other != owner)
+            r_.error("CFG005", where, key, "address " + a.to_string() + " is already taken by '" + other + "'");
+    }
+
+    void load_hosts(const toml::table& ht, topology& t) {
+        for (auto&& [k, v] : ht) {
+            host h;
+            h.name = std::string(k.str());
+            h.where = r_.at(k);
+            auto path = "hosts." + h.name;
+            auto* tt = v.as_table();
+            if (!tt) {
+                r_.error("CFG003", r_.at(v), path, "'" + path + "' must be a table");
+                continue;
+            }
+            r_.only_keys(*tt, path, {"network", "address", "names", "accepted_domains", "services", "description"});
+            r_.str(*tt, "description", path);
+            claim_node(t, h.name, h.where, path);
+            h.network = r_.str(*tt, "network", path, true).value_or("");
+            if (!h.network.empty() && !known_network(t, h.network))
+                unknown(r_.at_key(*tt, "network"), path + ".network", "network", h.network, network_names(t));
+            if (auto a = address(*tt, "address", path)) {
+                h.address = *a;
+                if (known_network(t, h.network)) check_in_network(t, h.network, *a, r_.at_key(*tt, "address"), path + ".address");
+                claim_address(t, *a, h.name, r_.at_key(*tt, "address"), path + ".address");
+            }
+            for (auto& n : r_.strings(*tt, "names", path)) h.names.push_back(rules::to_lower(n));
+            for (auto& d : r_.strings(*tt, "accepted_domains", path)) h.accepted_domains.push_back(rules::to_lower(d));
+            if (auto* arr = r_.array(*tt, "services", path)) {
+                std::size_t idx = 0;
+                for (auto& el : *arr) {
+                    auto sp = path + ".services[" + std::to_string(idx++) + "]";
+                    auto* st = el.as_table();
+                    if (!st) {
+                        r_.error("CFG003", r_.at(el), sp, "'" + sp + "' must be a table");
+                        continue;
+                    }
+                    r_.only_keys(*st, sp, {"name", "protocol", "port", "role"});
+                    host_service s;
+                    s.where = r_.at(*st);
+                    s.name = r_.str(*st, "name", sp, true).value_or("");
+                    if (auto p = r_.str(*st, "protocol", sp, true))
+                        if (r_.one_of(*p, *st, "protocol", sp, {"http", "https", "smtp"}))
+                            s.proto = *p == "http" ? rules::protocol::http : *p == "https" ? rules::protocol::https : rules::protocol::smtp;
+                    if (auto p = r_.integer(*st, "port", sp, 1, 65535, true)) s.port = static_cast<std::uint16_t>(*p);
+                    s.role = r_.str(*st, "role", sp).value_or("");
+                    h.services.push_back(std::move(s));
+                }
+            }
+            t.hosts.push_back(std::move(h));
+        }
+    }
+
+    void load_instances(const toml::table& it, topology& t) {
+        for (auto&& [k, v] : it) {
+            instance in;
+            in.name = std::string(k.str());
+            in.where = r_.at(k);
+            auto path = "instances." + in.name;
+            auto* tt = v.as_table();
+            if (!tt) {
+                r_.error("CFG003", r_.at(v), path, "'" + path + "' must be a table");
+                continue;
+            }
+            r_.only_keys(*tt, path, {"role", "legs", "config", "description"});
+            r_.str(*tt, "description", path);
+            claim_node(t, in.name, in.where, path);
+            if (auto role = r_.str(*tt, "role", path, true))
+                if (r_.one_of(*role, *tt, "role", path, {"front-end", "back-end", "single"})) in.role = *role;
+            if (auto* legs = r_.array(*tt, "legs", path)) {
+                std::size_t idx = 0;
+                for (auto& el : *legs) {
+                    auto lp = path + ".legs[" + std::to_string(idx++) + "]";
+                    auto* lt = el.as_table();
+                    if (!lt) {
+                        r_.error("CFG003", r_.at(el), lp, "'" + lp + "' must be a table");
+                        continue;
+                    }
+                    r_.only_keys(*lt, lp, {"network", "address"});
+                    leg l;
+                    l.where = r_.at(*lt);
+                    l.network = r_.str(*lt, "network", lp, true).value_or("");
+                    if (!l.network.empty() && !known_network(t, l.network))
+                        unknown(r_.at_key(*lt, "network"), lp + ".network", "network", l.network, network_names(t));
+                    if (in.address_on(l.network))
+                        r_.error("CFG005", l.where, lp, "instance '" + in.name + "' has two legs on network '" + l.network + "'");
+                    auto a = address(*lt, "address", lp);
+                    if (!a) continue;
+                    l.address = *a;
+                    if (known_network(t, l.network)) check_in_network(t, l.network, *a, r_.at_key(*lt, "address"), lp + ".address");
+                    claim_address(t, *a, in.name, r_.at_key(*lt, "address"), lp + ".address");
+                    in.legs.push_back(l);
+                }
+            } else {
+                r_.error("CFG008", in.where, path + ".legs", "instance '" + in.name + "' has no legs");
+            }
+            t.instances.push_back(std::move(in));
+        }
+    }
+
+    void load_names(const toml::table& nt, topology& t) {
+        for (auto&& [k, v] : nt) {
+            auto name = rules::to_lower(k.str());
+            auto path = "names." + std::string(k.str());
+            auto* s = v.as_string();
+            if (!s) {
+                r_.error("CFG003", r_.at(v), path, "'" + path + "' must be the name of an instance or host");
+                continue;
+            }
+            if (!t.find_instance(s->get()) && !t.find_host(s->get())) {
+                std::vector<std::string> nodes;
+                for (auto& i : t.instances) nodes.push_back(i.name);
+                for (auto& h : t.hosts) nodes.push_back(h.name);
+                unknown(r_.at(v), path, "instance or host", s->get(), nodes);
+                continue;
+            }
+            t.names[name] = s->get();
+            t.name_where[name] = r_.at(k);
+        }
+    }
+
+    void derive_configs(const toml::table& root, topology& t) {
+        rules::load_options base;
+        base.in_topology = true;
+        for (auto& n : t.networks)
+            if (n.name != rules::external_network) base.networks.push_back({n.name, n.ranges, n.where});
+        for (auto& i : t.instances) {
+            rules::address_set s{i.name, {}, i.where, "instance"};
+            for (auto& l : i.legs) s.ranges.emplace_back(l.address, 128);
+            base.address_sets.push_back(std::move(s));
+        }
+        for (auto& h : t.hosts) base.address_sets.push_back({h.name, {rules::cidr(h.address, 128)}, h.where, "host"});
+
+        auto topo_dir = fs::path(t.file).parent_path();
+        auto* instances = root["instances"].as_table();
+        for (auto& in : t.instances) {
+            auto opts = base;
+            opts.instance_name = in.name;
+            opts.role = in.role;
+            auto path = "instances." + in.name;
+            auto* it = instances ? (*instances)[in.name].as_table() : nullptr;
+            if (!it) continue;
+            rules::load_result lr;
+            auto* cfg = it->get("config");
+            if (!cfg) {
+                r_.error("CFG008", in.where, path + ".config",
+                         "instance '" + in.name + "' has no config",
+                         "config = \"front-end.toml\", or an inline [" + path + ".config] table");
+                continue;
+            } else if (auto* s = cfg->as_string()) {
+                auto p = fs::path(s->get());
+                if (p.is_relative()) p = topo_dir / p;
+                in.config_file = p.lexically_normal().string();
+                std::error_code ec;
+                if (!fs::is_regular_file(in.config_file, ec)) {
+                    r_.error("CFG007", r_.at(*cfg), path + ".config", "config file '" + in.config_file + "' does not exist");
+                    res_.parsed = false;
+                    continue;
+                }
+                lr = rules::load_instance_config(in.config_file, opts);
+            } else if (auto* ct = cfg->as_table()) {
+                in.config_file = t.file;
+                lr = rules::load_instance_config_table(*ct, t.file, topo_dir.empty() ? "." : topo_dir.string(), opts);
+            } else {
+                r_.error("CFG003", r_.at(*cfg), path + ".config", "'" + path + ".config' must be a file name or a table");
+                continue;
+            }
+            res_.diags.insert(res_.diags.end(), lr.diags.begin(), lr.diags.end());
+            if (!lr.parsed) res_.parsed = false;
+            if (!lr.config) continue;
+            if (lr.config->role.empty()) lr.config->role = in.role;
+            derive(t, in, *lr.config);
+            in.policy = std::make_shared<rules::policy>(std::move(*lr.config));
+        }
+    }
+
+    void derive(const topology& t, const instance& in, rules::instance_config& c) {
+        for (auto& l : c.listeners) {
+            for (auto& n : l.networks) {
+                auto a = in.address_on(n);
+                if (!a) {
+                    r_.error("TOP003", l.where, "listeners." + l.name + ".networks",
+                             "listener '" + l.name + "' listens on network '" + n + "', but instance '" + in.name +
+                                 "' has no leg there",
+                             "add a leg on '" + n + "' to the instance, or listen on another network");
+                    continue;
+                }
+                l.bind.push_back({*a, l.port, l.where});
+            }
+        }
+        for (auto& r : c.rules) {
+            if (!r.to) continue;
+            auto& to = *r.to;
+            auto key = "rules." + r.name + ".target";
+            if (!to.instance.empty()) {
+                auto* other = t.find_instance(to.instance);
+                if (!other) {
+                    std::vector<std::string> names;
+                    for (auto& i : t.instances) names.push_back(i.name);
+                    unknown(to.where, key + ".instance", "instance", to.instance, names);
+                    continue;
+                }
+                // The other instance's address on the first network both share.
+                for (auto& l : in.legs)
+                    if (auto a = other->address_on(l.network)) {
+                        to.address = a;
+                        break;
+                    }
+                if (!to.address) {
+                    r_.error("TOP004", to.where, key,
+                             "rule '" + r.name + "' targets instance '" + to.instance + "', which shares no network with '" + in.name + "'",
+                             "publish to the next tier on a network both have a leg on");
+                    if (!other->legs.empty()) to.address = other->legs.front().address;
+                }
+                if (to.tls && to.name.empty() && !r.public_names.empty()) to.name = r.public_names.front();
+            } else if (!to.host.empty()) {
+                auto* h = t.find_host(to.host);
+                if (!h) {
+                    std::vector<std::string> names;
+                    for (auto& x : t.hosts) names.push_back(x.name);
+                    unknown(to.where, key + ".host", "host", to.host, names);
+                    continue;
+                }
+                to.address = h->address;
+                if (!in.address_on(h->network))
+                    r_.error("TOP004", to.where, key,
+                             "rule '" + r.name + "' targets host '" + h->name + "' on network '" + h->network + "', where instance '" +
+                                 in.name + "' has no leg",
+                             "publish through the tier that has a leg on '" + h->network + "'");
+                if (to.tls && to.name.empty() && !h->names.empty()) to.name = h->names.front();
+            }
+            if (to.tls && to.name.empty())
+                r_.error("CFG008", to.where, key + ".name", "an https target needs 'name': the name to verify on its certificate");
+        }
+    }
+
+    rules::toml_reader r_;
+    load_result& res_;
+};
+
+}  // namespace
+
+load_result load(const std::string& path) {
+    load_result res;
+    auto root = rules::parse_toml_file(path, res.diags);
+    if (!root) return res;
+    res.parsed = true;
+    loader l(path, res);
+    l.load(*root);
+    return res;
+}
+
+}  // namespace dmz::topology
