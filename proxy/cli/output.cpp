@@ -181,7 +181,7 @@ void print_explanation(std::ostream& os, const topology::probe& p, const topolog
     }
     os << "\n" << verdict_line(ex.result);
     if (ex.result == topology::outcome::ok)
-        os << ": " << ex.reason << "\n";
+        os << ": " << ex.reason << "\n" << "  " << ex.arrival << "\n";
     else
         os << " at " << ex.stopped_at << ": " << ex.reason << "\n";
     if (ex.with_test_rules) {
@@ -236,6 +236,7 @@ json explanation_json(const topology::probe& p, const topology::explanation& ex)
                 {"from", p.from.to_string()},
                 {"tiers", tiers}};
     if (!ex.redirect.empty()) out["redirect"] = ex.redirect;
+    if (!ex.arrival.empty()) out["arrival"] = ex.arrival;
     if (ex.with_test_rules)
         out["with_test_rules"] = {{"outcome", topology::to_string(*ex.with_test_rules)},
                                   {"reached", ex.with_test_rules_reached.empty() ? json(nullptr) : json(ex.with_test_rules_reached)},

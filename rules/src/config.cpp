@@ -118,6 +118,7 @@ private:
             if (r_.one_of(*role, t, "role", "instance", {"front-end", "back-end", "single"}))
                 c.role = *role;
         }
+        c.trust_forwarded_from_where = r_.at_key(t, "trust_forwarded_from");
         trust_from_ = r_.located_strings(t, "trust_forwarded_from", "instance");
         for (auto& [n, w] : trust_from_) c.trust_forwarded_from.push_back(n);
         r_.str(t, "description", "instance");
@@ -239,14 +240,17 @@ private:
                           "default_certificate", "authentication", "realm", "redirect_to_https",
                           "public_name", "limits", "timeouts", "description"});
             r_.str(*lt, "description", path);
+            bool proto_known = false;
             if (auto p = r_.str(*lt, "protocol", path, true)) {
-                if (r_.one_of(*p, *lt, "protocol", path, {"http", "https", "smtp"}))
+                if (r_.one_of(*p, *lt, "protocol", path, {"http", "https", "smtp"})) {
                     l.proto = *p == "http" ? protocol::http
                               : *p == "https" ? protocol::https
                                               : protocol::smtp;
+                    proto_known = true;
+                }
             }
             load_bind(*lt, path, l);
-            load_certificates(*lt, path, l);
+            load_certificates(*lt, path, l, proto_known);
             if (auto a = r_.str(*lt, "authentication", path)) {
                 if (r_.one_of(*a, *lt, "authentication", path,
                               {"none", "basic", "forms", "pass-through"}))
@@ -361,7 +365,11 @@ private:
         }
     }
 
-    void load_certificates(const toml::table& lt, const std::string& path, listener& l) {
+    /// `proto_known`: the protocol was given and valid. A missing or misspelt protocol is
+    /// already reported; demanding certificates for the https default would be a second,
+    /// wrong error.
+    void load_certificates(const toml::table& lt, const std::string& path, listener& l,
+                           bool proto_known) {
         if (auto* a = r_.array(lt, "certificates", path)) {
             std::size_t idx = 0;
             for (auto& el : *a) {
@@ -410,7 +418,7 @@ private:
                          path + ".default_certificate",
                          "default_certificate '" + *d + "' is not a name of any certificate of this listener");
         }
-        if (l.proto == protocol::https && l.certificates.empty())
+        if (proto_known && l.proto == protocol::https && l.certificates.empty())
             r_.error("CFG008", l.where, path + ".certificates",
                      "https listener '" + l.name + "' has no certificate",
                      "add certificates = [{ names = [\"mail.contoso.com\"], cert = \"...\", key = \"...\" }]");
@@ -443,10 +451,10 @@ private:
             }
             r_.only_keys(*ut, path, {"groups", "description"});
             r_.str(*ut, "description", path);
-            u.groups = r_.strings(*ut, "groups", path);
-            for (auto& g : u.groups) {
+            for (auto& [g, where] : r_.located_strings(*ut, "groups", path)) {
                 bool ok = std::any_of(c.groups.begin(), c.groups.end(), [&](auto& x) { return x.name == g; });
-                if (!ok) dangling(r_.at_key(*ut, "groups"), path + ".groups", "group", g, group_names(c));
+                if (!ok) dangling(where, path + ".groups", "group", g, group_names(c));
+                u.groups.push_back(g);
             }
             c.users.push_back(std::move(u));
         }
@@ -469,7 +477,10 @@ private:
         r_.error("CFG006", where, key, "unknown " + what + " '" + name + "'", hint);
     }
 
-    target load_target(const toml::table& t, const std::string& path, rule_kind kind) {
+    /// `name_defaulted`: the caller fills an empty `name` (the Exchange stanza uses its
+    /// public name), so a missing one is not an error here.
+    target load_target(const toml::table& t, const std::string& path, rule_kind kind,
+                       bool name_defaulted = false) {
         target to;
         to.where = r_.at(t);
         r_.only_keys(t, path, {"instance", "host", "address", "port", "tls", "name", "ca_file",
@@ -525,7 +536,8 @@ private:
             if (auto x = r_.duration(*tt, "read", tp)) to.timeouts.read = *x;
             if (auto x = r_.duration(*tt, "idle", tp)) to.timeouts.idle = *x;
         }
-        if (to.tls && to.name.empty() && kind == rule_kind::web && to.host.empty() && to.instance.empty())
+        if (to.tls && to.name.empty() && kind == rule_kind::web && to.host.empty() && to.instance.empty() &&
+            !name_defaulted)
             r_.error("CFG008", to.where, path + ".name",
                      "an https target needs 'name': the name to verify on its certificate",
                      "the name also needs to be on the upstream's trusted certificate");
@@ -710,9 +722,14 @@ private:
             r_.error("CFG004", r_.at_key(rt, "domain"), path + ".domain", "'" + domain + "' is not a domain");
         if (base.public_names.empty() && !domain.empty()) base.public_names.push_back("mail." + domain);
         target web_target;
-        if (auto* tt = r_.table(rt, "target", path, true)) web_target = load_target(*tt, path + ".target", rule_kind::web);
-        if (web_target.tls && web_target.name.empty() && !base.public_names.empty())
-            web_target.name = base.public_names.front();
+        if (auto* tt = r_.table(rt, "target", path, true)) {
+            web_target = load_target(*tt, path + ".target", rule_kind::web, true);
+            if (web_target.tls && web_target.name.empty() && !base.public_names.empty())
+                web_target.name = base.public_names.front();
+            if (web_target.tls && web_target.name.empty() && web_target.host.empty() && web_target.instance.empty())
+                r_.error("CFG008", web_target.where, path + ".target.name",
+                         "an https target needs 'name': the name to verify on its certificate");
+        }
         if (web_target.port == 0) web_target.port = 443;
 
         std::vector<std::string> web_listeners, smtp_listeners;

@@ -192,8 +192,10 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
                         if (path_has_prefix(norm->path, p)) t = tri::yes;
                     why = "path '" + norm->path + "' is not under: " + join(r.paths);
                 }
-            } else if (r.paths.empty()) {
-                t = tri::unknown;
+            } else if (r.paths.empty() && r.act == action::deny) {
+                // A deny decides without the path: an unsafe path would be refused anyway.
+                // An allow must wait, since an unsafe path would stop it matching.
+                t = tri::yes;
             }
             ok = cond(t, "paths", why);
         }

@@ -189,7 +189,7 @@ void lint(const instance_config& c, diagnostics& out) {
 
     for (auto& t : c.trust_forwarded_from)
         if (covers_external(c, t, wide_external_bits))
-            add(out, severity::error, "TRUST001", c.where, "instance.trust_forwarded_from",
+            add(out, severity::error, "TRUST001", c.trust_forwarded_from_where, "instance.trust_forwarded_from",
                 "X-Forwarded-For and PROXY headers are trusted from '" + t + "', which includes External",
                 "trust only the previous tier's addresses; anyone else could claim any client address");
 

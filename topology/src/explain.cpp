@@ -171,6 +171,11 @@ explanation run(const topology& t, const probe& p, bool with_test_rules) {
                                                "' (its names: " + [&] { std::string s2; for (auto& n : ho->names) s2 += (s2.empty() ? "" : ", ") + n; return s2; }() + ")");
             ex.result = outcome::ok;
             ex.reached = ho->name;
+            ex.arrival = "'" + ho->name + "' sees the connection from " + h.transport_source.to_string();
+            if (h.client_forwarded && !(h.client == h.transport_source))
+                ex.arrival += std::string(h.proto == rules::protocol::smtp ? "; Exchange speaks no PROXY protocol, so this tier is the SMTP client"
+                                                                            : "; X-Forwarded-For: " + h.client.to_string());
+            if (h.proto != rules::protocol::smtp) ex.arrival += "; Host " + h.host + (h.sni.empty() ? "" : ", SNI " + h.sni);
             ex.reason = "reaches " + s->name + " on host '" + ho->name + "' at " + addr_port(h.address, h.port);
             return ex;
         }

@@ -159,6 +159,7 @@ struct instance_config {
     std::string name;
     std::string role;  ///< "front-end", "back-end" or ""
     std::vector<std::string> trust_forwarded_from;
+    source_location trust_forwarded_from_where;  ///< where the list is written, for findings
     std::vector<network> networks;  ///< without External, which is implicit
     std::vector<address_set> address_sets;
     std::vector<listener> listeners;

@@ -46,6 +46,8 @@ struct explanation {
     std::string stopped_at;  ///< tier or hop that stopped it
     std::string reason;
     std::string redirect;  ///< set when an http listener redirected to https first
+    /// What the host reached receives: the connection's source, the forwarded client, Host.
+    std::string arrival;
     std::vector<tier_result> tiers;
     /// With the test rules enabled (computed when the verdict is a rule fault).
     std::optional<outcome> with_test_rules;

@@ -1,0 +1,108 @@
+#pragma once
+/// @file Strict HTTP/1.1 message heads (RFC 9112) and chunked framing, parsed from bytes.
+/// No sockets: sessions hand in what they read and act on the result. Views point into
+/// the caller's buffer and live as long as it does.
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace dmz::http {
+
+struct field {
+    std::string_view name;
+    std::string_view value;  ///< without leading/trailing whitespace
+};
+
+enum class body_kind { none, length, chunked, until_close };
+
+/// Why a message was refused. `status` is what the proxy answers (400, 413, 414, 431,
+/// 501, 505 for requests; 502 for upstream responses); `code` is a stable short word for
+/// the access log and X-Dmz-Error.
+struct parse_error {
+    int status = 400;
+    std::string code;
+    std::string detail;
+};
+
+struct limits {
+    std::size_t max_request_line = 8 * 1024;
+    std::size_t max_head_bytes = 64 * 1024;
+    std::size_t max_fields = 100;
+};
+
+struct request_head {
+    std::string_view method;
+    std::string_view target;     ///< origin-form ("/owa/?x") after absolute-form is reduced
+    std::string_view authority;  ///< from an absolute-form target, else empty
+    int version_minor = 1;       ///< HTTP/1.0 or HTTP/1.1
+    std::vector<field> fields;
+    std::string_view host;  ///< the Host field (validated; may be empty for HTTP/1.0)
+    body_kind body = body_kind::none;
+    std::uint64_t content_length = 0;
+    bool keep_alive = true;     ///< after Connection and version
+    bool expect_continue = false;
+    bool upgrade = false;       ///< Connection: upgrade with an Upgrade field
+    std::size_t head_size = 0;  ///< bytes of the head including the final CRLF CRLF
+    /// Lower-case names listed in Connection (hop-by-hop for this message).
+    std::vector<std::string> connection_tokens;
+    /// The field named `name` (case-insensitive); empty when absent. First one wins.
+    std::string_view get(std::string_view name) const;
+    std::size_t count(std::string_view name) const;
+};
+
+struct response_head {
+    int status = 0;
+    std::string_view reason;
+    int version_minor = 1;
+    std::vector<field> fields;
+    body_kind body = body_kind::none;
+    std::uint64_t content_length = 0;
+    bool keep_alive = true;
+    std::size_t head_size = 0;
+    std::vector<std::string> connection_tokens;
+    std::string_view get(std::string_view name) const;
+};
+
+enum class result { done, need_more, error };
+
+/// Parses a request head from the start of `in`. need_more until the blank line has
+/// arrived; error as soon as the bytes so far can never form a valid head.
+result parse_request(std::string_view in, const limits& lim, request_head& out, parse_error& err);
+
+/// Parses a response head. `request_method` decides whether a body follows (HEAD).
+result parse_response(std::string_view in, std::string_view request_method, const limits& lim,
+                      response_head& out, parse_error& err);
+
+/// Incremental decoder of chunked transfer coding. Feed bytes; it reports payload spans
+/// and the end. Chunk extensions are checked and dropped; trailers are checked and dropped.
+class chunked_decoder {
+public:
+    struct step {
+        std::size_t consumed = 0;     ///< input bytes used by this step
+        std::string_view data;        ///< payload bytes (a sub-view of the input), may be empty
+        bool done = false;            ///< the last chunk and trailers are complete
+    };
+    explicit chunked_decoder(std::size_t max_line = 4096, std::size_t max_trailer = 16 * 1024)
+        : max_line_(max_line), max_trailer_(max_trailer) {}
+    /// Consumes a prefix of `in`. Returns false on malformed framing (err set).
+    bool feed(std::string_view in, step& out, parse_error& err);
+    bool done() const { return state_ == state::done; }
+
+private:
+    enum class state { size, size_ext, size_lf, data, data_cr, data_lf, trailer_line, trailer_lf, done };
+    state state_ = state::size;
+    std::uint64_t remaining_ = 0;
+    int size_digits_ = 0;
+    std::size_t line_len_ = 0;
+    std::size_t trailer_bytes_ = 0;
+    bool trailer_line_empty_ = true;
+    std::size_t max_line_, max_trailer_;
+};
+
+/// Case-insensitive ASCII equality.
+bool iequals(std::string_view a, std::string_view b);
+/// RFC 9110 token characters.
+bool is_token(std::string_view s);
+
+}  // namespace dmz::http

@@ -1,0 +1,524 @@
+#include "dmz/proxy/http/parser.hpp"
+
+#include <algorithm>
+#include <charconv>
+
+namespace dmz::http {
+
+namespace {
+
+constexpr bool token_char(unsigned char c) {
+    if (c >= 'a' && c <= 'z') return true;
+    if (c >= 'A' && c <= 'Z') return true;
+    if (c >= '0' && c <= '9') return true;
+    switch (c) {
+    case '!': case '#': case '$': case '%': case '&': case '\'': case '*': case '+':
+    case '-': case '.': case '^': case '_': case '`': case '|': case '~': return true;
+    default: return false;
+    }
+}
+
+constexpr bool field_value_char(unsigned char c) { return c == '\t' || (c >= 0x20 && c != 0x7f); }
+
+char lower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; }
+
+bool fail(parse_error& err, int status, const char* code, std::string detail) {
+    err.status = status;
+    err.code = code;
+    err.detail = std::move(detail);
+    return false;
+}
+
+std::string printable(std::string_view s, std::size_t max = 40) {
+    std::string out;
+    for (unsigned char c : s.substr(0, max)) {
+        if (c >= 0x20 && c < 0x7f) out.push_back(static_cast<char>(c));
+        else {
+            static constexpr char hex[] = "0123456789abcdef";
+            out += "\\x";
+            out.push_back(hex[c >> 4]);
+            out.push_back(hex[c & 15]);
+        }
+    }
+    if (s.size() > max) out += "...";
+    return out;
+}
+
+/// Finds the end of the head (the CRLF CRLF), refusing bare CR, bare LF and NUL anywhere
+/// before it. Returns the head size, 0 when more bytes are needed, or npos on an error.
+std::size_t find_head_end(std::string_view in, std::size_t start, parse_error& err, int status) {
+    for (std::size_t i = start; i < in.size(); ++i) {
+        char c = in[i];
+        if (c == '\0') {
+            fail(err, status, "nul-byte", "NUL byte in the message head");
+            return std::string_view::npos;
+        }
+        if (c == '\n') {
+            fail(err, status, "bare-lf", "a line ends in LF without CR");
+            return std::string_view::npos;
+        }
+        if (c != '\r') continue;
+        if (i + 1 >= in.size()) return 0;
+        if (in[i + 1] != '\n') {
+            fail(err, status, "bare-cr", "a CR not followed by LF");
+            return std::string_view::npos;
+        }
+        if (i + 2 < in.size() && in[i + 2] == '\r') {
+            if (i + 3 >= in.size()) return 0;
+            if (in[i + 3] != '\n') {
+                fail(err, status, "bare-cr", "a CR not followed by LF");
+                return std::string_view::npos;
+            }
+            return i + 4;
+        }
+        ++i;  // skip the LF
+    }
+    return 0;
+}
+
+/// Parses field lines from `lines` (each ending in CRLF, the blank line excluded).
+bool parse_fields(std::string_view lines, const limits& lim, std::vector<field>& out, parse_error& err, int status) {
+    out.clear();
+    while (!lines.empty()) {
+        auto eol = lines.find("\r\n");
+        auto line = lines.substr(0, eol);
+        lines.remove_prefix(eol + 2);
+        if (line.empty()) break;
+        if (line.front() == ' ' || line.front() == '\t')
+            return fail(err, status, "obs-fold", "a field line folded onto the next (obs-fold)");
+        auto colon = line.find(':');
+        if (colon == std::string_view::npos)
+            return fail(err, status, "bad-field", "a field line without ':': '" + printable(line) + "'");
+        auto name = line.substr(0, colon);
+        if (name.empty()) return fail(err, status, "bad-field-name", "an empty field name");
+        if (name.back() == ' ' || name.back() == '\t')
+            return fail(err, status, "space-before-colon", "whitespace between field name and ':' ('" + printable(name) + "')");
+        for (unsigned char c : name)
+            if (!token_char(c)) return fail(err, status, "bad-field-name", "invalid character in field name '" + printable(name) + "'");
+        auto value = line.substr(colon + 1);
+        for (unsigned char c : value)
+            if (!field_value_char(c))
+                return fail(err, status, "bad-field-value", "control character in the value of '" + std::string(name) + "'");
+        while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
+        while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
+        if (out.size() >= lim.max_fields)
+            return fail(err, status == 400 ? 431 : status, "too-many-fields", "more than " + std::to_string(lim.max_fields) + " fields");
+        out.push_back({name, value});
+    }
+    return true;
+}
+
+template <class F>
+void for_each_list_item(std::string_view v, F&& f) {
+    while (true) {
+        auto comma = v.find(',');
+        auto item = v.substr(0, comma);
+        while (!item.empty() && (item.front() == ' ' || item.front() == '\t')) item.remove_prefix(1);
+        while (!item.empty() && (item.back() == ' ' || item.back() == '\t')) item.remove_suffix(1);
+        f(item);
+        if (comma == std::string_view::npos) break;
+        v.remove_prefix(comma + 1);
+    }
+}
+
+struct framing {
+    bool has_te = false, has_cl = false, chunked = false, te_other = false, te_bad = false, cl_bad = false;
+    std::uint64_t cl = 0;
+    std::string detail;
+    std::vector<std::string> connection;
+    bool conn_close = false, conn_keep_alive = false, conn_upgrade = false;
+};
+
+framing scan_framing(const std::vector<field>& fields) {
+    framing f;
+    bool cl_seen = false;
+    std::vector<std::string_view> codings;
+    for (auto& x : fields) {
+        if (iequals(x.name, "transfer-encoding")) {
+            f.has_te = true;
+            for_each_list_item(x.value, [&](std::string_view c) { codings.push_back(c); });
+        } else if (iequals(x.name, "content-length")) {
+            f.has_cl = true;
+            for_each_list_item(x.value, [&](std::string_view c) {
+                std::uint64_t v = 0;
+                auto [p, ec] = std::from_chars(c.data(), c.data() + c.size(), v);
+                bool digits = !c.empty() && c.size() <= 18 &&
+                              std::all_of(c.begin(), c.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+                if (!digits || ec != std::errc{} || p != c.data() + c.size()) {
+                    f.cl_bad = true;
+                    f.detail = "malformed Content-Length '" + printable(c) + "'";
+                } else if (cl_seen && v != f.cl) {
+                    f.cl_bad = true;
+                    f.detail = "differing Content-Length values";
+                } else {
+                    f.cl = v;
+                    cl_seen = true;
+                }
+            });
+        } else if (iequals(x.name, "connection")) {
+            for_each_list_item(x.value, [&](std::string_view t) {
+                if (t.empty()) return;
+                std::string l(t);
+                for (auto& ch : l) ch = lower(ch);
+                if (l == "close") f.conn_close = true;
+                else if (l == "keep-alive") f.conn_keep_alive = true;
+                else if (l == "upgrade") f.conn_upgrade = true;
+                f.connection.push_back(std::move(l));
+            });
+        }
+    }
+    if (f.has_te) {
+        if (codings.empty() || codings.back().empty()) {
+            f.te_bad = true;
+            f.detail = "empty Transfer-Encoding";
+        } else if (!iequals(codings.back(), "chunked")) {
+            f.te_bad = true;
+            f.detail = "Transfer-Encoding whose last coding is not chunked";
+        } else {
+            f.chunked = true;
+            for (std::size_t i = 0; i + 1 < codings.size(); ++i) {
+                if (iequals(codings[i], "chunked")) {
+                    f.te_bad = true;
+                    f.detail = "chunked applied twice";
+                } else if (!is_token(codings[i])) {
+                    f.te_bad = true;
+                    f.detail = "malformed Transfer-Encoding";
+                } else {
+                    f.te_other = true;
+                }
+            }
+        }
+    }
+    return f;
+}
+
+bool valid_host(std::string_view h) {
+    if (h.empty()) return true;
+    std::string_view host = h, port;
+    if (h.front() == '[') {
+        auto close = h.find(']');
+        if (close == std::string_view::npos) return false;
+        for (char c : h.substr(1, close - 1))
+            if (!(std::isxdigit(static_cast<unsigned char>(c)) || c == ':' || c == '.')) return false;
+        port = h.substr(close + 1);
+        if (!port.empty() && port.front() != ':') return false;
+        if (!port.empty()) port.remove_prefix(1);
+    } else {
+        auto colon = h.rfind(':');
+        if (colon != std::string_view::npos) {
+            port = h.substr(colon + 1);
+            host = h.substr(0, colon);
+        }
+        if (host.empty()) return false;
+        for (char c : host)
+            if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '.' || c == '_')) return false;
+        if (colon != std::string_view::npos && port.empty()) return false;
+    }
+    if (port.size() > 5) return false;
+    return std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+/// "mail.contoso.com:443" vs "MAIL.contoso.com" for https: equal.
+bool same_authority(std::string_view a, std::string_view b, bool https) {
+    auto strip = [&](std::string_view s) {
+        std::string_view def = https ? ":443" : ":80";
+        if (s.size() > def.size() && s.ends_with(def)) s.remove_suffix(def.size());
+        return s;
+    };
+    return iequals(strip(a), strip(b));
+}
+
+}  // namespace
+
+bool iequals(std::string_view a, std::string_view b) {
+    if (a.size() != b.size()) return false;
+    for (std::size_t i = 0; i < a.size(); ++i)
+        if (lower(a[i]) != lower(b[i])) return false;
+    return true;
+}
+
+bool is_token(std::string_view s) {
+    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return token_char(static_cast<unsigned char>(c)); });
+}
+
+std::string_view request_head::get(std::string_view name) const {
+    for (auto& f : fields)
+        if (iequals(f.name, name)) return f.value;
+    return {};
+}
+
+std::size_t request_head::count(std::string_view name) const {
+    return static_cast<std::size_t>(std::count_if(fields.begin(), fields.end(), [&](auto& f) { return iequals(f.name, name); }));
+}
+
+std::string_view response_head::get(std::string_view name) const {
+    for (auto& f : fields)
+        if (iequals(f.name, name)) return f.value;
+    return {};
+}
+
+result parse_request(std::string_view in, const limits& lim, request_head& out, parse_error& err) {
+    // Tolerate a few empty lines before the request line (RFC 9112 2.2).
+    std::size_t start = 0;
+    while (start + 1 < in.size() && start < 8 && in[start] == '\r' && in[start + 1] == '\n') start += 2;
+
+    // Refuse early what can never become a request line: a TLS handshake on a plain
+    // port, binary, or a line longer than the limit.
+    auto first = in.substr(start);
+    auto line_end = first.find("\r\n");
+    auto partial = first.substr(0, line_end);
+    for (unsigned char c : partial)
+        if (c < 0x20 || c == 0x7f) {
+            if (c == '\r') break;
+            fail(err, 400, c == 0x16 ? "tls-on-plain" : "bad-request-line",
+                 c == 0x16 ? "a TLS handshake sent to a plain HTTP listener" : "control character in the request line");
+            return result::error;
+        }
+    if ((line_end == std::string_view::npos ? partial.size() : line_end) > lim.max_request_line) {
+        fail(err, 414, "request-line-too-long", "request line longer than " + std::to_string(lim.max_request_line) + " bytes");
+        return result::error;
+    }
+    auto end = find_head_end(in, start, err, 400);
+    if (end == std::string_view::npos) return result::error;
+    if (end == 0) {
+        if (in.size() > lim.max_head_bytes) {
+            fail(err, 431, "head-too-large", "request head larger than " + std::to_string(lim.max_head_bytes) + " bytes");
+            return result::error;
+        }
+        return result::need_more;
+    }
+    if (end > lim.max_head_bytes) {
+        fail(err, 431, "head-too-large", "request head larger than " + std::to_string(lim.max_head_bytes) + " bytes");
+        return result::error;
+    }
+    out = request_head{};
+    out.head_size = end;
+    auto line = first.substr(0, line_end);
+
+    auto sp1 = line.find(' ');
+    if (sp1 == std::string_view::npos || sp1 == 0) return fail(err, 400, "bad-request-line", "malformed request line '" + printable(line) + "'"), result::error;
+    out.method = line.substr(0, sp1);
+    if (!is_token(out.method)) return fail(err, 400, "bad-method", "invalid method '" + printable(out.method) + "'"), result::error;
+    auto rest = line.substr(sp1 + 1);
+    auto sp2 = rest.find(' ');
+    if (sp2 == std::string_view::npos || sp2 == 0) return fail(err, 400, "bad-request-line", "malformed request line '" + printable(line) + "'"), result::error;
+    auto target = rest.substr(0, sp2);
+    auto version = rest.substr(sp2 + 1);
+    for (unsigned char c : target)
+        if (c <= 0x20 || c >= 0x7f) return fail(err, 400, "bad-target", "invalid character in the request target"), result::error;
+    if (version == "HTTP/1.1") out.version_minor = 1;
+    else if (version == "HTTP/1.0") out.version_minor = 0;
+    else if (version.size() == 8 && version.substr(0, 5) == "HTTP/" && std::isdigit(static_cast<unsigned char>(version[5])) &&
+             version[6] == '.' && std::isdigit(static_cast<unsigned char>(version[7])))
+        return fail(err, 505, "bad-version", "HTTP version " + std::string(version.substr(5)) + " is not supported"), result::error;
+    else
+        return fail(err, 400, "bad-request-line", "malformed request line '" + printable(line) + "'"), result::error;
+
+    auto fields_text = in.substr(start + line_end + 2, end - (start + line_end + 2));
+    if (!parse_fields(fields_text, lim, out.fields, err, 400)) return result::error;
+
+    // Host: exactly one (HTTP/1.1), well formed.
+    auto hosts = out.count("host");
+    if (hosts > 1) return fail(err, 400, "repeated-host", "more than one Host field"), result::error;
+    if (hosts == 0 && out.version_minor == 1) return fail(err, 400, "missing-host", "HTTP/1.1 request without Host"), result::error;
+    out.host = out.get("host");
+    if (!valid_host(out.host)) return fail(err, 400, "bad-host", "malformed Host '" + printable(out.host) + "'"), result::error;
+
+    // Request target forms.
+    if (target.front() == '/') {
+        out.target = target;
+    } else if (target == "*") {
+        if (out.method != "OPTIONS") return fail(err, 400, "bad-target", "'*' is only valid with OPTIONS"), result::error;
+        out.target = target;
+    } else if (target.size() > 8 && (iequals(target.substr(0, 7), "http://") || iequals(target.substr(0, 8), "https://"))) {
+        bool https = lower(target[4]) == 's';
+        auto after = target.substr(https ? 8 : 7);
+        auto slash = after.find_first_of("/?");
+        out.authority = after.substr(0, slash);
+        if (out.authority.empty() || out.authority.find('@') != std::string_view::npos || !valid_host(out.authority))
+            return fail(err, 400, "bad-target", "malformed authority in an absolute-form target"), result::error;
+        if (hosts == 1 && !same_authority(out.authority, out.host, https))
+            return fail(err, 400, "authority-mismatch",
+                        "absolute-form authority '" + printable(out.authority) + "' disagrees with Host '" + printable(out.host) + "'"),
+                   result::error;
+        out.target = slash == std::string_view::npos ? std::string_view("/") : after.substr(slash);
+        if (out.target.front() == '?')
+            return fail(err, 400, "bad-target", "absolute-form target without a path"), result::error;
+        if (out.host.empty()) out.host = out.authority;
+    } else if (out.method == "CONNECT") {
+        return fail(err, 405, "connect-refused", "CONNECT is not served by a publishing proxy"), result::error;
+    } else {
+        return fail(err, 400, "bad-target", "request target is neither a path nor an absolute URL"), result::error;
+    }
+
+    auto fr = scan_framing(out.fields);
+    if (fr.has_te && fr.has_cl) return fail(err, 400, "cl-and-te", "both Content-Length and Transfer-Encoding"), result::error;
+    if (fr.has_te && out.version_minor == 0)
+        return fail(err, 400, "te-in-http10", "Transfer-Encoding in an HTTP/1.0 request"), result::error;
+    if (fr.te_bad || fr.cl_bad) return fail(err, 400, fr.te_bad ? "bad-transfer-encoding" : "bad-content-length", fr.detail), result::error;
+    if (fr.te_other) return fail(err, 501, "unsupported-transfer-coding", "transfer codings other than chunked are not supported"), result::error;
+    if (fr.chunked) out.body = body_kind::chunked;
+    else if (fr.has_cl && fr.cl > 0) out.body = body_kind::length, out.content_length = fr.cl;
+    else out.body = body_kind::none;
+
+    out.connection_tokens = std::move(fr.connection);
+    out.keep_alive = out.version_minor == 1 ? !fr.conn_close : (fr.conn_keep_alive && !fr.conn_close);
+    out.upgrade = fr.conn_upgrade && out.count("upgrade") > 0;
+    auto expect = out.get("expect");
+    if (!expect.empty()) {
+        if (!iequals(expect, "100-continue")) return fail(err, 417, "bad-expect", "unsupported expectation '" + printable(expect) + "'"), result::error;
+        out.expect_continue = out.version_minor == 1;
+    }
+    return result::done;
+}
+
+result parse_response(std::string_view in, std::string_view request_method, const limits& lim, response_head& out,
+                      parse_error& err) {
+    auto end = find_head_end(in, 0, err, 502);
+    if (end == std::string_view::npos) return result::error;
+    if (end == 0) {
+        if (in.size() > lim.max_head_bytes) {
+            fail(err, 502, "response-head-too-large", "upstream response head larger than " + std::to_string(lim.max_head_bytes) + " bytes");
+            return result::error;
+        }
+        if (in.size() >= 5 && in.substr(0, 5) != "HTTP/") {
+            fail(err, 502, "bad-status-line", "upstream did not answer with HTTP");
+            return result::error;
+        }
+        return result::need_more;
+    }
+    out = response_head{};
+    out.head_size = end;
+    auto line_end = in.find("\r\n");
+    auto line = in.substr(0, line_end);
+    // HTTP/1.x SP 3DIGIT [SP reason]
+    if (line.size() < 12 || line.substr(0, 7) != "HTTP/1." || (line[7] != '0' && line[7] != '1') || line[8] != ' ' ||
+        !std::isdigit(static_cast<unsigned char>(line[9])) || !std::isdigit(static_cast<unsigned char>(line[10])) ||
+        !std::isdigit(static_cast<unsigned char>(line[11])) || (line.size() > 12 && line[12] != ' '))
+        return fail(err, 502, "bad-status-line", "malformed upstream status line '" + printable(line) + "'"), result::error;
+    out.version_minor = line[7] - '0';
+    out.status = (line[9] - '0') * 100 + (line[10] - '0') * 10 + (line[11] - '0');
+    if (out.status < 100) return fail(err, 502, "bad-status-line", "upstream status below 100"), result::error;
+    out.reason = line.size() > 13 ? line.substr(13) : std::string_view{};
+    for (unsigned char c : out.reason)
+        if (!field_value_char(c)) return fail(err, 502, "bad-status-line", "control character in the reason phrase"), result::error;
+    if (!parse_fields(in.substr(line_end + 2, end - line_end - 2), lim, out.fields, err, 502)) return result::error;
+
+    auto fr = scan_framing(out.fields);
+    out.connection_tokens = std::move(fr.connection);
+    out.keep_alive = out.version_minor == 1 ? !fr.conn_close : (fr.conn_keep_alive && !fr.conn_close);
+    bool bodiless = request_method == "HEAD" || (out.status >= 100 && out.status < 200) || out.status == 204 || out.status == 304;
+    if (fr.has_te && fr.has_cl) return fail(err, 502, "cl-and-te", "upstream sent both Content-Length and Transfer-Encoding"), result::error;
+    if (fr.cl_bad || fr.te_bad) {
+        if (fr.te_bad && !fr.cl_bad && fr.has_te && !bodiless) {
+            // A last coding other than chunked means "read until close" (RFC 9112 6.3).
+            out.body = body_kind::until_close;
+            out.keep_alive = false;
+            return result::done;
+        }
+        return fail(err, 502, fr.cl_bad ? "bad-content-length" : "bad-transfer-encoding", "upstream: " + fr.detail), result::error;
+    }
+    if (bodiless) out.body = body_kind::none;
+    else if (fr.chunked && !fr.te_other) out.body = body_kind::chunked;
+    else if (fr.has_te) out.body = body_kind::until_close, out.keep_alive = false;
+    else if (fr.has_cl) out.body = fr.cl ? body_kind::length : body_kind::none, out.content_length = fr.cl;
+    else out.body = body_kind::until_close, out.keep_alive = false;
+    return result::done;
+}
+
+bool chunked_decoder::feed(std::string_view in, step& out, parse_error& err) {
+    out = step{};
+    std::size_t i = 0;
+    auto bad = [&](const char* code, std::string detail) {
+        out.consumed = i;
+        return fail(err, 400, code, std::move(detail));
+    };
+    while (i < in.size()) {
+        unsigned char c = static_cast<unsigned char>(in[i]);
+        switch (state_) {
+        case state::size: {
+            int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+            if (v >= 0) {
+                if (++size_digits_ > 15) return bad("chunk-size-overflow", "chunk size too large");
+                remaining_ = remaining_ * 16 + static_cast<std::uint64_t>(v);
+                ++i;
+                break;
+            }
+            if (size_digits_ == 0) return bad("bad-chunk-size", "chunk size is not hexadecimal");
+            if (c == ';') state_ = state::size_ext, line_len_ = 0;
+            else if (c == '\r') state_ = state::size_lf;
+            else return bad("bad-chunk-size", "unexpected byte after the chunk size");
+            ++i;
+            break;
+        }
+        case state::size_ext:
+            if (c == '\r') state_ = state::size_lf;
+            else if (c == '\n' || (c < 0x20 && c != '\t') || c == 0x7f) return bad("bad-chunk-ext", "control character in a chunk extension");
+            else if (++line_len_ > max_line_) return bad("chunk-ext-too-long", "chunk extension too long");
+            ++i;
+            break;
+        case state::size_lf:
+            if (c != '\n') return bad("bare-cr", "chunk size line not ended by CRLF");
+            ++i;
+            size_digits_ = 0;
+            if (remaining_ == 0) {
+                state_ = state::trailer_line;
+                trailer_line_empty_ = true;
+                line_len_ = 0;
+            } else {
+                state_ = state::data;
+            }
+            break;
+        case state::data: {
+            auto n = static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, in.size() - i));
+            out.data = in.substr(i, n);
+            remaining_ -= n;
+            i += n;
+            if (remaining_ == 0) state_ = state::data_cr;
+            out.consumed = i;
+            return true;  // hand the payload to the caller before going on
+        }
+        case state::data_cr:
+            if (c != '\r') return bad("bad-chunk-end", "chunk data longer than its size");
+            state_ = state::data_lf;
+            ++i;
+            break;
+        case state::data_lf:
+            if (c != '\n') return bad("bad-chunk-end", "chunk data not ended by CRLF");
+            state_ = state::size;
+            ++i;
+            break;
+        case state::trailer_line:
+            if (c == '\r') {
+                state_ = state::trailer_lf;
+            } else if (c == '\n' || c == 0 || (c < 0x20 && c != '\t') || c == 0x7f) {
+                return bad("bad-trailer", "control character in a trailer");
+            } else {
+                trailer_line_empty_ = false;
+                if (++trailer_bytes_ > max_trailer_) return bad("trailer-too-large", "trailers too large");
+            }
+            ++i;
+            break;
+        case state::trailer_lf:
+            if (c != '\n') return bad("bare-cr", "trailer line not ended by CRLF");
+            ++i;
+            if (trailer_line_empty_) {
+                state_ = state::done;
+                out.consumed = i;
+                out.done = true;
+                return true;
+            }
+            state_ = state::trailer_line;
+            trailer_line_empty_ = true;
+            break;
+        case state::done:
+            out.consumed = i;
+            out.done = true;
+            return true;
+        }
+    }
+    out.consumed = i;
+    return true;
+}
+
+}  // namespace dmz::http

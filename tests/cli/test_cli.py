@@ -1,0 +1,353 @@
+"""Runs the real dmzproxy binary: exit codes, text and JSON output of check and explain.
+
+Environment: DMZPROXY (the binary) and DMZ_SOURCE_DIR (the repository root).
+"""
+
+import json
+import os
+import subprocess
+import tempfile
+import unittest
+
+DMZPROXY = os.environ.get("DMZPROXY", "")
+SOURCE_DIR = os.environ.get("DMZ_SOURCE_DIR", "")
+TOPOLOGY = os.path.join(SOURCE_DIR, "topology", "exchange-two-tier.toml")
+SCENARIOS = os.path.join(SOURCE_DIR, "topology", "scenarios")
+CLIENT = "127.10.0.100"
+
+SCENARIO_CODES = {
+    "port-25-conflict": "TOP001",
+    "listener-conflict": "LST001",
+    "open-relay": "SMTP001",
+    "shadowed-rule": "RULE001",
+    "test-rule-enabled": "RULE003",
+    "publishing-loop": "TOP002",
+}
+
+
+def run(*args, timeout=60):
+    return subprocess.run([DMZPROXY, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def explain(*args):
+    return run("explain", "-t", TOPOLOGY, "--from", CLIENT, *args)
+
+
+def explain_json(*args):
+    res = explain("--json", *args)
+    return res, json.loads(res.stdout)
+
+
+class Environment(unittest.TestCase):
+    def test_binary_and_sources_given(self):
+        self.assertTrue(os.access(DMZPROXY, os.X_OK), f"DMZPROXY={DMZPROXY!r} is not executable")
+        self.assertTrue(os.path.isfile(TOPOLOGY), TOPOLOGY)
+
+
+class TempFiles(unittest.TestCase):
+    def setUp(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="dmz-cli-test-")
+        self.dir = self._dir.name
+
+    def tearDown(self):
+        self._dir.cleanup()
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+
+class CheckExitCodes(TempFiles):
+    def test_default_topology_is_clean(self):
+        res = run("check", "-t", TOPOLOGY)
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        self.assertIn("0 errors, 0 warnings", res.stdout)
+        # Without -q the expanded rules are shown, with their file:line.
+        self.assertIn("Exchange/owa", res.stdout)
+        self.assertIn("default deny", res.stdout)
+        self.assertRegex(res.stdout, r"front-end\.toml:\d+:\d+")
+
+    def test_quiet_prints_only_findings(self):
+        res = run("check", "-q", "-t", TOPOLOGY)
+        self.assertEqual(res.returncode, 0)
+        self.assertNotIn("Exchange/owa", res.stdout)
+        self.assertIn("0 errors", res.stdout)
+
+    def test_each_scenario_fails_with_its_code(self):
+        files = sorted(f for f in os.listdir(SCENARIOS) if f.endswith(".toml"))
+        self.assertGreaterEqual(len(files), 6)
+        for name in files:
+            stem = name[: -len(".toml")]
+            with self.subTest(scenario=stem):
+                self.assertIn(stem, SCENARIO_CODES, f"no expected code for scenario {stem}")
+                path = os.path.join(SCENARIOS, name)
+                res = run("check", "-q", "-t", path)
+                self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+                code = SCENARIO_CODES[stem]
+                # "file:line:column: error CODE: message"
+                self.assertRegex(res.stdout, rf"{name}:\d+:\d+: error {code}: ")
+
+    def test_toml_syntax_error_exits_2_with_file_line_column(self):
+        path = self.write("broken.toml", '[listeners.web]\nprotocol = "http"\nbind = ["127.0.0.1:8080"\n\n[[rules]]\n')
+        res = run("check", "-c", path)
+        self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+        out = res.stdout + res.stderr
+        self.assertRegex(out, rf"{path}:\d+:\d+: error CFG001: TOML syntax")
+        self.assertIn("could not be parsed", out)
+
+    def test_syntax_error_in_an_instance_config_of_a_topology_exits_2(self):
+        cfg = self.write("front.toml", "[listeners.web\n")
+        topo = self.write(
+            "topo.toml",
+            '[topology]\nname = "t"\n\n[networks.External]\nranges = ["127.10.0.0/16"]\n\n'
+            '[instances.front]\nrole = "single"\nlegs = [{ network = "External", address = "127.10.0.10" }]\n'
+            'config = "front.toml"\n',
+        )
+        res = run("check", "-t", topo)
+        self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+        self.assertRegex(res.stdout, rf"{cfg}:1:\d+: error CFG001")
+
+    def test_missing_file_exits_2(self):
+        res = run("check", "-c", os.path.join(self.dir, "nope.toml"))
+        self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+        self.assertIn("CFG007", res.stdout)
+
+    def test_config_with_an_error_exits_1_and_names_line_and_column(self):
+        path = self.write("cfg.toml", '[listeners.web]\nprotocol = "http"\nbind = ["127.0.0.1:8080"]\nprotocl = "x"\n')
+        res = run("check", "-c", path)
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertIn(f"{path}:4:1: error CFG002: unknown key 'protocl'", res.stdout)
+        self.assertIn("did you mean 'protocol'?", res.stdout)
+
+    def test_clean_config_exits_0(self):
+        path = self.write(
+            "cfg.toml",
+            '[listeners.web]\nprotocol = "http"\nbind = ["127.0.0.1:8080"]\n\n'
+            '[[rules]]\nname = "OWA"\naction = "allow"\npaths = ["/owa"]\n'
+            'target = { address = "127.0.0.2", port = 80 }\n',
+        )
+        res = run("check", "-c", path)
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+
+    def test_usage_errors_exit_2(self):
+        for args in (["check"], ["check", "--json"], ["frobnicate"], [], ["check", "-c", "a", "-t", "b"],
+                     ["explain", "-t", TOPOLOGY, "https://mail.contoso.com/owa/"]):
+            with self.subTest(args=args):
+                res = run(*args)
+                self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+
+
+class CheckJson(TempFiles):
+    def test_scenario_findings(self):
+        res = run("check", "--json", "-t", os.path.join(SCENARIOS, "open-relay.toml"))
+        self.assertEqual(res.returncode, 1)
+        doc = json.loads(res.stdout)
+        self.assertFalse(doc["ok"])
+        self.assertTrue(doc["parsed"])
+        self.assertEqual(doc["errors"], 1)
+        self.assertEqual(doc["warnings"], 1)
+        self.assertTrue(doc["findings"])
+        for f in doc["findings"]:
+            for key in ("severity", "code", "message", "file", "line", "column"):
+                self.assertIn(key, f)
+            self.assertIsInstance(f["line"], int)
+            self.assertIsInstance(f["column"], int)
+            self.assertGreater(f["line"], 0)
+            self.assertTrue(f["file"].endswith("open-relay.toml"), f["file"])
+        codes = {(f["severity"], f["code"]) for f in doc["findings"]}
+        self.assertIn(("error", "SMTP001"), codes)
+        self.assertIn(("warning", "SMTP002"), codes)
+
+    def test_instances_list_expanded_rules(self):
+        res = run("check", "--json", "-t", TOPOLOGY)
+        self.assertEqual(res.returncode, 0)
+        doc = json.loads(res.stdout)
+        self.assertTrue(doc["ok"])
+        self.assertEqual(doc["findings"], [])
+        instances = {i["name"]: i for i in doc["instances"]}
+        self.assertEqual(set(instances), {"front-end", "back-end"})
+        fe = instances["front-end"]
+        self.assertEqual(fe["role"], "front-end")
+        names = [r["name"] for r in fe["rules"]]
+        self.assertEqual(
+            names,
+            ["Exchange/owa", "Exchange/activesync", "Exchange/outlook_anywhere", "Exchange/mapi", "Exchange/ews",
+             "Exchange/autodiscover", "Exchange/oab", "Exchange/smtp", "Test rule"],
+        )
+        owa = fe["rules"][0]
+        self.assertEqual(owa["template"], "Exchange")
+        self.assertEqual(owa["service"], "owa")
+        self.assertEqual(owa["paths"], ["/owa"])
+        self.assertEqual(owa["max_body"], 35000000)
+        self.assertEqual(owa["target"]["instance"], "back-end")
+        self.assertEqual(owa["target"]["address"], "127.20.0.20")
+        self.assertTrue(owa["file"].endswith("front-end.toml"))
+        self.assertGreater(owa["line"], 0)
+        eas = next(r for r in fe["rules"] if r["name"] == "Exchange/activesync")
+        self.assertGreaterEqual(eas["target"]["timeouts"]["read_ms"], 3540 * 1000)
+        smtp = next(r for r in fe["rules"] if r["name"] == "Exchange/smtp")
+        self.assertEqual(smtp["kind"], "server")
+        self.assertEqual(smtp["accepted_domains"], ["contoso.com"])
+        test = fe["rules"][-1]
+        self.assertTrue(test["test"])
+        self.assertFalse(test["enabled"])
+        self.assertEqual({l["name"] for l in fe["listeners"]}, {"web", "http", "smtp"})
+
+    def test_syntax_error_json(self):
+        path = self.write("broken.toml", 'a = = 1\n')
+        res = run("check", "--json", "-c", path)
+        self.assertEqual(res.returncode, 2)
+        doc = json.loads(res.stdout)
+        self.assertFalse(doc["parsed"])
+        self.assertEqual([f["code"] for f in doc["findings"]], ["CFG001"])
+        self.assertEqual(doc["findings"][0]["line"], 1)
+        self.assertEqual(doc["findings"][0]["file"], path)
+
+
+class ExplainExitCodes(unittest.TestCase):
+    def test_allowed_exits_0(self):
+        for args in (["https://mail.contoso.com/owa/"],
+                     ["-X", "RPC_IN_DATA", "https://mail.contoso.com/rpc/rpcproxy.dll?ex01:6001"],
+                     ["smtp", "--mail-from", "a@example.org", "--rcpt", "user@contoso.com"],
+                     ["--user", "alice", "smtp", "--mail-from", "a@example.org", "--rcpt", "user@fabrikam.com"]):
+            with self.subTest(args=args):
+                res = explain(*args)
+                self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+
+    def test_denied_exits_1(self):
+        for args in (["https://mail.contoso.com/ecp/"],
+                     ["https://mail.contoso.com/owa/../ecp/"],
+                     ["https://nosuch.contoso.com/owa/"],
+                     ["smtp", "--mail-from", "a@example.org", "--rcpt", "user@fabrikam.com"],
+                     ["smtp", "--mail-from", "a@example.org", "--rcpt", "a%fabrikam.com@contoso.com"]):
+            with self.subTest(args=args):
+                res = explain(*args)
+                self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+
+    def test_bad_input_exits_2(self):
+        for args in (["mail.contoso.com/owa/"], ["ftp://mail.contoso.com/"], ["https://mail.contoso.com:0/"],
+                     ["smtp", "--mail-from", "a@example.org"]):
+            with self.subTest(args=args):
+                res = explain(*args)
+                self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+                self.assertIn("dmzproxy:", res.stderr)
+        res = run("explain", "-t", TOPOLOGY, "--from", "not-an-ip", "https://mail.contoso.com/owa/")
+        self.assertEqual(res.returncode, 2)
+
+    def test_broken_topology_exits_2(self):
+        res = run("explain", "-t", os.path.join(SOURCE_DIR, "no", "such.toml"), "--from", CLIENT,
+                  "https://mail.contoso.com/owa/")
+        self.assertEqual(res.returncode, 2)
+
+    def test_with_test_rule_on_ecp_exits_0(self):
+        res = explain("--with-test-rule", "https://mail.contoso.com/ecp/")
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        self.assertIn("test rules enabled", res.stdout)
+
+
+class ExplainJson(unittest.TestCase):
+    def test_allowed_request(self):
+        res, doc = explain_json("-X", "POST", "https://mail.contoso.com/EWS/Exchange.asmx")
+        self.assertEqual(res.returncode, 0)
+        self.assertEqual(doc["verdict"], "allow")
+        self.assertEqual(doc["outcome"], "ok")
+        self.assertEqual(doc["reached"], "exchange")
+        self.assertIsNone(doc["stopped_at"])
+        self.assertEqual(doc["from"], CLIENT)
+        self.assertEqual([t["instance"] for t in doc["tiers"]], ["front-end", "back-end"])
+        for tier in doc["tiers"]:
+            self.assertEqual(tier["listener"], "web")
+            self.assertEqual(tier["matched_rule"], "Exchange/ews")
+            self.assertEqual(tier["action"], "allow")
+            self.assertEqual(tier["client"], CLIENT)
+            self.assertTrue(tier["examined"])
+            for e in tier["examined"]:
+                for key in ("rule", "result", "reason", "condition", "file", "line"):
+                    self.assertIn(key, e)
+            last = tier["examined"][-1]
+            self.assertEqual(last["rule"], "Exchange/ews")
+            self.assertEqual(last["result"], "match")
+            first = tier["examined"][0]
+            self.assertEqual(first["rule"], "Exchange/owa")
+            self.assertEqual(first["result"], "no-match")
+            self.assertEqual(first["condition"], "paths")
+            self.assertIn("/EWS/Exchange.asmx", first["reason"])
+        self.assertEqual(doc["tiers"][1]["transport_source"], "127.20.0.10")
+        self.assertIn("X-Forwarded-For", doc["tiers"][1]["client_note"])
+
+    def test_denied_request(self):
+        res, doc = explain_json("https://mail.contoso.com/ecp/")
+        self.assertEqual(res.returncode, 1)
+        self.assertEqual(doc["verdict"], "deny")
+        self.assertEqual(doc["outcome"], "rule-fault")
+        self.assertIsNone(doc["reached"])
+        self.assertEqual(doc["stopped_at"], "front-end")
+        self.assertEqual(len(doc["tiers"]), 1)
+        tier = doc["tiers"][0]
+        self.assertEqual(tier["matched_rule"], "default deny")
+        self.assertEqual(tier["action"], "deny")
+        self.assertEqual(tier["fault"], "no-rule-matched")
+        self.assertIsNone(tier["target"])
+        test = next(e for e in tier["examined"] if e["rule"] == "Test rule")
+        self.assertEqual(test["result"], "skipped")
+        self.assertEqual(doc["with_test_rules"]["outcome"], "ok")
+        self.assertEqual(doc["with_test_rules"]["reached"], "exchange")
+
+    def test_refused_path(self):
+        res, doc = explain_json("https://mail.contoso.com/owa/%2e%2e/ecp/")
+        self.assertEqual(res.returncode, 1)
+        tier = doc["tiers"][0]
+        self.assertEqual(tier["path"], "")
+        self.assertIn("escapes", tier["path_refused"])
+
+    def test_smtp(self):
+        res, doc = explain_json("smtp", "--mail-from", "a@example.org", "--rcpt", "user@contoso.com")
+        self.assertEqual(res.returncode, 0)
+        self.assertEqual(doc["reached"], "exchange")
+        self.assertEqual([t["smtp"] for t in doc["tiers"]], ["submit", "submit"])
+        self.assertEqual([t["listener"] for t in doc["tiers"]], ["smtp", "smtp"])
+
+
+class ExplainText(unittest.TestCase):
+    def test_allowed_names_each_tier(self):
+        res = explain("https://mail.contoso.com/owa/")
+        self.assertEqual(res.returncode, 0)
+        out = res.stdout
+        self.assertIn("[1] front-end (front-end): listener web on 127.10.0.10:443", out)
+        self.assertIn("[2] back-end (back-end): listener web on 127.20.0.20:443", out)
+        self.assertIn("judges client 127.10.0.100 (X-Forwarded-For from trusted front-end)", out)
+        self.assertIn("=> ALLOW by Exchange/owa", out)
+        self.assertIn("\nOK: reaches web on host 'exchange'", out)
+
+    def test_ecp_is_a_rule_fault_with_the_test_rule_sentence(self):
+        res = explain("https://mail.contoso.com/ecp/")
+        self.assertEqual(res.returncode, 1)
+        out = res.stdout
+        self.assertIn("[1] front-end (front-end)", out)
+        self.assertNotIn("[2]", out)
+        self.assertIn("=> DENY by default deny", out)
+        self.assertIn("RULE FAULT at front-end", out)
+        self.assertIn("With each tier's test rule enabled it reaches 'exchange'", out)
+
+    def test_unknown_name_is_a_network_fault(self):
+        res = explain("https://nosuch.contoso.com/owa/")
+        self.assertEqual(res.returncode, 1)
+        self.assertIn("NETWORK FAULT at client", res.stdout)
+        self.assertNotIn("[1]", res.stdout)
+
+    def test_redirect_is_shown_first(self):
+        res = explain("http://mail.contoso.com/owa/")
+        self.assertEqual(res.returncode, 0)
+        self.assertIn("first: listener 'http' of 'front-end' answers 301 to https://mail.contoso.com/owa/", res.stdout)
+
+    def test_relay_denial_quotes_the_smtp_reply(self):
+        res = explain("smtp", "--mail-from", "a@example.org", "--rcpt", "user@fabrikam.com")
+        self.assertEqual(res.returncode, 1)
+        self.assertIn("RULE FAULT at front-end: 550 5.7.1", res.stdout)
+        self.assertIn("it still fails", res.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()
