@@ -270,6 +270,10 @@ result parse_request(std::string_view in, const limits& lim, request_head& out, 
     for (unsigned char c : partial)
         if (c < 0x20 || c == 0x7f) {
             if (c == '\r') break;
+            if (c == '\n') {
+                fail(err, 400, "bare-lf", "a line ends in LF without CR");
+                return result::error;
+            }
             fail(err, 400, c == 0x16 ? "tls-on-plain" : "bad-request-line",
                  c == 0x16 ? "a TLS handshake sent to a plain HTTP listener" : "control character in the request line");
             return result::error;
