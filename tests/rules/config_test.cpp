@@ -12,58 +12,19 @@
 #include <vector>
 
 #include "dmz/rules/config.hpp"
+#include "support/test_text.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 using namespace dmz::rules;
+using namespace dmz::test;
 using namespace std::chrono_literals;
 
 const char* const cfg_file = "/tmp/x/cfg.toml";
 
-struct text_pos {
-    int line = 0;
-    int column = 0;
-};
 
-/// 1-based line and column of the nth occurrence of `needle` in `text`.
-text_pos pos_of(std::string_view text, std::string_view needle, int nth = 1) {
-    std::size_t at = std::string_view::npos, from = 0;
-    for (int i = 0; i < nth; ++i) {
-        at = text.find(needle, from);
-        if (at == std::string_view::npos) {
-            ADD_FAILURE() << "'" << needle << "' not in the config text";
-            return {};
-        }
-        from = at + 1;
-    }
-    text_pos p{1, 1};
-    for (std::size_t i = 0; i < at; ++i) {
-        if (text[i] == '\n') {
-            ++p.line;
-            p.column = 1;
-        } else {
-            ++p.column;
-        }
-    }
-    return p;
-}
 
-std::string dump(const diagnostics& d) {
-    std::string out;
-    for (auto& x : d)
-        out += "  " + x.where.to_string() + " " + to_string(x.level) + " " + x.code + " [" + x.key +
-               "] " + x.message + (x.hint.empty() ? "" : " | " + x.hint) + "\n";
-    return out;
-}
-
-std::vector<const diagnostic*> with_code(const diagnostics& d, std::string_view code) {
-    std::vector<const diagnostic*> out;
-    for (auto& x : d)
-        if (x.code == code)
-            out.push_back(&x);
-    return out;
-}
 
 /// The one diagnostic with `code`; fails the test when there is not exactly one.
 const diagnostic& only(const load_result& r, std::string_view code) {

@@ -6,19 +6,15 @@
 #include <vector>
 
 #include "dmz/rules/config.hpp"
+#include "support/test_text.hpp"
 #include "dmz/rules/evaluate.hpp"
 
 namespace {
 
 using namespace dmz::rules;
+using namespace dmz::test;
 using outcome = examined_rule::outcome;
 
-std::string dump(const diagnostics& d) {
-    std::string out;
-    for (auto& x : d)
-        out += "  " + x.where.to_string() + " " + x.code + " " + x.message + "\n";
-    return out;
-}
 
 // Networks, listeners, users and groups every policy below shares.
 const std::string preamble = R"([networks.Internal]

@@ -7,46 +7,15 @@
 #include <vector>
 
 #include "dmz/rules/config.hpp"
+#include "support/test_text.hpp"
 #include "dmz/rules/lint.hpp"
 
 namespace {
 
 using namespace dmz::rules;
+using namespace dmz::test;
 
-struct text_pos {
-    int line = 0;
-    int column = 0;
-};
 
-text_pos pos_of(std::string_view text, std::string_view needle, int nth = 1) {
-    std::size_t at = std::string_view::npos, from = 0;
-    for (int i = 0; i < nth; ++i) {
-        at = text.find(needle, from);
-        if (at == std::string_view::npos) {
-            ADD_FAILURE() << "'" << needle << "' not in the config text";
-            return {};
-        }
-        from = at + 1;
-    }
-    text_pos p{1, 1};
-    for (std::size_t i = 0; i < at; ++i) {
-        if (text[i] == '\n') {
-            ++p.line;
-            p.column = 1;
-        } else {
-            ++p.column;
-        }
-    }
-    return p;
-}
-
-std::string dump(const diagnostics& d) {
-    std::string out;
-    for (auto& x : d)
-        out += "  " + x.where.to_string() + " " + to_string(x.level) + " " + x.code + " [" + x.key +
-               "] " + x.message + "\n";
-    return out;
-}
 
 const std::string networks = R"([networks.Internal]
 ranges = ["10.0.0.0/8"]
@@ -78,13 +47,6 @@ diagnostics lint_text(const std::string& text) {
     return out;
 }
 
-std::vector<const diagnostic*> with_code(const diagnostics& d, std::string_view code) {
-    std::vector<const diagnostic*> out;
-    for (auto& x : d)
-        if (x.code == code)
-            out.push_back(&x);
-    return out;
-}
 
 void expect_at(const diagnostic& d, text_pos p) {
     EXPECT_EQ(d.where.file, "/tmp/x/lint.toml");
