@@ -483,8 +483,13 @@ private:
                        bool name_defaulted = false) {
         target to;
         to.where = r_.at(t);
-        r_.only_keys(t, path, {"instance", "host", "address", "port", "tls", "name", "ca_file",
+        r_.only_keys(t, path, {"instance", "host", "address", "source", "port", "tls", "name", "ca_file",
                                "host_header", "client_address", "timeouts", "mode"});
+        if (auto s = r_.str(t, "source", path)) {
+            to.source = ip_address::parse(*s);
+            if (!to.source)
+                r_.error("CFG004", r_.at_key(t, "source"), path + ".source", "'" + *s + "' is not an IP address");
+        }
         if (auto s = r_.str(t, "instance", path)) to.instance = *s;
         if (auto s = r_.str(t, "host", path)) to.host = *s;
         if (auto s = r_.str(t, "address", path)) {

@@ -115,6 +115,9 @@ struct target {
     std::string instance;  ///< topology: another instance
     std::string host;      ///< topology: a simulated host
     std::optional<ip_address> address;
+    /// Local address to connect from, so the next tier sees this tier's leg on its network.
+    /// A topology sets it to the instance's leg on the target's network.
+    std::optional<ip_address> source;
     std::uint16_t port = 0;
     bool tls = false;
     std::string name;  ///< verified on the upstream certificate; SNI; Host when host_header=target

@@ -1,0 +1,20 @@
+#pragma once
+/// @file Running one instance: listeners, worker threads, until SIGINT or SIGTERM.
+#include <memory>
+#include <string>
+
+#include "dmz/rules/evaluate.hpp"
+
+namespace dmz::proxy {
+
+struct run_options {
+    unsigned threads = 0;     ///< 0: one per core
+    std::string access_log;   ///< a file, "-" for standard output, "" for none
+    std::string state_dir;    ///< where lab certificates live (topology instances)
+};
+
+/// Binds every listener, then serves until SIGINT/SIGTERM. Returns the exit code. Throws
+/// std::runtime_error (naming the address, port or file) when it cannot start.
+int run_instance(std::shared_ptr<const rules::policy> policy, const run_options& opts);
+
+}  // namespace dmz::proxy

@@ -1,0 +1,75 @@
+#include "access_log.hpp"
+
+#include <spdlog/async.h>
+#include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <ctime>
+#include <nlohmann/json.hpp>
+
+namespace dmz::proxy {
+
+namespace {
+std::string now_iso() {
+    auto now = std::chrono::system_clock::now();
+    auto secs = std::chrono::system_clock::to_time_t(now);
+    auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
+    std::tm tm{};
+    gmtime_r(&secs, &tm);
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
+                  tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
+    return buf;
+}
+}  // namespace
+
+access_log::access_log(const std::string& path) {
+    if (path.empty()) return;
+    static std::once_flag pool_once;
+    std::call_once(pool_once, [] { spdlog::init_thread_pool(8192, 1); });
+    std::shared_ptr<spdlog::sinks::sink> sink;
+    if (path == "-")
+        sink = std::make_shared<spdlog::sinks::stdout_sink_mt>();
+    else
+        sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>(path);
+    logger_ = std::make_shared<spdlog::async_logger>("access", sink, spdlog::thread_pool(),
+                                                     spdlog::async_overflow_policy::block);
+    logger_->set_pattern("%v");
+    logger_->flush_on(spdlog::level::info);
+}
+
+access_log::~access_log() { flush(); }
+
+void access_log::flush() {
+    if (logger_) logger_->flush();
+}
+
+void access_log::write(const access_record& r) {
+    if (!logger_) return;
+    nlohmann::json j = {{"time", now_iso()},
+                        {"instance", r.instance},
+                        {"conn", r.conn},
+                        {"client", r.client},
+                        {"original_client", r.original_client},
+                        {"user", r.user},
+                        {"listener", r.listener},
+                        {"method", r.method},
+                        {"host", r.host},
+                        {"path", r.path},
+                        {"rule", r.rule},
+                        {"action", r.action},
+                        {"target", r.target},
+                        {"status", r.status},
+                        {"bytes_in", r.bytes_in},
+                        {"bytes_out", r.bytes_out},
+                        {"duration_ms", r.duration_ms},
+                        {"fault", r.fault}};
+    if (!r.detail.empty()) j["detail"] = r.detail;
+    if (!r.upstream_conn.empty()) j["upstream_conn"] = r.upstream_conn;
+    // Invalid UTF-8 from a client's request must not throw: replace it.
+    logger_->info(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+}
+
+}  // namespace dmz::proxy

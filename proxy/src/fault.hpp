@@ -1,0 +1,34 @@
+#pragma once
+// Responses the proxy makes itself: status, X-Dmz-Error and a short page naming the tier,
+// the fault class and the rule.
+#include <string>
+
+namespace dmz::proxy {
+
+enum class fault_class {
+    rule_denied,
+    no_rule_matched,
+    auth_required,
+    auth_failed,
+    bad_request,
+    upstream_connect,
+    upstream_tls,
+    upstream_timeout,
+    upstream_protocol,
+};
+const char* to_string(fault_class f);
+
+struct fault_response {
+    int status;
+    fault_class cls;
+    std::string detail;
+    std::string rule;  ///< may be empty
+};
+
+/// The whole response, head and body. `keep_alive` false adds Connection: close.
+std::string render_fault(const fault_response& f, const std::string& instance, const std::string& role,
+                         bool keep_alive, bool http10);
+
+const char* reason_phrase(int status);
+
+}  // namespace dmz::proxy

@@ -1,0 +1,855 @@
+// One client connection: read head -> framing checks -> normalize -> evaluate rules ->
+// authenticate -> pick upstream -> rewrite head -> pump bodies -> log, once per transaction.
+#include <algorithm>
+#include <charconv>
+
+#include "dmz/proxy/http/parser.hpp"
+#include "dmz/rules/path.hpp"
+#include "fault.hpp"
+#include "runtime.hpp"
+
+namespace dmz::proxy {
+
+using namespace net;
+using clock_type = std::chrono::steady_clock;
+
+std::uint64_t next_connection_id() {
+    static std::atomic<std::uint64_t> next{1};
+    return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+namespace {
+
+constexpr std::size_t pump_chunk = 64 * 1024;
+
+bool starts_with_nocase(std::string_view s, std::string_view prefix) {
+    return s.size() >= prefix.size() && http::iequals(s.substr(0, prefix.size()), prefix);
+}
+
+/// Connection-bound authentication (NTLM, Negotiate/Kerberos): the upstream connection then
+/// belongs to this client connection alone.
+bool connection_auth(std::string_view v) { return starts_with_nocase(v, "ntlm") || starts_with_nocase(v, "negotiate"); }
+
+/// Fields this tier never copies from one hop to the next: hop-by-hop fields, framing it
+/// re-creates, and the forwarding fields it writes itself.
+bool dropped_field(std::string_view n) {
+    static constexpr std::string_view names[] = {
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+        "proxy-authenticate", "proxy-authorization", "content-length", "host", "via", "x-forwarded-for",
+        "forwarded", "x-forwarded-proto", "x-forwarded-host"};
+    for (auto x : names)
+        if (http::iequals(n, x)) return true;
+    return false;
+}
+
+bool named_in(const std::vector<std::string>& tokens, std::string_view n) {
+    for (auto& t : tokens)
+        if (http::iequals(t, n)) return true;
+    return false;
+}
+
+/// "Mail.Contoso.com:443" -> "mail.contoso.com"; "[::1]:443" -> "::1".
+std::string host_without_port(std::string_view h) {
+    if (!h.empty() && h.front() == '[') {
+        auto close = h.find(']');
+        return rules::to_lower(h.substr(1, close == std::string_view::npos ? h.size() - 1 : close - 1));
+    }
+    auto colon = h.rfind(':');
+    return rules::to_lower(colon == std::string_view::npos ? h : h.substr(0, colon));
+}
+
+std::string format_address(const rules::ip_address& a) { return a.is_v4() ? a.to_string() : "[" + a.to_string() + "]"; }
+
+void append_field(std::string& out, std::string_view name, std::string_view value) {
+    out.append(name);
+    out += ": ";
+    out.append(value);
+    out += "\r\n";
+}
+
+std::string hex(std::size_t n) {
+    char buf[20];
+    auto [p, ec] = std::to_chars(buf, buf + sizeof buf, n, 16);
+    (void)ec;
+    return std::string(buf, p);
+}
+
+/// Removes the cookie named `name` from a Cookie field value.
+std::string without_cookie(std::string_view cookies, std::string_view name) {
+    std::string out;
+    while (!cookies.empty()) {
+        auto semi = cookies.find(';');
+        auto item = cookies.substr(0, semi);
+        while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+        auto eq = item.find('=');
+        if (!http::iequals(item.substr(0, eq), name) && !item.empty()) {
+            if (!out.empty()) out += "; ";
+            out.append(item);
+        }
+        if (semi == std::string_view::npos) break;
+        cookies.remove_prefix(semi + 1);
+    }
+    return out;
+}
+
+struct pump_signal {
+    explicit pump_signal(asio::any_io_executor ex) : timer(ex) { timer.expires_at(clock_type::time_point::max()); }
+    asio::steady_timer timer;
+    bool done = false;
+    bool ok = false;
+    std::uint64_t bytes = 0;
+};
+
+class http_session : public std::enable_shared_from_this<http_session> {
+public:
+    http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s)
+        : w_(w), rt_(std::move(rt)), l_(l), down_(make_stream(std::move(s), l)), down_dog_(w.io.get_executor(), down_),
+          id_(next_connection_id()) {
+        error_code ec;
+        auto ep = down_.socket().remote_endpoint(ec);
+        auto a = rules::ip_address::parse(ep.address().to_string());
+        if (a) peer_ = *a;
+        peer_text_ = peer_.to_string();
+        down_.socket().set_option(tcp::no_delay(true), ec);
+    }
+
+    void start() {
+        asio::co_spawn(w_.io, [self = shared_from_this()]() { return self->run(); }, asio::detached);
+    }
+
+private:
+    static stream make_stream(tcp::socket s, const listener_runtime& l) {
+        if (l.tls) return stream(std::move(s), l.tls->default_context());
+        return stream(std::move(s));
+    }
+
+    const rules::listener& lcfg() const { return *l_.cfg; }
+
+    task<> run() {
+        error_code ec;
+        if (down_.is_tls()) {
+            down_dog_.arm(lcfg().timeouts.head);
+            co_await down_.tls()->async_handshake(ssl::stream_base::server, redirect(ec));
+            if (ec) {
+                down_dog_.stop();
+                down_.close();
+                co_return;
+            }
+            sni_ = server_name(down_.native_tls());
+        }
+        bool first = true;
+        while (co_await transaction(first)) first = false;
+        down_dog_.stop();
+        if (pinned_) pinned_->stream.close();
+        down_.close();
+    }
+
+    access_record new_record() {
+        access_record r;
+        r.instance = rt_->name;
+        r.conn = id_;
+        r.client = peer_text_;
+        r.original_client = peer_text_;
+        r.listener = lcfg().name;
+        return r;
+    }
+
+    void log(access_record& rec, clock_type::time_point t0) {
+        rec.duration_ms = std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+        w_.log.write(rec);
+    }
+
+    /// Answers with a generated response; fills the record. Returns whether the connection
+    /// may carry another request.
+    task<bool> send_fault(const fault_response& f, bool keep_alive, bool http10, access_record& rec) {
+        auto text = render_fault(f, rt_->name, rt_->role, keep_alive, http10);
+        error_code ec;
+        co_await down_.write(asio::buffer(text), ec);
+        rec.status = f.status;
+        rec.fault = to_string(f.cls);
+        rec.detail = f.detail;
+        if (rec.rule.empty()) rec.rule = f.rule;
+        rec.bytes_out += text.size();
+        if (rec.action.empty()) rec.action = "deny";
+        co_return keep_alive && !ec;
+    }
+
+    /// send_fault, then the access-log line.
+    task<bool> refuse(const fault_response& f, bool keep_alive, bool http10, access_record& rec, clock_type::time_point t0) {
+        bool keep = co_await send_fault(f, keep_alive, http10, rec);
+        log(rec, t0);
+        co_return keep;
+    }
+
+    // ---- phase 1: read the head -------------------------------------------------------
+    task<bool> transaction(bool first) {
+        auto rec = new_record();
+        auto t0 = clock_type::now();
+        http::limits hl{lcfg().limits.max_request_line, lcfg().limits.max_header_bytes, lcfg().limits.max_headers};
+        http::request_head head;
+        http::parse_error perr;
+        bool got_bytes = !in_.empty();
+        down_dog_.arm(got_bytes || (first && !down_.is_tls()) ? lcfg().timeouts.head : lcfg().timeouts.idle);
+        while (true) {
+            if (!in_.empty()) {
+                auto r = http::parse_request(in_.data(), hl, head, perr);
+                if (r == http::result::done) break;
+                if (r == http::result::error) {
+                    rec.method = "-";
+                    {
+                        // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                        fault_response fr{perr.status, fault_class::bad_request, perr.code + ": " + perr.detail, ""};
+                        co_return co_await refuse(fr,
+                                              false, false, rec, t0);
+                    }
+                }
+            }
+            std::size_t room = 0;
+            char* p = in_.prepare(in_.size() < 4096 ? 4096 : in_.size(), room);
+            error_code ec;
+            auto n = co_await down_.read_some(asio::buffer(p, room), ec);
+            if (ec) {
+                if (down_dog_.expired() && got_bytes) {
+                    rec.method = "-";
+                    {
+                        // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                        fault_response fr{408, fault_class::bad_request, "request-timeout: the request head did not arrive within " +
+                                                                                  std::to_string(lcfg().timeouts.head.count() / 1000) + " s", ""};
+                        co_return co_await refuse(fr,
+                                              false, false, rec, t0);
+                    }
+                }
+                co_return false;
+            }
+            in_.commit(n);
+            if (!got_bytes) {
+                got_bytes = true;
+                t0 = clock_type::now();
+                down_dog_.arm(lcfg().timeouts.head);
+            }
+        }
+        rec.bytes_in = head.head_size;
+        co_return co_await forward(head, rec, t0);
+    }
+
+    // ---- phases 2-8 -----------------------------------------------------------------------
+    task<bool> forward(http::request_head& head, access_record& rec, clock_type::time_point t0) {
+        bool http10 = head.version_minor == 0;
+        bool has_body = head.body != http::body_kind::none;
+        bool keep_if_refused = head.keep_alive && !has_body;
+        std::string host = host_without_port(head.host);
+        rec.method = std::string(head.method);
+        rec.host = host;
+        rec.path = std::string(head.target);
+
+        // The same instance in Via: the request went around (TMG 12206).
+        for (auto& f : head.fields)
+            if (http::iequals(f.name, "via") && rules::contains_nocase(f.value, rules::to_lower(" " + rt_->name))) {
+                in_.consume(head.head_size);
+                {
+                    // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                    fault_response fr{508, fault_class::rule_denied,
+                                           "loop: the request already passed through " + rt_->name + " (TMG 12206)", ""};
+                    co_return co_await refuse(fr,
+                                          keep_if_refused, http10, rec, t0);
+                }
+            }
+
+        // The client: the peer, or what a trusted previous tier says it saw.
+        rules::ip_address client = peer_;
+        bool trusted = false;
+        for (auto& t : rt_->config().trust_forwarded_from) trusted = trusted || rt_->policy->source_contains(t, peer_);
+        if (trusted) {
+            std::string_view last;
+            for (auto& f : head.fields)
+                if (http::iequals(f.name, "x-forwarded-for")) {
+                    auto v = f.value;
+                    auto comma = v.rfind(',');
+                    last = comma == std::string_view::npos ? v : v.substr(comma + 1);
+                }
+            while (!last.empty() && last.front() == ' ') last.remove_prefix(1);
+            if (auto a = rules::ip_address::parse(last)) client = *a;
+        }
+        rec.original_client = client.to_string();
+
+        if (lcfg().redirect_to_https) {
+            std::string loc = "https://" + std::string(head.host) + std::string(head.target);
+            std::string resp = "HTTP/1.1 301 Moved Permanently\r\nLocation: " + loc +
+                               "\r\nContent-Length: 0\r\n" + (keep_if_refused ? "" : "Connection: close\r\n") + "\r\n";
+            in_.consume(head.head_size);
+            error_code ec;
+            co_await down_.write(asio::buffer(resp), ec);
+            rec.status = 301;
+            rec.action = "redirect";
+            rec.bytes_out = resp.size();
+            log(rec, t0);
+            co_return keep_if_refused && !ec;
+        }
+
+        // ---- evaluate rules ----
+        rules::facts f;
+        f.listener = lcfg().name;
+        f.client = client;
+        if (down_.is_tls()) f.sni = sni_;
+        f.host = host;
+        f.method = std::string(head.method);
+        f.target = std::string(head.target);
+        f.who = rules::identity::anonymous;
+        auto d = rt_->policy->evaluate(f);
+        rec.rule = d.rule_name;
+        rec.path = d.path.safe() ? d.path.path + (d.path.query.empty() ? "" : "?" + d.path.query) : std::string(head.target);
+        if (d.result != rules::verdict::allow) {
+            in_.consume(head.head_size);
+            int status = d.why == rules::fault::auth_required ? 401 : 403;
+            auto cls = d.why == rules::fault::auth_required ? fault_class::auth_required
+                       : d.why == rules::fault::rule_denied  ? fault_class::rule_denied
+                                                              : fault_class::no_rule_matched;
+            std::string detail = d.reason;
+            if (!d.path.safe()) detail = "path refused (" + d.path.unsafe + "); " + detail;
+            {
+                // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                fault_response fr{status, cls, detail, d.matched ? d.rule_name : std::string()};
+                co_return co_await refuse(fr, keep_if_refused,
+                                      http10, rec, t0);
+            }
+        }
+        const rules::rule& rule = *d.matched;
+        const rules::target& to = *rule.to;
+        rec.action = "allow";
+        rec.target = format_address(*to.address) + ":" + std::to_string(to.port);
+
+        // ---- the Exchange template's guards on headers ----
+        std::string cookie_rewrite;
+        bool rewrite_cookie = false;
+        if (rule.exchange_guards) {
+            for (auto& fld : head.fields) {
+                if (http::iequals(fld.name, "cookie")) {
+                    if (rules::contains_nocase(fld.value, "x-beresource=") || rules::contains_nocase(fld.value, "x-anonresource-backend")) {
+                        in_.consume(head.head_size);
+                        {
+                            // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                            fault_response fr{403, fault_class::rule_denied,
+                                                   "refused by the Exchange template: a backend routing cookie (ProxyLogon shape)", rule.name};
+                            co_return co_await refuse(fr,
+                                                  keep_if_refused, http10, rec, t0);
+                        }
+                    }
+                    if (rules::path_has_prefix(d.path.path, "/ecp") && rules::contains_nocase(fld.value, "securitytoken=")) {
+                        rewrite_cookie = true;
+                        cookie_rewrite = without_cookie(fld.value, "SecurityToken");
+                    }
+                }
+                if (http::iequals(fld.name, "x-rps-cat")) {
+                    in_.consume(head.head_size);
+                    {
+                        // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                        fault_response fr{403, fault_class::rule_denied,
+                                               "refused by the Exchange template: X-Rps-CAT from a client (ProxyShell shape)", rule.name};
+                        co_return co_await refuse(fr,
+                                              keep_if_refused, http10, rec, t0);
+                    }
+                }
+            }
+            if (rules::contains_nocase(d.path.decoded, "x-rps-cat")) {
+                in_.consume(head.head_size);
+                {
+                    // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                    fault_response fr{403, fault_class::rule_denied,
+                                           "refused by the Exchange template: X-Rps-CAT in the URI (ProxyShell shape)", rule.name};
+                    co_return co_await refuse(fr,
+                                          keep_if_refused, http10, rec, t0);
+                }
+            }
+        }
+        if (rule.max_body && head.body == http::body_kind::length && head.content_length > rule.max_body) {
+            in_.consume(head.head_size);
+            {
+                // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                fault_response fr{413, fault_class::bad_request,
+                                       "request body of " + std::to_string(head.content_length) + " bytes exceeds the rule's limit of " +
+                                           std::to_string(rule.max_body),
+                                       rule.name};
+                co_return co_await refuse(fr,
+                                      false, http10, rec, t0);
+            }
+        }
+
+        // ---- rewrite the head (re-serialized, never copied raw) ----
+        bool auth_on_connection = false;
+        std::string out;
+        out.reserve(head.head_size + 256);
+        out.append(head.method);
+        out += ' ';
+        out += d.path.path;
+        if (!d.path.query.empty() || head.target.find('?') != std::string_view::npos) {
+            out += '?';
+            out += d.path.query;
+        }
+        out += " HTTP/1.1\r\n";
+        append_field(out, "Host", to.host_policy == rules::host_header::target && !to.name.empty() ? std::string_view(to.name)
+                                                                                                   : head.host);
+        std::string via;
+        for (auto& fld : head.fields) {
+            if (http::iequals(fld.name, "via")) {
+                if (!via.empty()) via += ", ";
+                via.append(fld.value);
+            }
+            if (dropped_field(fld.name) || named_in(head.connection_tokens, fld.name)) continue;
+            if (http::iequals(fld.name, "authorization") && connection_auth(fld.value)) auth_on_connection = true;
+            if (rewrite_cookie && http::iequals(fld.name, "cookie")) {
+                if (!cookie_rewrite.empty()) append_field(out, "Cookie", cookie_rewrite);
+                continue;
+            }
+            append_field(out, fld.name, fld.value);
+        }
+        via += (via.empty() ? "" : ", ") + std::string(http10 ? "1.0 " : "1.1 ") + rt_->name;
+        append_field(out, "Via", via);
+        if (to.client_policy == rules::client_address::forwarded) {
+            auto c = client.to_string();
+            append_field(out, "X-Forwarded-For", c);
+            append_field(out, "X-Forwarded-Proto", down_.is_tls() ? "https" : "http");
+            append_field(out, "X-Forwarded-Host", head.host);
+            append_field(out, "Forwarded", "for=" + (client.is_v4() ? c : "\"[" + c + "]\"") +
+                                               ";proto=" + (down_.is_tls() ? "https" : "http"));
+        }
+        if (head.body == http::body_kind::length) append_field(out, "Content-Length", std::to_string(head.content_length));
+        else if (head.body == http::body_kind::chunked) append_field(out, "Transfer-Encoding", "chunked");
+        out += "\r\n";
+        bool expect_continue = head.expect_continue;
+        auto body = head.body;
+        auto content_length = head.content_length;
+        bool client_keep_alive = head.keep_alive;
+        std::string method(head.method);
+        in_.consume(head.head_size);  // the head's views end here
+
+        co_return co_await relay(rule, to, out, method, body, content_length, expect_continue, auth_on_connection,
+                                 client_keep_alive, http10, rec, t0);
+    }
+
+    static std::string pool_key(const rules::target& to) {
+        std::string k = format_address(*to.address) + ":" + std::to_string(to.port);
+        if (to.source) k += "<" + to.source->to_string();
+        if (to.tls) k += "|tls|" + to.name + "|" + to.ca_file;
+        return k;
+    }
+
+    /// Connects (and handshakes) to the target. On failure fills `f`.
+    task<std::shared_ptr<upstream_conn>> connect(const rules::target& to, const std::string& key, fault_response& f) {
+        std::optional<stream> s;
+        if (to.tls) {
+            try {
+                s.emplace(tcp::socket(w_.io), w_.upstream_tls.context(to.ca_file));
+            } catch (const std::exception& e) {
+                f = {502, fault_class::upstream_tls, e.what(), ""};
+                co_return nullptr;
+            }
+            prepare_client(s->native_tls(), to.name);
+        } else {
+            s.emplace(tcp::socket(w_.io));
+        }
+        auto addr = asio::ip::make_address(to.address->to_string());
+        tcp::endpoint ep(addr, to.port);
+        error_code ec;
+        s->socket().open(ep.protocol(), ec);
+        if (!ec && to.source) s->socket().bind(tcp::endpoint(asio::ip::make_address(to.source->to_string()), 0), ec);
+        if (ec) {
+            f = {502, fault_class::upstream_connect, "cannot open a socket from " + (to.source ? to.source->to_string() : "any") + ": " + ec.message(), ""};
+            co_return nullptr;
+        }
+        watchdog dog(w_.io.get_executor(), *s);
+        dog.arm(to.timeouts.connect);
+        co_await s->socket().async_connect(ep, redirect(ec));
+        if (ec) {
+            auto what = format_address(*to.address) + ":" + std::to_string(to.port);
+            if (dog.expired())
+                f = {502, fault_class::upstream_connect, "connecting to " + what + " timed out after " + std::to_string(to.timeouts.connect.count() / 1000) + " s (10060)", ""};
+            else if (ec == asio::error::connection_refused)
+                f = {502, fault_class::upstream_connect, "connection refused by " + what + " (10061)", ""};
+            else if (ec == asio::error::network_unreachable || ec == asio::error::host_unreachable)
+                f = {502, fault_class::upstream_connect, "no route to " + what + " (10065)", ""};
+            else
+                f = {502, fault_class::upstream_connect, "connecting to " + what + ": " + ec.message(), ""};
+            co_return nullptr;
+        }
+        s->socket().set_option(tcp::no_delay(true), ec);
+        if (to.tls) {
+            co_await s->tls()->async_handshake(ssl::stream_base::client, redirect(ec));
+            if (ec) {
+                f = {502, dog.expired() ? fault_class::upstream_timeout : fault_class::upstream_tls,
+                     dog.expired() ? std::string("TLS handshake timed out") : describe_client_failure(s->native_tls(), ec, to.name), ""};
+                co_return nullptr;
+            }
+        }
+        dog.stop();
+        co_return std::make_shared<upstream_conn>(std::move(*s), key);
+    }
+
+    // ---- phases 6-8: pick upstream, send, pump both ways ------------------------------
+    task<bool> relay(const rules::rule& rule, const rules::target& to, const std::string& head_out, const std::string& method,
+                     http::body_kind body, std::uint64_t content_length, bool expect_continue, bool auth_on_connection,
+                     bool client_keep_alive, bool http10, access_record& rec, clock_type::time_point t0) {
+        bool has_body = body != http::body_kind::none;
+        auto key = pool_key(to);
+        std::shared_ptr<upstream_conn> up;
+        for (int attempt = 0; attempt < 2; ++attempt) {
+            bool fresh = false;
+            if (pinned_ && pinned_->key == key) {
+                up = std::move(pinned_);
+                rec.upstream_conn = "pinned";
+            } else if ((up = w_.pool.take(key, to.timeouts.idle))) {
+                rec.upstream_conn = "reused";
+            } else {
+                fault_response f{};
+                up = co_await connect(to, key, f);
+                if (!up) {
+                    f.rule = rule.name;
+                    co_return co_await refuse(f, client_keep_alive && !has_body, http10, rec, t0);
+                }
+                rec.upstream_conn = "new";
+                fresh = true;
+            }
+            error_code ec;
+            co_await up->stream.write(asio::buffer(head_out), ec);
+            if (!ec) break;
+            up->stream.close();
+            up.reset();
+            if (fresh || attempt == 1)
+                {
+                    // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                    fault_response fr{502, fault_class::upstream_connect, "sending to the upstream failed: " + ec.message(), rule.name};
+                    co_return co_await refuse(fr,
+                                          false, http10, rec, t0);
+                }
+        }
+        up->requests++;
+
+        // The request body flows on its own while the response is read: an upstream may
+        // answer (401, 413) before the body ends, and RPC channels stream for hours.
+        auto sig = std::make_shared<pump_signal>(w_.io.get_executor());
+        if (has_body) {
+            asio::co_spawn(w_.io,
+                           [self = shared_from_this(), up, sig, body, content_length, idle = to.timeouts.idle, limit = rule.max_body]() {
+                               return self->pump_request(up, sig, body, content_length, idle, limit);
+                           },
+                           asio::detached);
+        } else {
+            sig->done = sig->ok = true;
+        }
+
+        bool close_client = !client_keep_alive;
+        enum class fate { close, pool, pin };
+        // The one exit of a relayed transaction: stop the request pump if it still runs,
+        // decide what becomes of the upstream connection, log.
+        auto finish = [&](bool keep_client, fate f) -> task<bool> {
+            if (!sig->done) {
+                up->stream.close();
+                down_.cancel();
+                error_code ec;
+                co_await sig->timer.async_wait(redirect(ec));
+                keep_client = false;
+                f = fate::close;
+            }
+            rec.bytes_in += sig->bytes;
+            if (!sig->ok) f = fate::close, keep_client = false;
+            if (f == fate::pin && keep_client) pinned_ = up;
+            else if (f == fate::pool) w_.pool.put(up);
+            else up->stream.close();
+            log(rec, t0);
+            co_return keep_client;
+        };
+
+        // ---- the response head ----
+        watchdog up_dog(w_.io.get_executor(), up->stream);
+        http::response_head resp;
+        http::parse_error perr;
+        http::limits rl{8192, 64 * 1024, 200};
+        while (true) {
+            if (!up->in.empty()) {
+                auto r = http::parse_response(up->in.data(), method, rl, resp, perr);
+                if (r == http::result::error) {
+                    {
+                        // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                        fault_response fr{502, fault_class::upstream_protocol, perr.code + ": " + perr.detail, rule.name};
+                        co_await send_fault(fr, false,
+                                        http10, rec);
+                    }
+                    co_return co_await finish(false, fate::close);
+                }
+                if (r == http::result::done) {
+                    if (resp.status == 100) {
+                        up->in.consume(resp.head_size);
+                        if (expect_continue) {
+                            static const std::string cont = "HTTP/1.1 100 Continue\r\n\r\n";
+                            error_code ec;
+                            co_await down_.write(asio::buffer(cont), ec);
+                            rec.bytes_out += cont.size();
+                        }
+                        continue;
+                    }
+                    if (resp.status == 101 || (resp.status > 101 && resp.status < 200)) {
+                        // No protocol switching through a publishing proxy; other 1xx are dropped.
+                        if (resp.status == 101) {
+                            {
+                                // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                                fault_response fr{502, fault_class::upstream_protocol, "the upstream switched protocols (101)", rule.name};
+                                co_await send_fault(fr,
+                                                false, http10, rec);
+                            }
+                            co_return co_await finish(false, fate::close);
+                        }
+                        up->in.consume(resp.head_size);
+                        continue;
+                    }
+                    break;
+                }
+            }
+            std::size_t room = 0;
+            char* p = up->in.prepare(16 * 1024, room);
+            error_code ec;
+            up_dog.arm(to.timeouts.read);
+            auto n = co_await up->stream.read_some(asio::buffer(p, room), ec);
+            if (ec) {
+                if (up_dog.expired()) {
+                    {
+                        // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                        fault_response fr{504, fault_class::upstream_timeout,
+                                         "no answer from " + rec.target + " within " + std::to_string(to.timeouts.read.count() / 1000) + " s",
+                                         rule.name};
+                        co_await send_fault(fr,
+                                        false, http10, rec);
+                    }
+                } else if (rec.upstream_conn != "pinned") {
+                    {
+                        // Named, not a temporary in the co_await: GCC 12 destroys those twice.
+                        fault_response fr{502, fault_class::upstream_protocol,
+                                         "the upstream closed the connection without answering (" + ec.message() + ")", rule.name};
+                        co_await send_fault(fr,
+                                        false, http10, rec);
+                    }
+                }
+                // A pinned upstream that went away takes the client with it: NTLM state is gone.
+                co_return co_await finish(false, fate::close);
+            }
+            up->in.commit(n);
+        }
+        rec.status = resp.status;
+
+        for (auto& fld : resp.fields)
+            if (http::iequals(fld.name, "www-authenticate") && connection_auth(fld.value)) auth_on_connection = true;
+
+        // ---- the response head toward the client ----
+        bool chunk_to_client = resp.body == http::body_kind::chunked && !http10;
+        bool close_delimited = resp.body == http::body_kind::until_close || (resp.body == http::body_kind::chunked && http10);
+        if (close_delimited) close_client = true;
+        if (!sig->done && resp.status >= 300) close_client = true;  // answered before the body ended
+        std::string rh;
+        rh.reserve(resp.head_size + 128);
+        rh += http10 ? "HTTP/1.0 " : "HTTP/1.1 ";
+        rh += std::to_string(resp.status);
+        rh += ' ';
+        rh.append(resp.reason.empty() ? std::string_view(reason_phrase(resp.status)) : resp.reason);
+        rh += "\r\n";
+        std::string via;
+        for (auto& fld : resp.fields) {
+            if (http::iequals(fld.name, "via")) {
+                if (!via.empty()) via += ", ";
+                via.append(fld.value);
+            }
+            if (dropped_field(fld.name) || named_in(resp.connection_tokens, fld.name)) continue;
+            append_field(rh, fld.name, fld.value);
+        }
+        via += (via.empty() ? "" : ", ") + std::string("1.1 ") + rt_->name;
+        append_field(rh, "Via", via);
+        if (resp.body == http::body_kind::length) append_field(rh, "Content-Length", std::to_string(resp.content_length));
+        else if (chunk_to_client) append_field(rh, "Transfer-Encoding", "chunked");
+        else if (resp.body == http::body_kind::none && resp.status != 304 && resp.status != 204 && method != "HEAD")
+            append_field(rh, "Content-Length", "0");
+        if (close_client) append_field(rh, "Connection", "close");
+        else if (http10) append_field(rh, "Connection", "keep-alive");
+        rh += "\r\n";
+        up->in.consume(resp.head_size);
+        bool upstream_keep = resp.keep_alive;
+        auto resp_body = resp.body;
+        auto resp_length = resp.content_length;
+        {
+            error_code ec;
+            co_await down_.write(asio::buffer(rh), ec);
+            rec.bytes_out += rh.size();
+            if (ec) co_return co_await finish(false, fate::close);
+        }
+
+        // ---- the response body, flushed as it arrives ----
+        bool body_ok = co_await pump_response(*up, up_dog, resp_body, resp_length, chunk_to_client, to.timeouts.read, rec);
+        up_dog.stop();
+        if (!body_ok) co_return co_await finish(false, fate::close);
+
+        // The request body normally ended before the response; if not, wait for it unless
+        // the client connection closes anyway.
+        if (!sig->done && !close_client) {
+            error_code ec;
+            co_await sig->timer.async_wait(redirect(ec));
+        }
+        bool reusable = upstream_keep && resp_body != http::body_kind::until_close;
+        // Connection-bound authentication: the upstream belongs to this client from now on,
+        // and when it closes, so does the client connection.
+        if (auth_on_connection || rec.upstream_conn == "pinned") {
+            if (!reusable) close_client = true;
+            co_return co_await finish(!close_client, reusable ? fate::pin : fate::close);
+        }
+        co_return co_await finish(!close_client, reusable ? fate::pool : fate::close);
+    }
+
+    task<bool> pump_response(upstream_conn& up, watchdog& dog, http::body_kind kind, std::uint64_t length, bool chunk_to_client,
+                             std::chrono::milliseconds read_timeout, access_record& rec) {
+        error_code ec;
+        auto read_more = [&]() -> task<bool> {
+            std::size_t room = 0;
+            char* p = up.in.prepare(pump_chunk, room);
+            dog.arm(read_timeout);
+            auto n = co_await up.stream.read_some(asio::buffer(p, std::min(room, pump_chunk)), ec);
+            if (ec) co_return false;
+            up.in.commit(n);
+            co_return true;
+        };
+        if (kind == http::body_kind::none) co_return true;
+        if (kind == http::body_kind::length || kind == http::body_kind::until_close) {
+            std::uint64_t left = length;
+            while (kind == http::body_kind::until_close || left > 0) {
+                if (up.in.empty() && !co_await read_more()) co_return kind == http::body_kind::until_close && ec == asio::error::eof;
+                auto data = up.in.data();
+                if (kind == http::body_kind::length && data.size() > left) data = data.substr(0, static_cast<std::size_t>(left));
+                co_await down_.write(asio::buffer(data.data(), data.size()), ec);
+                if (ec) co_return false;
+                rec.bytes_out += data.size();
+                up.in.consume(data.size());
+                left -= std::min<std::uint64_t>(left, data.size());
+            }
+            co_return true;
+        }
+        // chunked: decode, and re-encode each chunk as it arrives (MAPI's PENDING keep-alives)
+        http::chunked_decoder dec;
+        while (!dec.done()) {
+            if (up.in.empty() && !co_await read_more()) co_return false;
+            http::chunked_decoder::step st;
+            http::parse_error perr;
+            if (!dec.feed(up.in.data(), st, perr)) co_return false;
+            if (!st.data.empty()) {
+                if (chunk_to_client) {
+                    auto size_line = hex(st.data.size()) + "\r\n";
+                    std::array<asio::const_buffer, 3> bufs{asio::buffer(size_line), asio::buffer(st.data.data(), st.data.size()),
+                                                           asio::buffer("\r\n", 2)};
+                    co_await down_.write(bufs, ec);
+                    rec.bytes_out += size_line.size() + st.data.size() + 2;
+                } else {
+                    co_await down_.write(asio::buffer(st.data.data(), st.data.size()), ec);
+                    rec.bytes_out += st.data.size();
+                }
+                if (ec) co_return false;
+            }
+            up.in.consume(st.consumed);
+        }
+        if (chunk_to_client) {
+            co_await down_.write(asio::buffer("0\r\n\r\n", 5), ec);
+            rec.bytes_out += 5;
+            if (ec) co_return false;
+        }
+        co_return true;
+    }
+
+    /// Client -> upstream body. Runs beside the response; signals when done.
+    task<> pump_request(std::shared_ptr<upstream_conn> up, std::shared_ptr<pump_signal> sig, http::body_kind kind,
+                        std::uint64_t length, std::chrono::milliseconds idle, std::uint64_t limit) {
+        error_code ec;
+        bool ok = true;
+        auto read_more = [&]() -> task<bool> {
+            std::size_t room = 0;
+            char* p = in_.prepare(pump_chunk, room);
+            down_dog_.arm(idle);
+            auto n = co_await down_.read_some(asio::buffer(p, std::min(room, pump_chunk)), ec);
+            if (ec) co_return false;
+            in_.commit(n);
+            co_return true;
+        };
+        if (kind == http::body_kind::length) {
+            std::uint64_t left = length;
+            while (left > 0) {
+                if (in_.empty() && !co_await read_more()) {
+                    ok = false;  // the client stopped early (an RPC channel may): forward what came
+                    break;
+                }
+                auto data = in_.data();
+                if (data.size() > left) data = data.substr(0, static_cast<std::size_t>(left));
+                co_await up->stream.write(asio::buffer(data.data(), data.size()), ec);
+                if (ec) {
+                    ok = false;
+                    break;
+                }
+                sig->bytes += data.size();
+                in_.consume(data.size());
+                left -= data.size();
+            }
+        } else {
+            http::chunked_decoder dec;
+            while (!dec.done()) {
+                if (in_.empty() && !co_await read_more()) {
+                    ok = false;
+                    break;
+                }
+                http::chunked_decoder::step st;
+                http::parse_error perr;
+                if (!dec.feed(in_.data(), st, perr)) {
+                    ok = false;  // framing in doubt: nothing more goes upstream
+                    break;
+                }
+                if (!st.data.empty()) {
+                    if (limit && sig->bytes + st.data.size() > limit) {
+                        ok = false;
+                        break;
+                    }
+                    auto size_line = hex(st.data.size()) + "\r\n";
+                    std::array<asio::const_buffer, 3> bufs{asio::buffer(size_line), asio::buffer(st.data.data(), st.data.size()),
+                                                           asio::buffer("\r\n", 2)};
+                    co_await up->stream.write(bufs, ec);
+                    if (ec) {
+                        ok = false;
+                        break;
+                    }
+                    sig->bytes += st.data.size();
+                }
+                in_.consume(st.consumed);
+            }
+            if (ok) {
+                co_await up->stream.write(asio::buffer("0\r\n\r\n", 5), ec);
+                ok = !ec;
+            }
+        }
+        if (!ok) {
+            // The upstream must not take a truncated body for a whole one.
+            if (up->stream.is_tls()) up->stream.close();
+            else up->stream.shutdown_send();
+        }
+        sig->ok = ok;
+        sig->done = true;
+        sig->timer.cancel();
+    }
+
+    worker& w_;
+    std::shared_ptr<const instance_runtime> rt_;
+    const listener_runtime& l_;
+    stream down_;
+    watchdog down_dog_;
+    std::uint64_t id_;
+    rules::ip_address peer_;
+    std::string peer_text_;
+    std::string sni_;
+    flat_buffer in_{4096};
+    std::shared_ptr<upstream_conn> pinned_;
+};
+
+}  // namespace
+
+void start_http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s) {
+    std::make_shared<http_session>(w, std::move(rt), l, std::move(s))->start();
+}
+
+}  // namespace dmz::proxy

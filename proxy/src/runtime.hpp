@@ -1,0 +1,46 @@
+#pragma once
+// What the running instance shares across its worker threads (immutable) and what each
+// worker owns alone (its io_context, upstream pool and client TLS contexts).
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "access_log.hpp"
+#include "dmz/rules/evaluate.hpp"
+#include "net/asio.hpp"
+#include "tls.hpp"
+#include "upstream.hpp"
+
+namespace dmz::proxy {
+
+struct listener_runtime {
+    const rules::listener* cfg = nullptr;
+    std::unique_ptr<server_tls> tls;  ///< https listeners
+};
+
+/// An immutable snapshot of the instance's configuration; sessions keep the one they
+/// started with.
+struct instance_runtime {
+    std::shared_ptr<const rules::policy> policy;
+    std::vector<std::unique_ptr<listener_runtime>> listeners;
+    std::string name;
+    std::string role;
+    const rules::instance_config& config() const { return policy->config(); }
+};
+
+struct worker {
+    explicit worker(unsigned i, access_log& l) : io(1), log(l), index(i) {}
+    net::asio::io_context io;
+    client_tls upstream_tls;
+    upstream_pool pool;
+    access_log& log;
+    unsigned index;
+};
+
+std::uint64_t next_connection_id();
+
+void start_http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l,
+                        net::tcp::socket s);
+
+}  // namespace dmz::proxy

@@ -1,0 +1,108 @@
+#include <csignal>
+#include <iostream>
+#include <thread>
+
+#include "dmz/proxy/run.hpp"
+#include "runtime.hpp"
+
+namespace dmz::proxy {
+
+using namespace net;
+
+namespace {
+
+/// One acceptor per worker per bind address, all on the same port with SO_REUSEPORT: the
+/// kernel spreads connections and each stays on the thread that accepted it.
+task<> accept_loop(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::acceptor& acc) {
+    while (acc.is_open()) {
+        error_code ec;
+        tcp::socket s(w.io);
+        co_await acc.async_accept(s, redirect(ec));
+        if (ec) {
+            if (ec == asio::error::operation_aborted || !acc.is_open()) co_return;
+            // Out of descriptors and the like: pause briefly rather than spin.
+            asio::steady_timer t(w.io, std::chrono::milliseconds(50));
+            co_await t.async_wait(redirect(ec));
+            continue;
+        }
+        if (l.cfg->proto == rules::protocol::smtp) {
+            s.close(ec);  // SMTP sessions come with the SMTP issue
+            continue;
+        }
+        start_http_session(w, rt, l, std::move(s));
+    }
+}
+
+std::string describe_bind_error(const rules::bind_endpoint& b, const error_code& ec) {
+    std::string msg = "cannot listen on " + b.to_string() + ": " + ec.message();
+    if (ec == asio::error::address_in_use) msg += " (another process holds this address and port; `ss -ltnp` names it)";
+    if (ec == asio::error::access_denied) msg += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)";
+    if (ec == boost::system::errc::address_not_available) msg += " (no interface has this address)";
+    return msg;
+}
+
+}  // namespace
+
+int run_instance(std::shared_ptr<const rules::policy> policy, const run_options& opts) {
+    auto rt = std::make_shared<instance_runtime>();
+    rt->policy = policy;
+    rt->name = policy->config().name;
+    rt->role = policy->config().role;
+    for (auto& l : policy->config().listeners) {
+        auto lr = std::make_unique<listener_runtime>();
+        lr->cfg = &l;
+        if (l.proto == rules::protocol::https) lr->tls = std::make_unique<server_tls>(l);
+        rt->listeners.push_back(std::move(lr));
+    }
+
+    unsigned n = opts.threads ? opts.threads : std::max(1u, std::thread::hardware_concurrency());
+    access_log log(opts.access_log);
+    std::vector<std::unique_ptr<worker>> workers;
+    std::vector<std::unique_ptr<tcp::acceptor>> acceptors;
+    for (unsigned i = 0; i < n; ++i) workers.push_back(std::make_unique<worker>(i, log));
+
+    for (auto& lr : rt->listeners) {
+        for (auto& b : lr->cfg->bind) {
+            tcp::endpoint ep(asio::ip::make_address(b.address.to_string()), b.port);
+            for (auto& w : workers) {
+                auto acc = std::make_unique<tcp::acceptor>(w->io);
+                error_code ec;
+                acc->open(ep.protocol(), ec);
+                if (!ec) acc->set_option(tcp::acceptor::reuse_address(true), ec);
+                if (!ec) {
+                    int one = 1;
+                    if (::setsockopt(acc->native_handle(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
+                        ec = error_code(errno, boost::system::system_category());
+                }
+                if (!ec && ep.protocol() == tcp::v6()) acc->set_option(asio::ip::v6_only(true), ec);
+                if (!ec) acc->bind(ep, ec);
+                if (!ec) acc->listen(asio::socket_base::max_listen_connections, ec);
+                if (ec) throw std::runtime_error("listener '" + lr->cfg->name + "': " + describe_bind_error(b, ec));
+                asio::co_spawn(w->io, accept_loop(*w, rt, *lr, *acc), asio::detached);
+                acceptors.push_back(std::move(acc));
+            }
+            std::cerr << "dmzproxy: " << rt->name << ": listener " << lr->cfg->name << " (" << rules::to_string(lr->cfg->proto)
+                      << ") on " << b.to_string() << "\n";
+        }
+    }
+
+    // Signals arrive on the first worker; it stops everyone.
+    asio::signal_set signals(workers.front()->io, SIGINT, SIGTERM);
+    signals.async_wait([&](const error_code& ec, int sig) {
+        if (ec) return;
+        std::cerr << "dmzproxy: " << rt->name << ": " << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ", stopping\n";
+        for (auto& w : workers) w->io.stop();
+    });
+    std::signal(SIGPIPE, SIG_IGN);
+    std::cerr << "dmzproxy: " << rt->name << ": ready, " << n << " worker thread" << (n == 1 ? "" : "s") << "\n";
+
+    std::vector<std::thread> threads;
+    for (unsigned i = 1; i < n; ++i) threads.emplace_back([&w = *workers[i]] { w.io.run(); });
+    workers.front()->io.run();
+    for (auto& w : workers) w->io.stop();
+    for (auto& t : threads) t.join();
+    log.flush();
+    return 0;
+}
+
+}  // namespace dmz::proxy

@@ -1,0 +1,118 @@
+#include "tls.hpp"
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include <stdexcept>
+
+#include "dmz/rules/evaluate.hpp"
+
+namespace dmz::proxy {
+
+namespace {
+
+std::string openssl_error() {
+    unsigned long e = ERR_get_error();
+    if (!e) return "unknown error";
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof buf);
+    return buf;
+}
+
+void harden(net::ssl::context& ctx) {
+    SSL_CTX* c = ctx.native_handle();
+    SSL_CTX_set_min_proto_version(c, TLS1_2_VERSION);
+    SSL_CTX_set_max_proto_version(c, TLS1_3_VERSION);
+    SSL_CTX_set_options(c, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    // Idle connections give their buffers back (OpenSSL allocates them again on use).
+    SSL_CTX_set_mode(c, SSL_MODE_RELEASE_BUFFERS);
+}
+
+std::shared_ptr<net::ssl::context> load_server_context(const rules::certificate& cert) {
+    auto ctx = std::make_shared<net::ssl::context>(net::ssl::context::tls_server);
+    harden(*ctx);
+    SSL_CTX* c = ctx->native_handle();
+    if (SSL_CTX_use_certificate_chain_file(c, cert.cert_file.c_str()) != 1)
+        throw std::runtime_error("cannot load certificate '" + cert.cert_file + "': " + openssl_error());
+    if (SSL_CTX_use_PrivateKey_file(c, cert.key_file.c_str(), SSL_FILETYPE_PEM) != 1)
+        throw std::runtime_error("cannot load key '" + cert.key_file + "': " + openssl_error());
+    if (SSL_CTX_check_private_key(c) != 1)
+        throw std::runtime_error("key '" + cert.key_file + "' does not match certificate '" + cert.cert_file + "'");
+    return ctx;
+}
+
+}  // namespace
+
+server_tls::server_tls(const rules::listener& l) {
+    for (auto& cert : l.certificates) {
+        if (cert.cert_file.empty())
+            throw std::runtime_error("listener '" + l.name + "': certificate for " +
+                                     (cert.names.empty() ? std::string("?") : cert.names.front()) +
+                                     " has no files (lab certificates need 'dmzproxy lab up')");
+        entries_.push_back({cert.names, load_server_context(cert)});
+    }
+    if (entries_.empty()) throw std::runtime_error("https listener '" + l.name + "' has no certificate");
+    default_ = entries_.front().ctx;
+    for (auto& e : entries_)
+        for (auto& n : e.names)
+            if (n == l.default_certificate) default_ = e.ctx;
+    for (auto& e : entries_) {
+        SSL_CTX_set_tlsext_servername_callback(e.ctx->native_handle(), &server_tls::on_servername);
+        SSL_CTX_set_tlsext_servername_arg(e.ctx->native_handle(), this);
+    }
+}
+
+int server_tls::on_servername(SSL* ssl, int*, void* arg) {
+    auto* self = static_cast<server_tls*>(arg);
+    const char* sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    if (!sni) return SSL_TLSEXT_ERR_OK;
+    for (auto& e : self->entries_)
+        for (auto& n : e.names)
+            if (rules::host_matches(n, sni)) {
+                SSL_set_SSL_CTX(ssl, e.ctx->native_handle());
+                return SSL_TLSEXT_ERR_OK;
+            }
+    return SSL_TLSEXT_ERR_OK;  // unknown name: keep the default certificate
+}
+
+net::ssl::context& client_tls::context(const std::string& ca_file) {
+    auto it = by_ca_.find(ca_file);
+    if (it != by_ca_.end()) return *it->second;
+    auto ctx = std::make_unique<net::ssl::context>(net::ssl::context::tls_client);
+    harden(*ctx);
+    if (ca_file.empty()) {
+        net::error_code ec;
+        ctx->set_default_verify_paths(ec);
+    } else if (SSL_CTX_load_verify_locations(ctx->native_handle(), ca_file.c_str(), nullptr) != 1) {
+        throw std::runtime_error("cannot load CA file '" + ca_file + "': " + openssl_error());
+    }
+    ctx->set_verify_mode(net::ssl::verify_peer);
+    // Resume sessions toward the same upstream: a full handshake per connection is the
+    // dearest thing on the upstream path.
+    SSL_CTX_set_session_cache_mode(ctx->native_handle(), SSL_SESS_CACHE_CLIENT);
+    return *by_ca_.emplace(ca_file, std::move(ctx)).first->second;
+}
+
+void prepare_client(SSL* ssl, const std::string& name) {
+    if (name.empty()) return;
+    SSL_set_tlsext_host_name(ssl, name.c_str());
+    SSL_set1_host(ssl, name.c_str());
+    SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+}
+
+std::string describe_client_failure(SSL* ssl, const net::error_code& ec, const std::string& name) {
+    long v = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
+    if (v == X509_V_ERR_HOSTNAME_MISMATCH)
+        return "name mismatch: the upstream certificate is not for '" + name + "'";
+    if (v != X509_V_OK)
+        return std::string("untrusted chain: ") + X509_verify_cert_error_string(v);
+    return "handshake failure: " + ec.message();
+}
+
+std::string server_name(SSL* ssl) {
+    const char* sni = ssl ? SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name) : nullptr;
+    return sni ? sni : "";
+}
+
+}  // namespace dmz::proxy
