@@ -98,6 +98,9 @@ struct pump_signal {
     bool done = false;
     bool ok = false;
     std::uint64_t bytes = 0;
+    /// Set when the client broke the body's framing or limit: the client's fault, not the
+    /// upstream's, whatever the upstream read then reports.
+    std::optional<fault_response> client_fault;
 };
 
 class http_session : public std::enable_shared_from_this<http_session> {
@@ -422,8 +425,47 @@ private:
         std::string method(head.method);
         in_.consume(head.head_size);  // the head's views end here
 
+        // A chunked body's first size line is checked before anything goes upstream, so
+        // the commonest framing attack forwards nothing at all.
+        if (body == http::body_kind::chunked) {
+            http::parse_error cerr;
+            int v = co_await check_first_chunk(cerr);
+            if (v < 0) {
+                fault_response fr{cerr.status, fault_class::bad_request, cerr.code + ": " + cerr.detail, rule.name};
+                co_return co_await refuse(fr, false, http10, rec, t0);
+            }
+            if (v == 0) {
+                rec.fault = "bad-request";
+                rec.detail = "the client closed before the chunked body began";
+                log(rec, t0);
+                co_return false;
+            }
+        }
+
         co_return co_await relay(rule, to, out, method, body, content_length, expect_continue, auth_on_connection,
                                  client_keep_alive, http10, rec, t0);
+    }
+
+    /// Reads until the first chunk-size line of the body is complete. 1: valid; -1: bad
+    /// framing (err set); 0: the client went away or timed out.
+    task<int> check_first_chunk(http::parse_error& err) {
+        while (true) {
+            http::chunked_decoder probe;
+            auto avail = in_.data();
+            while (!avail.empty() && !probe.past_first_size_line()) {
+                http::chunked_decoder::step st;
+                if (!probe.feed(avail, st, err)) co_return -1;
+                avail.remove_prefix(st.consumed);
+            }
+            if (probe.past_first_size_line()) co_return 1;
+            std::size_t room = 0;
+            char* p = in_.prepare(4096, room);
+            error_code ec;
+            down_dog_.arm(lcfg().timeouts.head);
+            auto n = co_await down_.read_some(asio::buffer(p, room), ec);
+            if (ec) co_return 0;
+            in_.commit(n);
+        }
     }
 
     static std::string pool_key(const rules::target& to) {
@@ -496,6 +538,13 @@ private:
             if (pinned_ && pinned_->key == key) {
                 up = std::move(pinned_);
                 rec.upstream_conn = "pinned";
+                if (!still_open(*up)) {
+                    up->stream.close();
+                    rec.fault = "upstream-connect";
+                    rec.detail = "the pinned upstream connection closed; closing the client connection with it";
+                    log(rec, t0);
+                    co_return false;
+                }
             } else if ((up = w_.pool.take(key, to.timeouts.idle))) {
                 rec.upstream_conn = "reused";
             } else {
@@ -513,6 +562,15 @@ private:
             if (!ec) break;
             up->stream.close();
             up.reset();
+            if (rec.upstream_conn == "pinned") {
+                // The authenticated upstream is gone: the client connection goes too, so the
+                // client starts its handshake again instead of landing on a stranger's socket.
+                rec.status = 0;
+                rec.fault = "upstream-connect";
+                rec.detail = "the pinned upstream connection closed: " + ec.message();
+                log(rec, t0);
+                co_return false;
+            }
             if (fresh || attempt == 1)
                 {
                     // Named, not a temporary in the co_await: GCC 12 destroys those twice.
@@ -609,7 +667,11 @@ private:
             up_dog.arm(to.timeouts.read);
             auto n = co_await up->stream.read_some(asio::buffer(p, room), ec);
             if (ec) {
-                if (up_dog.expired()) {
+                if (sig->done && sig->client_fault) {
+                    auto cf = *sig->client_fault;
+                    cf.rule = rule.name;
+                    co_await send_fault(cf, false, http10, rec);
+                } else if (up_dog.expired()) {
                     {
                         // Named, not a temporary in the co_await: GCC 12 destroys those twice.
                         fault_response fr{504, fault_class::upstream_timeout,
@@ -799,11 +861,14 @@ private:
                 http::parse_error perr;
                 if (!dec.feed(in_.data(), st, perr)) {
                     ok = false;  // framing in doubt: nothing more goes upstream
+                    sig->client_fault = fault_response{perr.status, fault_class::bad_request, perr.code + ": " + perr.detail, ""};
                     break;
                 }
                 if (!st.data.empty()) {
                     if (limit && sig->bytes + st.data.size() > limit) {
                         ok = false;
+                        sig->client_fault = fault_response{413, fault_class::bad_request,
+                                                           "chunked request body exceeds the rule's limit of " + std::to_string(limit), ""};
                         break;
                     }
                     auto size_line = hex(st.data.size()) + "\r\n";
@@ -824,8 +889,10 @@ private:
             }
         }
         if (!ok) {
-            // The upstream must not take a truncated body for a whole one.
-            if (up->stream.is_tls()) up->stream.close();
+            // The upstream must not take a truncated body for a whole one. A client that
+            // broke the framing loses the upstream connection at once; one that merely
+            // stopped early (an RPC channel may) half-closes, so the upstream sees what came.
+            if (up->stream.is_tls() || sig->client_fault) up->stream.close();
             else up->stream.shutdown_send();
         }
         sig->ok = ok;

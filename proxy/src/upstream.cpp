@@ -6,6 +6,7 @@ namespace dmz::proxy {
 
 namespace {
 constexpr std::size_t max_idle_per_key = 256;
+}  // namespace
 
 /// An idle connection is usable when the peer has not closed it. A plain connection must
 /// also have nothing to read (an idle upstream has nothing to say); TLS may hold session
@@ -17,7 +18,6 @@ bool still_open(upstream_conn& c) {
     if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK;
     return c.stream.is_tls();
 }
-}  // namespace
 
 std::shared_ptr<upstream_conn> upstream_pool::take(const std::string& key, std::chrono::milliseconds idle_timeout) {
     auto it = idle_.find(key);

@@ -21,6 +21,9 @@ struct upstream_conn {
     std::uint64_t requests = 0;
 };
 
+/// Whether an idle connection is still open (the peer has not closed it).
+bool still_open(upstream_conn& c);
+
 class upstream_pool {
 public:
     /// The most recently used idle connection for `key` that is still open, or null.

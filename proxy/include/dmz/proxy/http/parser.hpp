@@ -88,6 +88,10 @@ public:
     /// Consumes a prefix of `in`. Returns false on malformed framing (err set).
     bool feed(std::string_view in, step& out, parse_error& err);
     bool done() const { return state_ == state::done; }
+    /// The first chunk-size line (and its extensions) has been read completely.
+    bool past_first_size_line() const {
+        return state_ != state::size && state_ != state::size_ext && state_ != state::size_lf;
+    }
 
 private:
     enum class state { size, size_ext, size_lf, data, data_cr, data_lf, trailer_line, trailer_lf, done };
