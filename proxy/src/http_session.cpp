@@ -2,6 +2,7 @@
 // authenticate -> pick upstream -> rewrite head -> pump bodies -> log, once per transaction.
 #include <algorithm>
 #include <charconv>
+#include <cstring>
 
 #include "dmz/proxy/http/parser.hpp"
 #include "dmz/rules/path.hpp"
@@ -56,6 +57,25 @@ std::string host_without_port(std::string_view h) {
     }
     auto colon = h.rfind(':');
     return rules::to_lower(colon == std::string_view::npos ? h : h.substr(0, colon));
+}
+
+/// Whether a Via field lists `name` as a received-by (RFC 9110 7.6.3: "1.1 front-end").
+bool via_names(std::string_view via, std::string_view name) {
+    while (!via.empty()) {
+        auto comma = via.find(',');
+        auto item = via.substr(0, comma);
+        while (!item.empty() && (item.front() == ' ' || item.front() == '\t')) item.remove_prefix(1);
+        auto sp = item.find_first_of(" \t");
+        if (sp != std::string_view::npos) {
+            auto by = item.substr(sp + 1);
+            while (!by.empty() && (by.front() == ' ' || by.front() == '\t')) by.remove_prefix(1);
+            by = by.substr(0, by.find_first_of(" \t"));
+            if (http::iequals(by, name)) return true;
+        }
+        if (comma == std::string_view::npos) break;
+        via.remove_prefix(comma + 1);
+    }
+    return false;
 }
 
 std::string format_address(const rules::ip_address& a) { return a.is_v4() ? a.to_string() : "[" + a.to_string() + "]"; }
@@ -192,9 +212,10 @@ private:
         http::request_head head;
         http::parse_error perr;
         bool got_bytes = !in_.empty();
+        bool parse_now = got_bytes;  // pipelined bytes from the previous request
         down_dog_.arm(got_bytes || (first && !down_.is_tls()) ? lcfg().timeouts.head : lcfg().timeouts.idle);
         while (true) {
-            if (!in_.empty()) {
+            if (parse_now) {
                 auto r = http::parse_request(in_.data(), hl, head, perr);
                 if (r == http::result::done) break;
                 if (r == http::result::error) {
@@ -225,6 +246,10 @@ private:
                 co_return false;
             }
             in_.commit(n);
+            // Parse again only when a line may have ended (or the limit is reached): a head
+            // sent a byte at a time must not cost a full parse per byte.
+            parse_now = std::memchr(p, '\n', n) != nullptr || in_.size() > hl.max_head_bytes ||
+                        std::memchr(p, '\0', n) != nullptr;
             if (!got_bytes) {
                 got_bytes = true;
                 t0 = clock_type::now();
@@ -247,7 +272,7 @@ private:
 
         // The same instance in Via: the request went around (TMG 12206).
         for (auto& f : head.fields)
-            if (http::iequals(f.name, "via") && rules::contains_nocase(f.value, rules::to_lower(" " + rt_->name))) {
+            if (http::iequals(f.name, "via") && via_names(f.value, rt_->name)) {
                 in_.consume(head.head_size);
                 {
                     // Named, not a temporary in the co_await: GCC 12 destroys those twice.
@@ -724,8 +749,13 @@ private:
         append_field(rh, "Via", via);
         if (resp.body == http::body_kind::length) append_field(rh, "Content-Length", std::to_string(resp.content_length));
         else if (chunk_to_client) append_field(rh, "Transfer-Encoding", "chunked");
-        else if (resp.body == http::body_kind::none && resp.status != 304 && resp.status != 204 && method != "HEAD")
+        else if (method == "HEAD" || resp.status == 304) {
+            // No body follows, but Content-Length describes the representation: keep it.
+            auto cl = resp.get("content-length");
+            if (!cl.empty()) append_field(rh, "Content-Length", cl);
+        } else if (resp.body == http::body_kind::none && resp.status != 204) {
             append_field(rh, "Content-Length", "0");
+        }
         if (close_client) append_field(rh, "Connection", "close");
         else if (http10) append_field(rh, "Connection", "keep-alive");
         rh += "\r\n";
