@@ -67,6 +67,22 @@ void access_log::write(const access_record& r) {
                         {"duration_ms", r.duration_ms},
                         {"fault", r.fault}};
     if (!r.detail.empty()) j["detail"] = r.detail;
+    if (r.protocol == "smtp") {
+        j["protocol"] = "smtp";
+        j["ehlo"] = r.ehlo;
+        j["tls"] = r.tls;
+        j["mail_from"] = r.mail_from;
+        j["rcpt_accepted"] = r.rcpt_accepted;
+        auto refused = nlohmann::json::array();
+        for (auto& [rcpt, reply] : r.rcpt_refused) refused.push_back({{"rcpt", rcpt}, {"reply", reply}});
+        j["rcpt_refused"] = refused;
+        j["size"] = r.size;
+        j["upstream_reply"] = r.upstream_reply;
+        j["queue_id"] = r.queue_id;
+        j.erase("method");
+        j.erase("host");
+        j.erase("path");
+    }
     if (!r.upstream_conn.empty()) j["upstream_conn"] = r.upstream_conn;
     // Invalid UTF-8 from a client's request must not throw: replace it.
     logger_->info(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace spdlog {
 class logger;
@@ -26,6 +28,16 @@ struct access_record {
     std::string fault;   ///< fault class, "" when none
     std::string detail;  ///< fault detail
     std::string upstream_conn;  ///< "new", "reused", "pinned"
+    // SMTP (protocol == "smtp"): one line per mail transaction
+    std::string protocol = "http";
+    std::string ehlo;
+    bool tls = false;
+    std::string mail_from;
+    std::vector<std::string> rcpt_accepted;
+    std::vector<std::pair<std::string, std::string>> rcpt_refused;  ///< recipient, reply
+    std::uint64_t size = 0;
+    std::string upstream_reply;
+    std::string queue_id;
 };
 
 class access_log {

@@ -500,57 +500,6 @@ private:
         return k;
     }
 
-    /// Connects (and handshakes) to the target. On failure fills `f`.
-    task<std::shared_ptr<upstream_conn>> connect(const rules::target& to, const std::string& key, fault_response& f) {
-        std::optional<stream> s;
-        if (to.tls) {
-            try {
-                s.emplace(tcp::socket(w_.io), w_.upstream_tls.context(to.ca_file));
-            } catch (const std::exception& e) {
-                f = {502, fault_class::upstream_tls, e.what(), ""};
-                co_return nullptr;
-            }
-            prepare_client(s->native_tls(), to.name);
-        } else {
-            s.emplace(tcp::socket(w_.io));
-        }
-        auto addr = asio::ip::make_address(to.address->to_string());
-        tcp::endpoint ep(addr, to.port);
-        error_code ec;
-        s->socket().open(ep.protocol(), ec);
-        if (!ec && to.source) s->socket().bind(tcp::endpoint(asio::ip::make_address(to.source->to_string()), 0), ec);
-        if (ec) {
-            f = {502, fault_class::upstream_connect, "cannot open a socket from " + (to.source ? to.source->to_string() : "any") + ": " + ec.message(), ""};
-            co_return nullptr;
-        }
-        watchdog dog(w_.io.get_executor(), *s);
-        dog.arm(to.timeouts.connect);
-        co_await s->socket().async_connect(ep, redirect(ec));
-        if (ec) {
-            auto what = format_address(*to.address) + ":" + std::to_string(to.port);
-            if (dog.expired())
-                f = {502, fault_class::upstream_connect, "connecting to " + what + " timed out after " + std::to_string(to.timeouts.connect.count() / 1000) + " s (10060)", ""};
-            else if (ec == asio::error::connection_refused)
-                f = {502, fault_class::upstream_connect, "connection refused by " + what + " (10061)", ""};
-            else if (ec == asio::error::network_unreachable || ec == asio::error::host_unreachable)
-                f = {502, fault_class::upstream_connect, "no route to " + what + " (10065)", ""};
-            else
-                f = {502, fault_class::upstream_connect, "connecting to " + what + ": " + ec.message(), ""};
-            co_return nullptr;
-        }
-        s->socket().set_option(tcp::no_delay(true), ec);
-        if (to.tls) {
-            co_await s->tls()->async_handshake(ssl::stream_base::client, redirect(ec));
-            if (ec) {
-                f = {502, dog.expired() ? fault_class::upstream_timeout : fault_class::upstream_tls,
-                     dog.expired() ? std::string("TLS handshake timed out") : describe_client_failure(s->native_tls(), ec, to.name), ""};
-                co_return nullptr;
-            }
-        }
-        dog.stop();
-        co_return std::make_shared<upstream_conn>(std::move(*s), key);
-    }
-
     // ---- phases 6-8: pick upstream, send, pump both ways ------------------------------
     task<bool> relay(const rules::rule& rule, const rules::target& to, const std::string& head_out, const std::string& method,
                      http::body_kind body, std::uint64_t content_length, bool expect_continue, bool auth_on_connection,
@@ -574,7 +523,7 @@ private:
                 rec.upstream_conn = "reused";
             } else {
                 fault_response f{};
-                up = co_await connect(to, key, f);
+                up = co_await connect_upstream(w_.io, w_.upstream_tls, to, key, f);
                 if (!up) {
                     f.rule = rule.name;
                     co_return co_await refuse(f, client_keep_alive && !has_body, http10, rec, t0);

@@ -40,6 +40,9 @@ struct worker {
 
 std::uint64_t next_connection_id();
 
+void start_smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l,
+                        net::tcp::socket s);
+
 void start_http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l,
                         net::tcp::socket s);
 

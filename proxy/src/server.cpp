@@ -25,11 +25,8 @@ task<> accept_loop(worker& w, std::shared_ptr<const instance_runtime> rt, const 
             co_await t.async_wait(redirect(ec));
             continue;
         }
-        if (l.cfg->proto == rules::protocol::smtp) {
-            s.close(ec);  // SMTP sessions come with the SMTP issue
-            continue;
-        }
-        start_http_session(w, rt, l, std::move(s));
+        if (l.cfg->proto == rules::protocol::smtp) start_smtp_session(w, rt, l, std::move(s));
+        else start_http_session(w, rt, l, std::move(s));
     }
 }
 
@@ -51,7 +48,9 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
     for (auto& l : policy->config().listeners) {
         auto lr = std::make_unique<listener_runtime>();
         lr->cfg = &l;
-        if (l.proto == rules::protocol::https) lr->tls = std::make_unique<server_tls>(l);
+        // https listeners need a certificate; smtp listeners offer STARTTLS when they have one.
+        if (l.proto == rules::protocol::https || (l.proto == rules::protocol::smtp && !l.certificates.empty()))
+            lr->tls = std::make_unique<server_tls>(l);
         rt->listeners.push_back(std::move(lr));
     }
 

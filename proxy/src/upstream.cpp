@@ -19,6 +19,63 @@ bool still_open(upstream_conn& c) {
     return c.stream.is_tls();
 }
 
+std::string endpoint_text(const rules::ip_address& a, std::uint16_t port) {
+    return (a.is_v4() ? a.to_string() : "[" + a.to_string() + "]") + ":" + std::to_string(port);
+}
+
+net::task<std::shared_ptr<upstream_conn>> connect_upstream(net::asio::io_context& io, client_tls& tls, const rules::target& to,
+                                                       std::string key, fault_response& f) {
+using namespace net;
+    std::optional<stream> s;
+    if (to.tls) {
+        try {
+            s.emplace(tcp::socket(io), tls.context(to.ca_file));
+        } catch (const std::exception& e) {
+            f = {502, fault_class::upstream_tls, e.what(), ""};
+            co_return nullptr;
+        }
+        prepare_client(s->native_tls(), to.name);
+    } else {
+        s.emplace(tcp::socket(io));
+    }
+    auto addr = asio::ip::make_address(to.address->to_string());
+    tcp::endpoint ep(addr, to.port);
+    error_code ec;
+    s->socket().open(ep.protocol(), ec);
+    if (!ec && to.source) s->socket().bind(tcp::endpoint(asio::ip::make_address(to.source->to_string()), 0), ec);
+    if (ec) {
+        f = {502, fault_class::upstream_connect, "cannot open a socket from " + (to.source ? to.source->to_string() : "any") + ": " + ec.message(), ""};
+        co_return nullptr;
+    }
+    watchdog dog(io.get_executor(), *s);
+    dog.arm(to.timeouts.connect);
+    co_await s->socket().async_connect(ep, redirect(ec));
+    if (ec) {
+        auto what = endpoint_text(*to.address, to.port);
+        if (dog.expired())
+            f = {502, fault_class::upstream_connect, "connecting to " + what + " timed out after " + std::to_string(to.timeouts.connect.count() / 1000) + " s (10060)", ""};
+        else if (ec == asio::error::connection_refused)
+            f = {502, fault_class::upstream_connect, "connection refused by " + what + " (10061)", ""};
+        else if (ec == asio::error::network_unreachable || ec == asio::error::host_unreachable)
+            f = {502, fault_class::upstream_connect, "no route to " + what + " (10065)", ""};
+        else
+            f = {502, fault_class::upstream_connect, "connecting to " + what + ": " + ec.message(), ""};
+        co_return nullptr;
+    }
+    s->socket().set_option(tcp::no_delay(true), ec);
+    if (to.tls) {
+        co_await s->tls()->async_handshake(ssl::stream_base::client, redirect(ec));
+        if (ec) {
+            f = {502, dog.expired() ? fault_class::upstream_timeout : fault_class::upstream_tls,
+                 dog.expired() ? std::string("TLS handshake timed out") : describe_client_failure(s->native_tls(), ec, to.name), ""};
+            co_return nullptr;
+        }
+    }
+    dog.stop();
+    co_return std::make_shared<upstream_conn>(std::move(*s), std::move(key));
+}
+
+
 std::shared_ptr<upstream_conn> upstream_pool::take(const std::string& key, std::chrono::milliseconds idle_timeout) {
     auto it = idle_.find(key);
     if (it == idle_.end()) return nullptr;

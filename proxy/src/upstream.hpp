@@ -8,7 +8,10 @@
 #include <vector>
 
 #include "buffer.hpp"
+#include "dmz/rules/model.hpp"
+#include "fault.hpp"
 #include "net/asio.hpp"
+#include "tls.hpp"
 
 namespace dmz::proxy {
 
@@ -20,6 +23,16 @@ struct upstream_conn {
     std::chrono::steady_clock::time_point idle_since{};
     std::uint64_t requests = 0;
 };
+
+/// "127.0.0.1:443", "[::1]:443".
+std::string endpoint_text(const rules::ip_address& a, std::uint16_t port);
+
+/// Connects (and, for TLS targets, handshakes and verifies) within the target's connect
+/// timeout. On failure returns null and fills `f` with the class and a detail that says
+/// which: refused (10061), timed out (10060), no route (10065), name mismatch, untrusted
+/// chain, handshake failure.
+net::task<std::shared_ptr<upstream_conn>> connect_upstream(net::asio::io_context& io, client_tls& tls, const rules::target& to,
+                                                           std::string key, fault_response& f);
 
 /// Whether an idle connection is still open (the peer has not closed it).
 bool still_open(upstream_conn& c);

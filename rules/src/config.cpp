@@ -484,7 +484,13 @@ private:
         target to;
         to.where = r_.at(t);
         r_.only_keys(t, path, {"instance", "host", "address", "source", "port", "tls", "name", "ca_file",
-                               "host_header", "client_address", "timeouts", "mode"});
+                               "host_header", "client_address", "timeouts", "mode", "proxy_protocol"});
+        if (auto b = r_.boolean(t, "proxy_protocol", path)) {
+            if (kind != rule_kind::server)
+                r_.error("CFG004", r_.at_key(t, "proxy_protocol"), path + ".proxy_protocol",
+                         "'proxy_protocol' applies to server rules only; HTTP carries the client in X-Forwarded-For");
+            to.proxy_protocol = *b;
+        }
         if (auto s = r_.str(t, "source", path)) {
             to.source = ip_address::parse(*s);
             if (!to.source)

@@ -409,6 +409,8 @@ private:
             if (to.tls && to.name.empty())
                 r_.error("CFG008", to.where, key + ".name", "an https target needs 'name': the name to verify on its certificate");
             if (to.address && !to.source) to.source = in.address_on(t.network_of(*to.address));
+            if (r.kind == rules::rule_kind::server && !to.proxy_protocol)
+                to.proxy_protocol = !to.instance.empty() && to.client_policy == rules::client_address::forwarded;
         }
     }
 

@@ -35,6 +35,8 @@ public:
         : plain_(s.get_executor()), tls_(std::make_unique<ssl::stream<tcp::socket>>(std::move(s), ctx)) {}
 
     bool is_tls() const { return tls_ != nullptr; }
+    /// STARTTLS: the same connection continues under TLS (the handshake is the caller's).
+    void start_tls(ssl::context& ctx) { tls_ = std::make_unique<ssl::stream<tcp::socket>>(std::move(plain_), ctx); }
     tcp::socket& socket() { return tls_ ? tls_->next_layer() : plain_; }
     ssl::stream<tcp::socket>* tls() { return tls_.get(); }
     SSL* native_tls() { return tls_ ? tls_->native_handle() : nullptr; }

@@ -126,6 +126,10 @@ struct target {
     client_address client_policy = client_address::forwarded;
     rule_timeouts timeouts;
     server_mode mode = server_mode::smtp;
+    /// Server rules: send a PROXY protocol v2 header first, so the next tier learns the
+    /// original client. Exchange speaks no PROXY protocol: off toward hosts. A topology
+    /// turns it on toward another instance when client_address is forwarded.
+    std::optional<bool> proxy_protocol;
     source_location where;
     std::string describe() const;  ///< "back-end 127.20.0.20:443 (https, verify mail.contoso.com)"
 };

@@ -1,0 +1,734 @@
+// One SMTP client connection. In `smtp` mode the session speaks SMTP on both sides:
+// - it answers EHLO, STARTTLS and AUTH itself;
+// - it judges every recipient against the rules (submit or relay);
+// - it forwards MAIL and RCPT one by one, so an upstream's answer reaches the client
+//   unchanged;
+// - it takes DATA whole and clean before anything of it goes upstream.
+// The client gets 250 at the end of DATA only once the upstream has accepted the message.
+// In `tcp` mode it is a byte pipe (TMG's server publishing).
+#include <algorithm>
+#include <charconv>
+
+#include "dmz/proxy/smtp/parser.hpp"
+#include "dmz/rules/path.hpp"
+#include "runtime.hpp"
+
+namespace dmz::proxy {
+
+using namespace net;
+using clock_type = std::chrono::steady_clock;
+
+namespace {
+
+constexpr int max_bad_commands = 20;
+
+class smtp_session : public std::enable_shared_from_this<smtp_session> {
+public:
+    smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s)
+        : w_(w), rt_(std::move(rt)), l_(l), down_(std::move(s)), dog_(w.io.get_executor(), down_), id_(next_connection_id()) {
+        error_code ec;
+        auto ep = down_.socket().remote_endpoint(ec);
+        if (auto a = rules::ip_address::parse(ep.address().to_string())) peer_ = *a;
+        auto lep = down_.socket().local_endpoint(ec);
+        local_addr_ = lep.address().to_string();
+        local_port_ = lep.port();
+        client_ = peer_;
+        down_.socket().set_option(tcp::no_delay(true), ec);
+        name_ = l.cfg->public_name.empty() ? rt_->name : l.cfg->public_name;
+    }
+
+    void start() {
+        asio::co_spawn(w_.io, [self = shared_from_this()]() { return self->run(); }, asio::detached);
+    }
+
+private:
+    const rules::listener& lcfg() const { return *l_.cfg; }
+
+    // ---- plumbing ------------------------------------------------------------------------
+    void say(const std::string& line) {
+        out_ += line;
+        out_ += "\r\n";
+    }
+    void say(const smtp::reply& r) { out_ += r.wire(); }
+
+    task<bool> flush() {
+        if (out_.empty()) co_return true;
+        error_code ec;
+        co_await down_.write(asio::buffer(out_), ec);
+        out_.clear();
+        co_return !ec;
+    }
+
+    /// Reads more from the client (replies are flushed first: PIPELINING answers in order,
+    /// in as few writes as possible). False on close or timeout (timed_out_ says which).
+    task<bool> read_client() {
+        if (!co_await flush()) co_return false;
+        std::size_t room = 0;
+        char* p = in_.prepare(4096, room);
+        dog_.arm(lcfg().timeouts.command);
+        error_code ec;
+        auto n = co_await down_.read_some(asio::buffer(p, room), ec);
+        if (ec) {
+            timed_out_ = dog_.expired();
+            co_return false;
+        }
+        in_.commit(n);
+        co_return true;
+    }
+
+    /// One reply from the upstream. False (with `fault`) on close, timeout or garbage.
+    task<bool> read_upstream(smtp::reply& r) {
+        while (true) {
+            std::size_t used = 0;
+            int v = up_->in.empty() ? 0 : smtp::parse_reply(up_->in.data(), r, used);
+            if (v == 1) {
+                up_->in.consume(used);
+                co_return true;
+            }
+            if (v < 0) {
+                upstream_fault_ = "the upstream sent a malformed reply";
+                co_return false;
+            }
+            std::size_t room = 0;
+            char* p = up_->in.prepare(4096, room);
+            up_dog_->arm(target_->timeouts.read);
+            error_code ec;
+            auto n = co_await up_->stream.read_some(asio::buffer(p, room), ec);
+            if (ec) {
+                upstream_fault_ = up_dog_->expired() ? "the upstream did not answer within " +
+                                                           std::to_string(target_->timeouts.read.count() / 1000) + " s"
+                                                     : "the upstream closed the connection (" + ec.message() + ")";
+                co_return false;
+            }
+            up_->in.commit(n);
+        }
+    }
+
+    // string_view parameters: a std::string temporary inside a co_await is destroyed twice
+    // by GCC 12, so callers pass literals or named strings.
+    task<bool> send_upstream(std::string_view line) {
+        error_code ec;
+        co_await up_->stream.write(asio::buffer(line), ec);
+        if (ec) upstream_fault_ = "writing to the upstream failed (" + ec.message() + ")";
+        co_return !ec;
+    }
+
+    /// A command upstream and its reply.
+    task<bool> exchange_upstream(std::string_view line, smtp::reply& r) {
+        std::string wire(line);
+        wire += "\r\n";
+        if (!co_await send_upstream(wire)) co_return false;
+        co_return co_await read_upstream(r);
+    }
+
+    // ---- the session ---------------------------------------------------------------------
+    task<> run() {
+        t0_ = clock_type::now();
+        bool ok = co_await accept_client();
+        if (ok && target_) {
+            if (target_->mode == rules::server_mode::tcp)
+                co_await pipe();
+            else
+                co_await converse();
+        }
+        co_await flush();
+        dog_.stop();
+        if (up_dog_) up_dog_->stop();
+        if (up_) {
+            if (target_ && target_->mode == rules::server_mode::smtp && upstream_ready_) co_await send_upstream("QUIT\r\n");
+            up_->stream.close();
+        }
+        down_.close();
+    }
+
+    access_record record() {
+        access_record r;
+        r.protocol = "smtp";
+        r.instance = rt_->name;
+        r.conn = id_;
+        r.client = peer_.to_string();
+        r.original_client = client_.to_string();
+        r.listener = lcfg().name;
+        r.ehlo = ehlo_;
+        r.tls = down_.is_tls();
+        r.user = user_;
+        r.rule = rule_ ? rule_->name : "";
+        r.action = "allow";
+        r.target = target_ && target_->address ? endpoint_text(*target_->address, target_->port) : "";
+        return r;
+    }
+
+    void log(access_record& r, clock_type::time_point since) {
+        r.duration_ms = std::chrono::duration<double, std::milli>(clock_type::now() - since).count();
+        w_.log.write(r);
+    }
+
+    /// PROXY header from a trusted previous tier, the connection-level rule decision, and
+    /// the upstream's banner. Returns false when the session ends here.
+    task<bool> accept_client() {
+        bool trusted = false;
+        for (auto& t : rt_->config().trust_forwarded_from) trusted = trusted || rt_->policy->source_contains(t, peer_);
+        if (trusted) {
+            // The previous tier announces the real client before anything else.
+            while (true) {
+                smtp::proxy_header h;
+                std::string err;
+                int v = in_.empty() ? 0 : smtp::parse_proxy_v2(in_.data(), h, err);
+                if (v == 1) {
+                    in_.consume(h.size);
+                    if (!h.local)
+                        if (auto a = rules::ip_address::parse(h.source)) client_ = *a;
+                    break;
+                }
+                if (v < 0) {
+                    say("421 4.7.0 " + name_ + " expected a PROXY protocol v2 header from " + peer_.to_string() + ": " + err);
+                    auto r = record();
+                    r.action = "deny";
+                    r.fault = "bad-request";
+                    r.detail = err;
+                    log(r, t0_);
+                    co_return false;
+                }
+                std::size_t room = 0;
+                char* p = in_.prepare(256, room);
+                dog_.arm(lcfg().timeouts.head);
+                error_code ec;
+                auto n = co_await down_.read_some(asio::buffer(p, room), ec);
+                if (ec) co_return false;
+                in_.commit(n);
+            }
+        }
+
+        rules::facts f;
+        f.listener = lcfg().name;
+        f.client = client_;
+        f.who = rules::identity::anonymous;
+        auto d = rt_->policy->evaluate(f);
+        if (d.result != rules::verdict::allow || !d.matched || !d.matched->to) {
+            say("554 5.7.1 " + name_ + " does not accept mail from " + client_.to_string() + ": " + d.reason);
+            auto r = record();
+            r.rule = d.rule_name;
+            r.action = "deny";
+            r.fault = d.why == rules::fault::rule_denied ? "rule-denied" : "no-rule-matched";
+            r.detail = d.reason;
+            log(r, t0_);
+            co_return false;
+        }
+        rule_ = d.matched;
+        target_ = &*rule_->to;
+        co_return co_await open_upstream();
+    }
+
+    /// Connects to the target, sends the PROXY header if asked, and (smtp mode) reads the
+    /// banner and says EHLO. On failure the client is told with 421 naming this tier.
+    task<bool> open_upstream() {
+        auto key = "smtp|" + endpoint_text(*target_->address, target_->port);
+        fault_response f{};
+        up_ = co_await connect_upstream(w_.io, w_.upstream_tls, *target_, key, f);
+        auto fail = [&](const std::string& why, const char* cls) {
+            say("421 4.4.1 " + name_ + " (" + rt_->name + "): " + why);
+            auto r = record();
+            r.action = "allow";
+            r.fault = cls;
+            r.detail = why;
+            log(r, t0_);
+            if (up_) up_->stream.close();
+            up_.reset();
+        };
+        if (!up_) {
+            fail(f.detail, to_string(f.cls));
+            co_return false;
+        }
+        up_dog_ = std::make_unique<watchdog>(w_.io.get_executor(), up_->stream);
+        if (target_->proxy_protocol.value_or(false)) {
+            auto hdr = smtp::make_proxy_v2(client_.to_string(), 0, local_addr_, local_port_);
+            if (!co_await send_upstream(hdr)) {
+                fail(upstream_fault_, "upstream-connect");
+                co_return false;
+            }
+        }
+        if (target_->mode == rules::server_mode::tcp) co_return true;
+        smtp::reply banner;
+        if (!co_await read_upstream(banner)) {
+            fail(upstream_fault_, "upstream-protocol");
+            co_return false;
+        }
+        if (banner.code != 220) {
+            // The next tier refused us (a rule there, or Exchange): its words reach the client.
+            say(banner);
+            auto r = record();
+            r.action = "deny";
+            r.fault = "upstream-protocol";
+            r.upstream_reply = std::to_string(banner.code) + " " + banner.text();
+            log(r, t0_);
+            co_return false;
+        }
+        smtp::reply ehlo;
+        std::string ehlo_line = "EHLO " + name_, helo_line = "HELO " + name_;
+        if (!co_await exchange_upstream(ehlo_line, ehlo)) {
+            fail(upstream_fault_, "upstream-protocol");
+            co_return false;
+        }
+        if (ehlo.code != 250) {
+            if (!co_await exchange_upstream(helo_line, ehlo) || ehlo.code != 250) {
+                fail("the upstream refused EHLO and HELO: " + ehlo.text(), "upstream-protocol");
+                co_return false;
+            }
+        }
+        up_8bit_ = up_size_ = false;
+        for (std::size_t i = 1; i < ehlo.lines.size(); ++i) {
+            auto kw = rules::to_lower(ehlo.lines[i].substr(0, ehlo.lines[i].find(' ')));
+            if (kw == "8bitmime") up_8bit_ = true;
+            if (kw == "size") up_size_ = true;
+        }
+        upstream_ready_ = true;
+        co_return true;
+    }
+
+    // ---- tcp mode ------------------------------------------------------------------------
+    task<> pipe() {
+        struct counters {
+            std::uint64_t up = 0, down = 0;
+        };
+        auto n_bytes = std::make_shared<counters>();
+        // client -> upstream in its own coroutine; upstream -> client here.
+        asio::co_spawn(w_.io,
+                       [self = shared_from_this(), n_bytes]() -> task<> {
+                           error_code ec;
+                           if (!self->in_.empty()) {
+                               auto d = self->in_.data();
+                               co_await self->up_->stream.write(asio::buffer(d.data(), d.size()), ec);
+                               n_bytes->up += d.size();
+                               self->in_.consume(d.size());
+                           }
+                           std::array<char, 16384> buf;
+                           while (!ec) {
+                               self->dog_.arm(self->target_->timeouts.idle);
+                               auto n = co_await self->down_.read_some(asio::buffer(buf), ec);
+                               if (ec) break;
+                               co_await self->up_->stream.write(asio::buffer(buf.data(), n), ec);
+                               n_bytes->up += n;
+                           }
+                           self->up_->stream.shutdown_send();
+                       },
+                       asio::detached);
+        std::array<char, 16384> buf;
+        error_code ec;
+        while (true) {
+            up_dog_->arm(target_->timeouts.idle);
+            auto n = co_await up_->stream.read_some(asio::buffer(buf), ec);
+            if (ec) break;
+            co_await down_.write(asio::buffer(buf.data(), n), ec);
+            if (ec) break;
+            n_bytes->down += n;
+        }
+        down_.shutdown_send();
+        down_.cancel();
+        auto r = record();
+        r.bytes_in = n_bytes->up;
+        r.bytes_out = n_bytes->down;
+        r.detail = "tcp mode";
+        log(r, t0_);
+    }
+
+    // ---- smtp mode -----------------------------------------------------------------------
+    void reset_transaction() {
+        in_transaction_ = false;
+        tx_ = access_record{};
+        rcpt_count_ = 0;
+    }
+
+    /// Logs the open transaction (MAIL ... end of DATA, RSET, QUIT or a drop).
+    void close_transaction(const std::string& upstream_reply, const std::string& queue) {
+        if (!in_transaction_) return;
+        auto r = record();
+        r.mail_from = tx_.mail_from;
+        r.rcpt_accepted = tx_.rcpt_accepted;
+        r.rcpt_refused = tx_.rcpt_refused;
+        r.size = tx_.size;
+        r.bytes_in = tx_.size;
+        r.upstream_reply = upstream_reply;
+        r.queue_id = queue;
+        r.status = upstream_reply.size() >= 3 ? std::atoi(upstream_reply.substr(0, 3).c_str()) : 0;
+        r.fault = tx_.fault;
+        r.detail = tx_.detail;
+        if (r.rcpt_accepted.empty() && !r.rcpt_refused.empty()) r.action = "deny";
+        log(r, tx_start_);
+        reset_transaction();
+    }
+
+    task<> converse() {
+        say("220 " + name_ + " ESMTP dmzproxy");
+        int bad = 0;
+        while (true) {
+            std::string_view line;
+            std::size_t used = 0;
+            auto lr = in_.empty() ? smtp::line_result::need_more : smtp::next_line(in_.data(), smtp::max_command_line, line, used);
+            if (lr == smtp::line_result::need_more) {
+                if (!co_await read_client()) {
+                    if (timed_out_)
+                        say("421 4.4.2 " + name_ + " closing: no command within " +
+                            std::to_string(lcfg().timeouts.command.count() / 1000) + " s");
+                    close_transaction("", "");
+                    co_return;
+                }
+                continue;
+            }
+            if (lr == smtp::line_result::bare_lf || lr == smtp::line_result::bare_cr) {
+                // Framing in doubt: say so and stop, rather than guess where a command ends.
+                say("500 5.5.2 " + std::string(lr == smtp::line_result::bare_lf ? "bare LF" : "bare CR") +
+                    " in a command; closing");
+                tx_.fault = "bad-request";
+                close_transaction("", "");
+                co_return;
+            }
+            if (lr == smtp::line_result::too_long) {
+                say("500 5.5.2 Line too long (the limit is 512 octets)");
+                if (!co_await skip_line()) co_return;
+                if (++bad >= max_bad_commands) break;
+                continue;
+            }
+            std::string text(line);
+            in_.consume(used);
+            smtp::command cmd;
+            std::string err;
+            if (!smtp::parse_command(text, cmd, err)) {
+                say(err);
+                if (++bad >= max_bad_commands) break;
+                continue;
+            }
+            int r = co_await handle(cmd);
+            if (r < 0) co_return;  // the session ends (QUIT, upstream gone)
+            if (r == 0 && ++bad >= max_bad_commands) break;
+        }
+        say("421 4.7.0 " + name_ + " too many errors, closing");
+        close_transaction("", "");
+    }
+
+    /// Discards client bytes up to the next CRLF (after an over-long line).
+    task<bool> skip_line() {
+        while (true) {
+            auto d = in_.data();
+            auto pos = d.find("\r\n");
+            if (pos != std::string_view::npos) {
+                in_.consume(pos + 2);
+                co_return true;
+            }
+            in_.consume(d.size() > 0 ? d.size() - (d.back() == '\r' ? 1 : 0) : 0);
+            if (!co_await read_client()) co_return false;
+        }
+    }
+
+    std::string capabilities_reply() {
+        std::vector<std::string> lines{name_ + " Hello " + ehlo_ + " [" + client_.to_string() + "]",
+                                       "SIZE " + std::to_string(lcfg().limits.max_message_size), "PIPELINING", "8BITMIME",
+                                       "ENHANCEDSTATUSCODES"};
+        if (!down_.is_tls() && l_.tls) lines.push_back("STARTTLS");
+        if (down_.is_tls()) lines.push_back("AUTH PLAIN LOGIN");
+        smtp::reply r{250, lines};
+        return r.wire();
+    }
+
+    /// 1 handled, 0 a client error (counted), -1 end of session.
+    task<int> handle(smtp::command& cmd) {
+        const auto& v = cmd.verb;
+        if (v == "EHLO" || v == "HELO") {
+            if (cmd.argument.empty()) {
+                say("501 5.5.4 " + v + " needs a domain or address literal");
+                co_return 0;
+            }
+            if (in_transaction_) close_transaction("", "");
+            ehlo_ = cmd.argument.substr(0, cmd.argument.find(' '));
+            if (v == "EHLO") out_ += capabilities_reply();
+            else say("250 " + name_ + " Hello " + ehlo_ + " [" + client_.to_string() + "]");
+            co_return 1;
+        }
+        if (v == "STARTTLS") co_return co_await starttls(cmd);
+        if (v == "AUTH") {
+            if (!down_.is_tls()) say("538 5.7.11 Encryption required for requested authentication mechanism (use STARTTLS)");
+            else say("535 5.7.8 Authentication is not available on this listener (no user store is configured)");
+            co_return 0;
+        }
+        if (v == "NOOP") {
+            say("250 2.0.0 OK");
+            co_return 1;
+        }
+        if (v == "RSET") {
+            if (in_transaction_) {
+                smtp::reply r;
+                if (!co_await exchange_upstream("RSET", r)) co_return co_await upstream_lost();
+                close_transaction("", "");
+            }
+            say("250 2.0.0 OK");
+            co_return 1;
+        }
+        if (v == "QUIT") {
+            close_transaction("", "");
+            say("221 2.0.0 " + name_ + " closing connection");
+            co_return -1;
+        }
+        if (v == "VRFY") {
+            say("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery");
+            co_return 1;
+        }
+        if (v == "HELP") {
+            say("214 2.0.0 https://www.rfc-editor.org/rfc/rfc5321");
+            co_return 1;
+        }
+        if (v == "MAIL") co_return co_await mail(cmd);
+        if (v == "RCPT") co_return co_await rcpt(cmd);
+        if (v == "DATA") co_return co_await data(cmd);
+        if (v == "EXPN" || v == "BDAT" || v == "TURN" || v == "ETRN") {
+            say("502 5.5.1 " + v + " is not implemented");
+            co_return 0;
+        }
+        say("500 5.5.2 Syntax error, command unrecognized");
+        co_return 0;
+    }
+
+    task<int> starttls(const smtp::command& cmd) {
+        if (down_.is_tls()) {
+            say("503 5.5.1 TLS already active");
+            co_return 0;
+        }
+        if (!l_.tls) {
+            say("502 5.5.1 STARTTLS is not offered on this listener (no certificate)");
+            co_return 0;
+        }
+        if (!cmd.argument.empty()) {
+            say("501 5.5.4 STARTTLS takes no argument");
+            co_return 0;
+        }
+        say("220 2.0.0 Ready to start TLS");
+        if (!co_await flush()) co_return -1;
+        // Anything the client pipelined behind STARTTLS was sent in the clear and is not
+        // part of the TLS session: discard it (the STARTTLS command injection attack).
+        in_.consume(in_.size());
+        down_.start_tls(l_.tls->default_context());
+        dog_.arm(lcfg().timeouts.head);
+        error_code ec;
+        co_await down_.tls()->async_handshake(ssl::stream_base::server, redirect(ec));
+        if (ec) co_return -1;
+        // RFC 3207: the client starts over with EHLO.
+        if (in_transaction_) close_transaction("", "");
+        ehlo_.clear();
+        co_return 1;
+    }
+
+    task<int> mail(const smtp::command& cmd) {
+        if (ehlo_.empty()) {
+            say("503 5.5.1 Send EHLO or HELO first");
+            co_return 0;
+        }
+        if (in_transaction_) {
+            say("503 5.5.1 Nested MAIL command");
+            co_return 0;
+        }
+        std::string up_line = "MAIL FROM:<" + cmd.path + ">";
+        for (auto& [k, val] : cmd.params) {
+            if (k == "SIZE") {
+                std::uint64_t n = 0;
+                auto [p, ec] = std::from_chars(val.data(), val.data() + val.size(), n);
+                if (ec != std::errc{} || p != val.data() + val.size()) {
+                    say("501 5.5.4 Bad SIZE parameter");
+                    co_return 0;
+                }
+                if (n > lcfg().limits.max_message_size) {
+                    say("552 5.3.4 Message size exceeds fixed maximum message size (" +
+                        std::to_string(lcfg().limits.max_message_size) + ")");
+                    co_return 0;
+                }
+                if (up_size_) up_line += " SIZE=" + val;
+            } else if (k == "BODY") {
+                auto b = rules::to_lower(val);
+                if (b != "8bitmime" && b != "7bit") {
+                    say("501 5.5.4 Bad BODY parameter");
+                    co_return 0;
+                }
+                if (up_8bit_) up_line += b == "7bit" ? " BODY=7BIT" : " BODY=8BITMIME";
+            } else {
+                say("555 5.5.4 Unsupported parameter " + k);
+                co_return 0;
+            }
+        }
+        if (!cmd.path.empty()) {
+            auto trick = rules::relay_trick(cmd.path);
+            if (cmd.path.size() > 256 || trick == "a local part longer than 64 octets" || trick == "a domain longer than 255 octets") {
+                say("553 5.1.7 Bad sender address syntax (" + (trick.empty() ? std::string("too long") : trick) + ")");
+                co_return 0;
+            }
+        }
+        smtp::reply r;
+        if (!co_await exchange_upstream(up_line, r)) co_return co_await upstream_lost();
+        say(r);
+        if (r.code / 100 == 2) {
+            in_transaction_ = true;
+            tx_start_ = clock_type::now();
+            tx_.mail_from = cmd.path;
+        }
+        co_return r.code / 100 == 2 ? 1 : 0;
+    }
+
+    task<int> rcpt(const smtp::command& cmd) {
+        if (!in_transaction_) {
+            say("503 5.5.1 Need MAIL before RCPT");
+            co_return 0;
+        }
+        if (rcpt_count_ >= lcfg().limits.max_recipients) {
+            say("452 4.5.3 Too many recipients");
+            co_return 1;
+        }
+        auto refuse = [&](const std::string& reply) {
+            say(reply);
+            tx_.rcpt_refused.emplace_back(cmd.path, reply);
+        };
+        if (cmd.path.empty()) {
+            refuse("553 5.1.3 An empty recipient is not a mailbox");
+            co_return 0;
+        }
+        auto trick = rules::relay_trick(cmd.path);
+        if (trick == "a local part longer than 64 octets" || trick == "a domain longer than 255 octets") {
+            refuse("553 5.1.3 Bad recipient address syntax (" + trick + ")");
+            co_return 0;
+        }
+        for (auto& [k, val] : cmd.params) {
+            (void)val;
+            refuse("555 5.5.4 Unsupported parameter " + k);
+            co_return 0;
+        }
+        rules::facts f;
+        f.listener = lcfg().name;
+        f.client = client_;
+        f.who = user_.empty() ? rules::identity::anonymous : rules::identity::authenticated;
+        f.user = user_;
+        f.mail_from = tx_.mail_from;
+        f.rcpt = cmd.path;
+        auto d = rt_->policy->evaluate(f);
+        if (d.result != rules::verdict::allow) {
+            // evaluate() words relay refusals as "550 5.7.1 ..."; other denials get it here.
+            auto reason = d.reason.rfind("550 ", 0) == 0 ? d.reason : "550 5.7.1 " + d.reason;
+            if (reason.find("rule '") == std::string::npos) reason += " (rule '" + d.rule_name + "')";
+            refuse(reason);
+            tx_.fault = "rule-denied";
+            co_return 1;
+        }
+        smtp::reply r;
+        std::string rcpt_line = "RCPT TO:<" + cmd.path + ">";
+        if (!co_await exchange_upstream(rcpt_line, r)) co_return co_await upstream_lost();
+        say(r);
+        if (r.code / 100 == 2) {
+            ++rcpt_count_;
+            tx_.rcpt_accepted.push_back(cmd.path);
+        } else {
+            tx_.rcpt_refused.emplace_back(cmd.path, std::to_string(r.code) + " " + r.text());
+        }
+        co_return 1;
+    }
+
+    task<int> data(const smtp::command& cmd) {
+        if (!in_transaction_) {
+            say("503 5.5.1 Need MAIL before DATA");
+            co_return 0;
+        }
+        if (tx_.rcpt_accepted.empty()) {
+            say("554 5.5.1 No valid recipients");
+            co_return 0;
+        }
+        if (!cmd.argument.empty()) {
+            say("501 5.5.4 DATA takes no argument");
+            co_return 0;
+        }
+        say("354 Start mail input; end with <CRLF>.<CRLF>");
+        smtp::data_reader reader(lcfg().limits.max_message_size);
+        while (true) {
+            if (!in_.empty()) {
+                auto used = reader.feed(in_.data());
+                in_.consume(used);
+                if (reader.done()) break;
+            }
+            if (!co_await read_client()) {
+                // The client vanished mid-message: nothing was forwarded, nothing is lost.
+                tx_.fault = "bad-request";
+                tx_.detail = timed_out_ ? "timed out in DATA" : "the client closed in DATA";
+                close_transaction("", "");
+                co_return -1;
+            }
+        }
+        tx_.size = reader.size();
+        if (!reader.refusal().empty()) {
+            say(reader.refusal());
+            tx_.fault = "bad-request";
+            tx_.detail = reader.refusal();
+            smtp::reply r;
+            if (!co_await exchange_upstream("RSET", r)) co_return co_await upstream_lost();
+            close_transaction(reader.refusal(), "");
+            co_return 1;
+        }
+        smtp::reply r;
+        if (!co_await exchange_upstream("DATA", r)) co_return co_await upstream_lost();
+        if (r.code != 354) {
+            say(r);
+            close_transaction(std::to_string(r.code) + " " + r.text(), "");
+            co_return 1;
+        }
+        const auto& msg = reader.message();
+        std::array<asio::const_buffer, 2> bufs{asio::buffer(msg), asio::buffer(".\r\n", 3)};
+        error_code ec;
+        co_await up_->stream.write(bufs, ec);
+        if (ec) {
+            upstream_fault_ = "writing the message to the upstream failed (" + ec.message() + ")";
+            co_return co_await upstream_lost();
+        }
+        if (!co_await read_upstream(r)) co_return co_await upstream_lost();
+        // The upstream's answer is the client's answer: 250 only if it took the message.
+        say(r);
+        close_transaction(std::to_string(r.code) + " " + r.text(), r.code / 100 == 2 ? smtp::queue_id(r) : "");
+        co_return 1;
+    }
+
+    /// The upstream went away mid-session: tell the client (4xx, so it retries later) and
+    /// end the session; a message not yet accepted upstream was not accepted here either.
+    task<int> upstream_lost() {
+        say("421 4.4.2 " + name_ + " (" + rt_->name + "): " + upstream_fault_ + "; try again later");
+        tx_.fault = "upstream-protocol";
+        tx_.detail = upstream_fault_;
+        close_transaction("", "");
+        upstream_ready_ = false;
+        co_return -1;
+    }
+
+    worker& w_;
+    std::shared_ptr<const instance_runtime> rt_;
+    const listener_runtime& l_;
+    stream down_;
+    watchdog dog_;
+    std::uint64_t id_;
+    rules::ip_address peer_, client_;
+    std::string local_addr_;
+    std::uint16_t local_port_ = 0;
+    std::string name_;
+    flat_buffer in_{4096};
+    std::string out_;
+    bool timed_out_ = false;
+    clock_type::time_point t0_, tx_start_;
+
+    const rules::rule* rule_ = nullptr;
+    const rules::target* target_ = nullptr;
+    std::shared_ptr<upstream_conn> up_;
+    std::unique_ptr<watchdog> up_dog_;
+    std::string upstream_fault_;
+    bool upstream_ready_ = false, up_8bit_ = false, up_size_ = false;
+
+    std::string ehlo_, user_;
+    bool in_transaction_ = false;
+    std::uint64_t rcpt_count_ = 0;
+    access_record tx_;
+};
+
+}  // namespace
+
+void start_smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s) {
+    std::make_shared<smtp_session>(w, std::move(rt), l, std::move(s))->start();
+}
+
+}  // namespace dmz::proxy
