@@ -2,6 +2,8 @@
 // What the running instance shares across its worker threads (immutable) and what each
 // worker owns alone (its io_context, upstream pool and client TLS contexts).
 #include <atomic>
+#include <functional>
+#include <unordered_map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,6 +38,9 @@ struct worker {
     upstream_pool pool;
     access_log& log;
     unsigned index;
+    /// Sessions that want to say goodbye on shutdown (SMTP's 421), by connection id.
+    std::unordered_map<std::uint64_t, std::function<void()>> shutdown_hooks;
+    bool stopping = false;
 };
 
 std::uint64_t next_connection_id();

@@ -85,12 +85,29 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
         }
     }
 
-    // Signals arrive on the first worker; it stops everyone.
+    // Signals arrive on the first worker. Stopping: no new connections; SMTP sessions say
+    // 421 at their next command; after a short grace everything stops. (Draining HTTP
+    // requests in flight comes with the operations issue.)
     asio::signal_set signals(workers.front()->io, SIGINT, SIGTERM);
+    asio::steady_timer grace(workers.front()->io);
     signals.async_wait([&](const error_code& ec, int sig) {
         if (ec) return;
         std::cerr << "dmzproxy: " << rt->name << ": " << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ", stopping\n";
-        for (auto& w : workers) w->io.stop();
+        for (auto& w : workers)
+            asio::post(w->io, [&w = *w, &acceptors] {
+                w.stopping = true;
+                for (auto& acc : acceptors)
+                    if (&acc->get_executor().context() == &w.io) {
+                        error_code ignored;
+                        acc->close(ignored);
+                    }
+                auto hooks = w.shutdown_hooks;  // hooks erase themselves as sessions end
+                for (auto& [id, hook] : hooks) hook();
+            });
+        grace.expires_after(std::chrono::seconds(2));
+        grace.async_wait([&](const error_code&) {
+            for (auto& w : workers) w->io.stop();
+        });
     });
     std::signal(SIGPIPE, SIG_IGN);
     std::cerr << "dmzproxy: " << rt->name << ": ready, " << n << " worker thread" << (n == 1 ? "" : "s") << "\n";

@@ -38,7 +38,17 @@ public:
     }
 
     void start() {
+        std::weak_ptr<smtp_session> weak = shared_from_this();
+        w_.shutdown_hooks[id_] = [weak] {
+            if (auto self = weak.lock()) self->shutdown();
+        };
         asio::co_spawn(w_.io, [self = shared_from_this()]() { return self->run(); }, asio::detached);
+    }
+
+    /// The instance stops: the client hears 421 at its next command (RFC 5321 3.8).
+    void shutdown() {
+        shutting_down_ = true;
+        if (waiting_for_client_) down_.cancel();
     }
 
 private:
@@ -62,14 +72,21 @@ private:
     /// Reads more from the client (replies are flushed first: PIPELINING answers in order,
     /// in as few writes as possible). False on close or timeout (timed_out_ says which).
     task<bool> read_client() {
+        if (shutting_down_ || w_.stopping) {
+            say("421 4.3.2 " + name_ + " is shutting down; try again later");
+            co_return false;
+        }
         if (!co_await flush()) co_return false;
         std::size_t room = 0;
         char* p = in_.prepare(4096, room);
         dog_.arm(lcfg().timeouts.command);
         error_code ec;
+        waiting_for_client_ = true;
         auto n = co_await down_.read_some(asio::buffer(p, room), ec);
+        waiting_for_client_ = false;
         if (ec) {
             timed_out_ = dog_.expired();
+            if (shutting_down_ && !timed_out_) say("421 4.3.2 " + name_ + " is shutting down; try again later");
             co_return false;
         }
         in_.commit(n);
@@ -132,6 +149,7 @@ private:
                 co_await converse();
         }
         co_await flush();
+        w_.shutdown_hooks.erase(id_);
         dog_.stop();
         if (up_dog_) up_dog_->stop();
         if (up_) {
@@ -709,7 +727,7 @@ private:
     std::string name_;
     flat_buffer in_{4096};
     std::string out_;
-    bool timed_out_ = false;
+    bool timed_out_ = false, shutting_down_ = false, waiting_for_client_ = false;
     clock_type::time_point t0_, tx_start_;
 
     const rules::rule* rule_ = nullptr;
