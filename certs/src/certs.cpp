@@ -1,11 +1,16 @@
 #include "dmz/certs/certs.hpp"
 
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 
 namespace dmz::certs {
@@ -63,6 +68,169 @@ bool certificate_covers(const certificate_info& cert, const std::string& host) {
     if (!cert.dns_names.empty())
         return std::any_of(cert.dns_names.begin(), cert.dns_names.end(), [&](auto& n) { return name_matches(n, h); });
     return !cert.common_name.empty() && name_matches(cert.common_name, h);
+}
+
+}  // namespace dmz::certs
+
+// ---- lab PKI ---------------------------------------------------------------------------
+
+#include <openssl/bn.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <stdexcept>
+
+namespace dmz::certs {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string ssl_error() {
+    unsigned long e = ERR_get_error();
+    char buf[256] = "unknown OpenSSL error";
+    if (e) ERR_error_string_n(e, buf, sizeof buf);
+    return buf;
+}
+
+using pkey_ptr = std::unique_ptr<EVP_PKEY, void (*)(EVP_PKEY*)>;
+using x509_ptr = std::unique_ptr<X509, void (*)(X509*)>;
+using file_ptr = std::unique_ptr<FILE, int (*)(FILE*)>;
+
+pkey_ptr make_key() {
+    EVP_PKEY* k = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
+    if (!k) throw std::runtime_error("key generation failed: " + ssl_error());
+    return {k, &EVP_PKEY_free};
+}
+
+file_ptr open_file(const std::string& path, const char* mode, bool secret = false) {
+    if (secret) {
+        // Keys are readable by their owner only, from the moment they exist.
+        int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd < 0) throw std::runtime_error("cannot write '" + path + "': " + std::strerror(errno));
+        return {fdopen(fd, mode), &std::fclose};
+    }
+    file_ptr f(std::fopen(path.c_str(), mode), &std::fclose);
+    if (!f) throw std::runtime_error("cannot open '" + path + "': " + std::strerror(errno));
+    return f;
+}
+
+void write_key(const std::string& path, EVP_PKEY* key) {
+    auto f = open_file(path, "wb", true);
+    if (PEM_write_PrivateKey(f.get(), key, nullptr, nullptr, 0, nullptr, nullptr) != 1)
+        throw std::runtime_error("cannot write key '" + path + "': " + ssl_error());
+}
+
+void write_cert(FILE* f, X509* c, const std::string& path) {
+    if (PEM_write_X509(f, c) != 1) throw std::runtime_error("cannot write certificate '" + path + "': " + ssl_error());
+}
+
+pkey_ptr read_key(const std::string& path) {
+    auto f = open_file(path, "rb");
+    EVP_PKEY* k = PEM_read_PrivateKey(f.get(), nullptr, nullptr, nullptr);
+    if (!k) throw std::runtime_error("cannot read key '" + path + "': " + ssl_error());
+    return {k, &EVP_PKEY_free};
+}
+
+x509_ptr read_cert(const std::string& path) {
+    auto f = open_file(path, "rb");
+    X509* c = PEM_read_X509(f.get(), nullptr, nullptr, nullptr);
+    if (!c) throw std::runtime_error("cannot read certificate '" + path + "': " + ssl_error());
+    return {c, &X509_free};
+}
+
+void add_ext(X509* cert, X509* issuer, int nid, const std::string& value) {
+    X509V3_CTX ctx;
+    X509V3_set_ctx_nodb(&ctx);
+    X509V3_set_ctx(&ctx, issuer, cert, nullptr, nullptr, 0);
+    X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str());
+    if (!ext) throw std::runtime_error("bad certificate extension '" + value + "': " + ssl_error());
+    X509_add_ext(cert, ext, -1);
+    X509_EXTENSION_free(ext);
+}
+
+x509_ptr new_cert(EVP_PKEY* key, const std::string& cn, long days) {
+    x509_ptr c(X509_new(), &X509_free);
+    X509_set_version(c.get(), 2);
+    unsigned char serial[16];
+    RAND_bytes(serial, sizeof serial);
+    serial[0] &= 0x7f;
+    BIGNUM* bn = BN_bin2bn(serial, sizeof serial, nullptr);
+    BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(c.get()));
+    BN_free(bn);
+    X509_gmtime_adj(X509_getm_notBefore(c.get()), -3600);
+    X509_gmtime_adj(X509_getm_notAfter(c.get()), days * 24 * 3600);
+    X509_set_pubkey(c.get(), key);
+    X509_NAME* name = X509_get_subject_name(c.get());
+    X509_NAME_add_entry_by_txt(name, "O", MBSTRING_ASC, reinterpret_cast<const unsigned char*>("dmzproxy lab"), -1, -1, 0);
+    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>(cn.c_str()), -1, -1, 0);
+    return c;
+}
+
+bool is_ip(const std::string& s) {
+    unsigned char buf[16];
+    return inet_pton(AF_INET, s.c_str(), buf) == 1 || inet_pton(AF_INET6, s.c_str(), buf) == 1;
+}
+
+}  // namespace
+
+lab_ca open_or_make_ca(const std::string& dir, const std::string& common_name) {
+    lab_ca ca{dir};
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) throw std::runtime_error("cannot create '" + dir + "': " + ec.message());
+    if (fs::exists(ca.cert_file()) && fs::exists(ca.key_file())) {
+        read_cert(ca.cert_file());  // readable, or say which file is broken
+        read_key(ca.key_file());
+        return ca;
+    }
+    auto key = make_key();
+    auto cert = new_cert(key.get(), common_name, 3650);
+    X509_set_issuer_name(cert.get(), X509_get_subject_name(cert.get()));
+    add_ext(cert.get(), cert.get(), NID_basic_constraints, "critical,CA:TRUE,pathlen:0");
+    add_ext(cert.get(), cert.get(), NID_key_usage, "critical,keyCertSign,cRLSign");
+    add_ext(cert.get(), cert.get(), NID_subject_key_identifier, "hash");
+    if (X509_sign(cert.get(), key.get(), EVP_sha256()) == 0) throw std::runtime_error("signing the CA failed: " + ssl_error());
+    write_key(ca.key_file(), key.get());
+    auto f = open_file(ca.cert_file(), "wb");
+    write_cert(f.get(), cert.get(), ca.cert_file());
+    return ca;
+}
+
+issued issue_leaf(const lab_ca& ca, const std::vector<std::string>& names, const std::string& dir, const std::string& file_stem) {
+    if (names.empty()) throw std::runtime_error("a certificate needs at least one name");
+    issued out{dir + "/" + file_stem + ".pem", dir + "/" + file_stem + ".key"};
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) throw std::runtime_error("cannot create '" + dir + "': " + ec.message());
+    // Reuse a leaf that already carries exactly these names.
+    if (fs::exists(out.cert_file) && fs::exists(out.key_file)) {
+        std::string err;
+        if (auto info = read_certificate(out.cert_file, &err)) {
+            bool all = std::all_of(names.begin(), names.end(), [&](auto& n) { return is_ip(n) || certificate_covers(*info, n); });
+            if (all) return out;
+        }
+    }
+    auto ca_cert = read_cert(ca.cert_file());
+    auto ca_key = read_key(ca.key_file());
+    auto key = make_key();
+    auto cert = new_cert(key.get(), names.front(), 825);
+    X509_set_issuer_name(cert.get(), X509_get_subject_name(ca_cert.get()));
+    std::string san;
+    for (auto& n : names) san += (san.empty() ? "" : ",") + std::string(is_ip(n) ? "IP:" : "DNS:") + n;
+    add_ext(cert.get(), ca_cert.get(), NID_subject_alt_name, san);
+    add_ext(cert.get(), ca_cert.get(), NID_basic_constraints, "critical,CA:FALSE");
+    add_ext(cert.get(), ca_cert.get(), NID_key_usage, "critical,digitalSignature");
+    add_ext(cert.get(), ca_cert.get(), NID_ext_key_usage, "serverAuth,clientAuth");
+    add_ext(cert.get(), ca_cert.get(), NID_authority_key_identifier, "keyid:always");
+    if (X509_sign(cert.get(), ca_key.get(), EVP_sha256()) == 0) throw std::runtime_error("signing failed: " + ssl_error());
+    write_key(out.key_file, key.get());
+    auto f = open_file(out.cert_file, "wb");
+    write_cert(f.get(), cert.get(), out.cert_file);
+    write_cert(f.get(), ca_cert.get(), out.cert_file);
+    return out;
 }
 
 }  // namespace dmz::certs

@@ -12,5 +12,6 @@ using command = std::function<int()>;
 command add_check(CLI::App& app);
 command add_explain(CLI::App& app);
 command add_run(CLI::App& app);
+command add_certs(CLI::App& app);
 
 }  // namespace dmz::cli

@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
     add(&dmz::cli::add_check);
     add(&dmz::cli::add_explain);
     add(&dmz::cli::add_run);
+    add(&dmz::cli::add_certs);
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {

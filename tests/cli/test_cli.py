@@ -351,3 +351,45 @@ class ExplainText(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Certs(TempFiles):
+    """dmzproxy certs: a lab CA and leaves that openssl itself verifies, names included."""
+
+    def openssl_verify(self, ca, leaf, name):
+        return subprocess.run(["openssl", "verify", "-CAfile", ca, "-verify_hostname", name, leaf],
+                              capture_output=True, text=True, timeout=30, check=False)
+
+    def test_issue_verifies_with_openssl_for_each_name_and_not_others(self):
+        state = os.path.join(self.dir, "state")
+        res = run("certs", "--state", state, "issue", "mail.contoso.com", "autodiscover.contoso.com")
+        self.assertEqual(res.returncode, 0, res.stderr)
+        ca = os.path.join(state, "pki", "ca.pem")
+        leaf = os.path.join(state, "pki", "mail.contoso.com.pem")
+        key = os.path.join(state, "pki", "mail.contoso.com.key")
+        for name in ("mail.contoso.com", "autodiscover.contoso.com"):
+            v = self.openssl_verify(ca, leaf, name)
+            self.assertEqual(v.returncode, 0, v.stdout + v.stderr)
+        v = self.openssl_verify(ca, leaf, "owa.fabrikam.com")
+        self.assertNotEqual(v.returncode, 0, "a name not on the certificate must not verify")
+        self.assertEqual(os.stat(key).st_mode & 0o077, 0, "keys are private to their owner")
+
+    def test_ca_is_made_once_and_reused(self):
+        state = os.path.join(self.dir, "state")
+        self.assertEqual(run("certs", "--state", state, "init").returncode, 0)
+        ca = os.path.join(state, "pki", "ca.pem")
+        with open(ca, "rb") as f:
+            first = f.read()
+        self.assertEqual(run("certs", "--state", state, "issue", "a.contoso.com").returncode, 0)
+        self.assertEqual(run("certs", "--state", state, "init").returncode, 0)
+        with open(ca, "rb") as f:
+            self.assertEqual(f.read(), first)
+
+    def test_show_lists_the_names(self):
+        state = os.path.join(self.dir, "state")
+        run("certs", "--state", state, "issue", "mail.contoso.com", "ex01.corp.contoso.com")
+        res = run("certs", "--state", state, "show", os.path.join(state, "pki", "mail.contoso.com.pem"))
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertIn("name ex01.corp.contoso.com", res.stdout)
+        bad = run("certs", "show", os.path.join(self.dir, "missing.pem"))
+        self.assertEqual(bad.returncode, 1)
