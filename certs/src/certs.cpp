@@ -77,7 +77,9 @@ bool certificate_covers(const certificate_info& cert, const std::string& host) {
 #include <openssl/bn.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <stdexcept>
@@ -117,11 +119,7 @@ file_ptr open_file(const std::string& path, const char* mode, bool secret = fals
     return f;
 }
 
-void write_key(const std::string& path, EVP_PKEY* key) {
-    auto f = open_file(path, "wb", true);
-    if (PEM_write_PrivateKey(f.get(), key, nullptr, nullptr, 0, nullptr, nullptr) != 1)
-        throw std::runtime_error("cannot write key '" + path + "': " + ssl_error());
-}
+void write_key(const std::string& path, EVP_PKEY* key);
 
 void write_cert(FILE* f, X509* c, const std::string& path) {
     if (PEM_write_X509(f, c) != 1) throw std::runtime_error("cannot write certificate '" + path + "': " + ssl_error());
@@ -169,9 +167,47 @@ x509_ptr new_cert(EVP_PKEY* key, const std::string& cn, long days) {
     return c;
 }
 
+/// Holds an exclusive flock on DIR/.lock: two instances starting together must not both
+/// make a CA, nor read one half written.
+class dir_lock {
+public:
+    explicit dir_lock(const std::string& dir) {
+        fd_ = ::open((dir + "/.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (fd_ < 0) throw std::runtime_error("cannot lock '" + dir + "/.lock': " + std::strerror(errno));
+        while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+        }
+    }
+    ~dir_lock() { ::close(fd_); }
+    dir_lock(const dir_lock&) = delete;
+    dir_lock& operator=(const dir_lock&) = delete;
+
+private:
+    int fd_ = -1;
+};
+
+/// Writes through a temporary file renamed into place, so readers see all or nothing.
+template <class F>
+void write_atomically(const std::string& path, bool secret, F&& fill) {
+    auto tmp = path + ".tmp";
+    {
+        auto f = open_file(tmp, "wb", secret);
+        fill(f.get());
+        if (std::fflush(f.get()) != 0) throw std::runtime_error("cannot write '" + tmp + "': " + std::strerror(errno));
+    }
+    if (std::rename(tmp.c_str(), path.c_str()) != 0)
+        throw std::runtime_error("cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno));
+}
+
 bool is_ip(const std::string& s) {
     unsigned char buf[16];
     return inet_pton(AF_INET, s.c_str(), buf) == 1 || inet_pton(AF_INET6, s.c_str(), buf) == 1;
+}
+
+void write_key(const std::string& path, EVP_PKEY* key) {
+    write_atomically(path, true, [&](FILE* f) {
+        if (PEM_write_PrivateKey(f, key, nullptr, nullptr, 0, nullptr, nullptr) != 1)
+            throw std::runtime_error("cannot write key '" + path + "': " + ssl_error());
+    });
 }
 
 }  // namespace
@@ -181,6 +217,7 @@ lab_ca open_or_make_ca(const std::string& dir, const std::string& common_name) {
     std::error_code ec;
     fs::create_directories(dir, ec);
     if (ec) throw std::runtime_error("cannot create '" + dir + "': " + ec.message());
+    dir_lock lock(dir);
     if (fs::exists(ca.cert_file()) && fs::exists(ca.key_file())) {
         read_cert(ca.cert_file());  // readable, or say which file is broken
         read_key(ca.key_file());
@@ -194,8 +231,7 @@ lab_ca open_or_make_ca(const std::string& dir, const std::string& common_name) {
     add_ext(cert.get(), cert.get(), NID_subject_key_identifier, "hash");
     if (X509_sign(cert.get(), key.get(), EVP_sha256()) == 0) throw std::runtime_error("signing the CA failed: " + ssl_error());
     write_key(ca.key_file(), key.get());
-    auto f = open_file(ca.cert_file(), "wb");
-    write_cert(f.get(), cert.get(), ca.cert_file());
+    write_atomically(ca.cert_file(), false, [&](FILE* f) { write_cert(f, cert.get(), ca.cert_file()); });
     return ca;
 }
 
@@ -205,7 +241,8 @@ issued issue_leaf(const lab_ca& ca, const std::vector<std::string>& names, const
     std::error_code ec;
     fs::create_directories(dir, ec);
     if (ec) throw std::runtime_error("cannot create '" + dir + "': " + ec.message());
-    // Reuse a leaf that already carries exactly these names.
+    dir_lock lock(dir);
+    // Reuse a leaf that already carries these names.
     if (fs::exists(out.cert_file) && fs::exists(out.key_file)) {
         std::string err;
         if (auto info = read_certificate(out.cert_file, &err)) {
@@ -227,9 +264,10 @@ issued issue_leaf(const lab_ca& ca, const std::vector<std::string>& names, const
     add_ext(cert.get(), ca_cert.get(), NID_authority_key_identifier, "keyid:always");
     if (X509_sign(cert.get(), ca_key.get(), EVP_sha256()) == 0) throw std::runtime_error("signing failed: " + ssl_error());
     write_key(out.key_file, key.get());
-    auto f = open_file(out.cert_file, "wb");
-    write_cert(f.get(), cert.get(), out.cert_file);
-    write_cert(f.get(), ca_cert.get(), out.cert_file);
+    write_atomically(out.cert_file, false, [&](FILE* f) {
+        write_cert(f, cert.get(), out.cert_file);
+        write_cert(f, ca_cert.get(), out.cert_file);
+    });
     return out;
 }
 

@@ -3,6 +3,7 @@
 #include <memory>
 
 #include "commands.hpp"
+#include "dmz/certs/certs.hpp"
 #include "dmz/proxy/run.hpp"
 #include "dmz/rules/config.hpp"
 #include "dmz/rules/lint.hpp"
@@ -13,9 +14,22 @@ namespace dmz::cli {
 
 namespace {
 struct run_cli {
-    std::string config, topology, instance, access_log;
+    std::string config, topology, instance, access_log, state = "lab-state";
     unsigned threads = 0;
+    bool map_ports = false;
 };
+
+/// Listeners with `issuer = "lab"` get their certificates from the lab CA, made on first use.
+void ensure_lab_certificates(const rules::instance_config& c, const std::string& state) {
+    bool any = false;
+    for (auto& l : c.listeners)
+        for (auto& cert : l.certificates) any = any || cert.lab;
+    if (!any) return;
+    auto ca = certs::open_or_make_ca(state + "/pki");
+    for (auto& l : c.listeners)
+        for (auto& cert : l.certificates)
+            if (cert.lab) certs::issue_leaf(ca, cert.names, state + "/pki", c.name + "-" + l.name);
+}
 
 /// Load errors stop the start; lint warnings are printed and the instance runs.
 int refuse_start(const rules::diagnostics& d, bool parsed) {
@@ -34,6 +48,8 @@ command add_run(CLI::App& app) {
     sub->add_option("--instance", o->instance, "which instance of the topology to run")->needs(t);
     sub->add_option("--threads", o->threads, "worker threads (default: one per core)");
     sub->add_option("--access-log", o->access_log, "access log file, or - for standard output (default: none)");
+    sub->add_option("--state", o->state, "topology: lab state folder holding lab certificates (default: lab-state)");
+    sub->add_flag("--map-ports", o->map_ports, "topology: run privileged ports P < 1024 on 10000 + P (for labs without root)");
     return [o]() -> int {
         std::shared_ptr<const rules::policy> policy;
         if (!o->config.empty()) {
@@ -46,7 +62,10 @@ command add_run(CLI::App& app) {
                 std::cerr << "dmzproxy run: -t needs --instance NAME\n";
                 return 2;
             }
-            auto res = topology::load(o->topology);
+            topology::load_settings ls;
+            ls.state_dir = o->state;
+            ls.map_privileged_ports = o->map_ports;
+            auto res = topology::load(o->topology, ls);
             if (!res.topo || rules::has_errors(res.diags)) return refuse_start(res.diags, res.parsed);
             auto* in = res.topo->find_instance(o->instance);
             if (!in || !in->policy) {
@@ -65,6 +84,7 @@ command add_run(CLI::App& app) {
         ro.threads = o->threads;
         ro.access_log = o->access_log;
         try {
+            if (!o->topology.empty()) ensure_lab_certificates(policy->config(), o->state);
             return proxy::run_instance(policy, ro);
         } catch (const std::exception& e) {
             std::cerr << "dmzproxy run: " << policy->config().name << ": " << e.what() << "\n";

@@ -391,6 +391,7 @@ private:
                 auto issuer = r_.str(*ct, "issuer", cp);
                 if (issuer && r_.one_of(*issuer, *ct, "issuer", cp, {"lab", "file"}) &&
                     *issuer == "lab") {
+                    cert.lab = true;
                     if (!opts_.in_topology)
                         r_.error("CFG004", r_.at_key(*ct, "issuer"), cp + ".issuer",
                                  "lab-issued certificates exist only inside a topology",

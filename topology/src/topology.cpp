@@ -64,7 +64,8 @@ namespace {
 
 class loader {
 public:
-    loader(const std::string& file, load_result& res) : r_(file, res.diags), res_(res) {}
+    loader(const std::string& file, load_result& res, const load_settings& settings)
+        : r_(file, res.diags), res_(res), settings_(settings) {}
 
     void load(const toml::table& root) {
         topology t;
@@ -352,6 +353,18 @@ private:
     }
 
     void derive(const topology& t, const instance& in, rules::instance_config& c) {
+        bool map = settings_.map_privileged_ports;
+        auto pki = settings_.state_dir.empty() ? std::string() : settings_.state_dir + "/pki";
+        for (auto& l : c.listeners) {
+            l.port = mapped_port(l.port, map);
+            for (auto& b : l.bind) b.port = mapped_port(b.port, map);
+            if (!pki.empty())
+                for (auto& cert : l.certificates)
+                    if (cert.lab) {
+                        cert.cert_file = pki + "/" + in.name + "-" + l.name + ".pem";
+                        cert.key_file = pki + "/" + in.name + "-" + l.name + ".key";
+                    }
+        }
         for (auto& l : c.listeners) {
             for (auto& n : l.networks) {
                 auto a = in.address_on(n);
@@ -409,6 +422,8 @@ private:
             if (to.tls && to.name.empty())
                 r_.error("CFG008", to.where, key + ".name", "an https target needs 'name': the name to verify on its certificate");
             if (to.address && !to.source) to.source = in.address_on(t.network_of(*to.address));
+            to.port = mapped_port(to.port, map);
+            if (to.tls && to.ca_file.empty() && !pki.empty()) to.ca_file = pki + "/ca.pem";
             if (r.kind == rules::rule_kind::server && !to.proxy_protocol)
                 to.proxy_protocol = !to.instance.empty() && to.client_policy == rules::client_address::forwarded;
         }
@@ -416,17 +431,25 @@ private:
 
     rules::toml_reader r_;
     load_result& res_;
+    const load_settings& settings_;
 };
 
 }  // namespace
 
-load_result load(const std::string& path) {
+std::uint16_t mapped_port(std::uint16_t port, bool map_privileged) {
+    return map_privileged && port < 1024 ? static_cast<std::uint16_t>(10000 + port) : port;
+}
+
+load_result load(const std::string& path, const load_settings& settings) {
     load_result res;
     auto root = rules::parse_toml_file(path, res.diags);
     if (!root) return res;
     res.parsed = true;
-    loader l(path, res);
+    loader l(path, res, settings);
     l.load(*root);
+    if (res.topo && settings.map_privileged_ports)
+        for (auto& h : res.topo->hosts)
+            for (auto& s : h.services) s.port = mapped_port(s.port, true);
     return res;
 }
 

@@ -44,6 +44,7 @@ struct bind_endpoint {
 
 struct certificate {
     std::vector<std::string> names;  ///< SNI names this certificate serves (lower case)
+    bool lab = false;                ///< issued by the lab CA (`issuer = "lab"`)
     std::string cert_file;
     std::string key_file;
     source_location where;

@@ -85,9 +85,22 @@ struct load_result {
     bool parsed = false;  ///< false: unreadable file or TOML syntax error somewhere
 };
 
+/// How a running lab differs from the topology as written.
+struct load_settings {
+    /// Where lab certificates live: listeners with `issuer = "lab"` get
+    /// STATE/pki/<instance>-<listener>.pem/.key, and TLS targets without a ca_file trust
+    /// STATE/pki/ca.pem. Empty: paths stay unset (check and explain need none).
+    std::string state_dir;
+    /// Without the privilege to bind ports below 1024, every such port P (listeners,
+    /// targets, host services) becomes mapped_port(P) = 10000 + P.
+    bool map_privileged_ports = false;
+};
+
+std::uint16_t mapped_port(std::uint16_t port, bool map_privileged);
+
 /// Loads a topology and derives each instance's config (listeners bound on legs, targets
 /// naming instances and hosts resolved to addresses).
-load_result load(const std::string& path);
+load_result load(const std::string& path, const load_settings& settings = {});
 
 /// Topology-level findings (TOP*, TLS*), on top of each instance's own lint.
 void lint(const topology& t, diagnostics& out);
