@@ -13,5 +13,6 @@ command add_check(CLI::App& app);
 command add_explain(CLI::App& app);
 command add_run(CLI::App& app);
 command add_certs(CLI::App& app);
+command add_lab(CLI::App& app);
 
 }  // namespace dmz::cli

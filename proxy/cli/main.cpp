@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
     add(&dmz::cli::add_explain);
     add(&dmz::cli::add_run);
     add(&dmz::cli::add_certs);
+    add(&dmz::cli::add_lab);
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {

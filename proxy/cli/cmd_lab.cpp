@@ -1,0 +1,62 @@
+// dmzproxy lab up [TOPOLOGY] [--detach] | lab status [--json] | lab down   (--state DIR)
+#include <unistd.h>
+
+#include <filesystem>
+#include <iostream>
+#include <memory>
+
+#include "commands.hpp"
+#include "dmz/topology/lab.hpp"
+
+namespace dmz::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+struct lab_cli {
+    std::string topology, state = "lab-state";
+    bool detach = false, json = false;
+};
+
+/// The source tree this binary was built from: topologies and the simulated host live there.
+fs::path source_root() {
+    std::error_code ec;
+    auto exe = fs::read_symlink("/proc/self/exe", ec);
+    for (auto dir = exe.parent_path(); !ec && dir.has_parent_path() && dir != dir.root_path(); dir = dir.parent_path())
+        if (fs::exists(dir / "topology" / "hosts" / "exchange_host.py")) return dir;
+    return DMZ_SOURCE_DIR;
+}
+}  // namespace
+
+command add_lab(CLI::App& app) {
+    auto o = std::make_shared<lab_cli>();
+    auto* sub = app.add_subcommand("lab", "The lab: a topology's tiers and simulated Exchange hosts as processes on 127.x");
+    sub->require_subcommand(1);
+    sub->add_option("--state", o->state, "lab state folder: certificates, logs, mail, lab.json (default: lab-state)");
+    auto* up = sub->add_subcommand("up", "Start the lab (foreground with a live log; --detach to return once ready)");
+    up->add_option("topology", o->topology, "topology file (default: topology/exchange-two-tier.toml)");
+    up->add_flag("--detach", o->detach, "return once everything listens");
+    auto* status = sub->add_subcommand("status", "What runs, where (exit 1 when not all of it)");
+    status->add_flag("--json", o->json, "as JSON");
+    auto* down = sub->add_subcommand("down", "Stop everything the lab started");
+    return [o, up, status, down]() -> int {
+        if (status->parsed()) return topology::lab_status(o->state, o->json);
+        if (down->parsed()) return topology::lab_down(o->state);
+        if (!up->parsed()) return 2;
+        auto root = source_root();
+        topology::lab_options lo;
+        lo.topology = o->topology.empty() ? (root / "topology" / "exchange-two-tier.toml").string() : o->topology;
+        lo.state = o->state;
+        lo.detach = o->detach;
+        lo.dmzproxy = fs::read_symlink("/proc/self/exe").string();
+        lo.hosts_program = (root / "topology" / "hosts" / "exchange_host.py").string();
+        try {
+            return topology::lab_up(lo);
+        } catch (const std::exception& e) {
+            std::cerr << "dmzproxy lab up: " << e.what() << "\n";
+            return 1;
+        }
+    };
+}
+
+}  // namespace dmz::cli

@@ -1,0 +1,25 @@
+#pragma once
+/// @file The lab: a topology's instances and simulated hosts as real processes on their
+/// 127.x addresses, started, watched and stopped by pid.
+#include <string>
+
+namespace dmz::topology {
+
+struct lab_options {
+    std::string topology;        ///< the topology file
+    std::string state = "lab-state";
+    bool detach = false;         ///< return once everything listens
+    std::string dmzproxy;        ///< this executable, to start instances with
+    std::string hosts_program;   ///< the simulated Exchange host (topology/hosts/exchange_host.py)
+    int ready_timeout_s = 20;
+};
+
+/// Starts the lab. Returns the exit code; throws std::runtime_error with a clear message
+/// (a port taken by whom, a missing program) when it cannot start.
+int lab_up(const lab_options& o);
+/// Prints what runs (from STATE/lab.json, with each pid checked). Exit 1 when nothing runs.
+int lab_status(const std::string& state, bool json);
+/// Stops everything the lab started (SIGTERM, then SIGKILL after 5 s) and forgets it.
+int lab_down(const std::string& state);
+
+}  // namespace dmz::topology
