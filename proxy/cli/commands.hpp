@@ -14,5 +14,6 @@ command add_explain(CLI::App& app);
 command add_run(CLI::App& app);
 command add_certs(CLI::App& app);
 command add_lab(CLI::App& app);
+command add_diagnose(CLI::App& app);
 
 }  // namespace dmz::cli

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
     add(&dmz::cli::add_run);
     add(&dmz::cli::add_certs);
     add(&dmz::cli::add_lab);
+    add(&dmz::cli::add_diagnose);
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {

@@ -102,7 +102,7 @@ bool trusted(const rules::policy& p, const ip_address& source) {
     return false;
 }
 
-explanation run(const topology& t, const probe& p, bool with_test_rules) {
+explanation run(const topology& t, const probe& p, bool with_test_rules, bool map) {
     explanation ex;
     auto net_fault = [&](std::string where, std::string why) {
         ex.result = outcome::network_fault;
@@ -148,11 +148,13 @@ explanation run(const topology& t, const probe& p, bool with_test_rules) {
         h.address = *a;
     }
     if (h.proto == rules::protocol::https) h.sni = h.host;
+    h.port = mapped_port(h.port, map);
 
     std::set<std::string> visited;
     std::string previous = "client";
     while (true) {
         auto hop_name = previous + " -> " + h.node;
+        ex.hops.push_back({previous, h.node, h.transport_source, h.address, h.port, h.proto, h.sni, h.host});
         if (auto* ho = t.find_host(h.node)) {
             auto* s = ho->service_at(h.port);
             if (!s)
@@ -215,7 +217,7 @@ explanation run(const topology& t, const probe& p, bool with_test_rules) {
             ex.redirect = "listener '" + l->name + "' of '" + in->name + "' answers 301 to " + target;
             probe next = p;
             next.url = target;
-            auto inner = run(t, next, with_test_rules);
+            auto inner = run(t, next, with_test_rules, map);
             inner.redirect = ex.redirect;
             return inner;
         }
@@ -310,10 +312,10 @@ explanation run(const topology& t, const probe& p, bool with_test_rules) {
 
 }  // namespace
 
-explanation explain(const topology& t, const probe& p) {
-    auto ex = run(t, p, p.with_test_rules);
+explanation explain(const topology& t, const probe& p, bool map_privileged_ports) {
+    auto ex = run(t, p, p.with_test_rules, map_privileged_ports);
     if (!p.with_test_rules && ex.result == outcome::rule_fault) {
-        auto alt = run(t, p, true);
+        auto alt = run(t, p, true, map_privileged_ports);
         ex.with_test_rules = alt.result;
         ex.with_test_rules_reached = alt.reached;
         ex.with_test_rules_reason = alt.result == outcome::ok ? alt.reason : (alt.stopped_at + ": " + alt.reason);

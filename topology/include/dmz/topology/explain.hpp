@@ -37,6 +37,18 @@ struct tier_result {
     std::string target;            ///< where it forwards to, when allowed
 };
 
+/// One network hop of the path: who connects from where to what.
+struct hop_info {
+    std::string from;  ///< "client" or an instance
+    std::string to;    ///< an instance or host
+    ip_address source;
+    ip_address address;
+    std::uint16_t port = 0;
+    rules::protocol proto = rules::protocol::https;
+    std::string sni;  ///< https: the name asked for and verified
+    std::string host;  ///< http(s): the Host sent
+};
+
 enum class outcome { ok, rule_fault, network_fault, auth_fault };
 const char* to_string(outcome o);
 
@@ -49,6 +61,7 @@ struct explanation {
     /// What the host reached receives: the connection's source, the forwarded client, Host.
     std::string arrival;
     std::vector<tier_result> tiers;
+    std::vector<hop_info> hops;  ///< the hops walked, the failing one last
     /// With the test rules enabled (computed when the verdict is a rule fault).
     std::optional<outcome> with_test_rules;
     std::string with_test_rules_reached;
@@ -57,6 +70,7 @@ struct explanation {
 };
 
 /// Throws std::invalid_argument for a probe that cannot be understood (bad URL).
-explanation explain(const topology& t, const probe& p);
+/// `map_privileged_ports`: the URL's port is mapped as a lab without privilege runs it.
+explanation explain(const topology& t, const probe& p, bool map_privileged_ports = false);
 
 }  // namespace dmz::topology

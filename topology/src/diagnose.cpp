@@ -1,0 +1,302 @@
+#include "dmz/topology/diagnose.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <memory>
+
+#include "dmz/certs/certs.hpp"
+
+namespace dmz::topology {
+
+namespace {
+
+constexpr int probe_timeout_ms = 5000;
+
+/// A TCP connection from `source` to `address:port`, with a deadline. Returns the fd, or
+/// -1 with `why` in TMG's words.
+int connect_from(const ip_address& source, const ip_address& address, std::uint16_t port, std::string& why) {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in src{}, dst{};
+    src.sin_family = dst.sin_family = AF_INET;
+    inet_pton(AF_INET, source.to_string().c_str(), &src.sin_addr);
+    inet_pton(AF_INET, address.to_string().c_str(), &dst.sin_addr);
+    dst.sin_port = htons(port);
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&src), sizeof src) != 0) {
+        why = "cannot use source address " + source.to_string() + ": " + std::strerror(errno);
+        ::close(fd);
+        return -1;
+    }
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    int r = ::connect(fd, reinterpret_cast<sockaddr*>(&dst), sizeof dst);
+    if (r != 0 && errno == EINPROGRESS) {
+        pollfd pfd{fd, POLLOUT, 0};
+        if (::poll(&pfd, 1, probe_timeout_ms) <= 0) {
+            why = "connection timed out (10060)";
+            ::close(fd);
+            return -1;
+        }
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        r = err ? -1 : 0;
+        errno = err;
+    }
+    if (r != 0) {
+        why = errno == ECONNREFUSED ? "connection refused (10061)"
+              : errno == ENETUNREACH || errno == EHOSTUNREACH ? "no route (10065)"
+                                                              : std::string(std::strerror(errno));
+        ::close(fd);
+        return -1;
+    }
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    timeval tv{probe_timeout_ms / 1000, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+using ctx_ptr = std::unique_ptr<SSL_CTX, void (*)(SSL_CTX*)>;
+using ssl_ptr = std::unique_ptr<SSL, void (*)(SSL*)>;
+
+ctx_ptr client_context(const std::string& ca_file) {
+    ctx_ptr ctx(SSL_CTX_new(TLS_client_method()), &SSL_CTX_free);
+    SSL_CTX_set_min_proto_version(ctx.get(), TLS1_2_VERSION);
+    if (!ca_file.empty()) SSL_CTX_load_verify_locations(ctx.get(), ca_file.c_str(), nullptr);
+    SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_NONE, nullptr);  // judged below, so every failure is named
+    return ctx;
+}
+
+/// TLS handshake on `fd` for `name`: "ok", or name mismatch / untrusted chain / handshake
+/// failure. `names` gets the certificate's names.
+std::string tls_check(SSL_CTX* ctx, int fd, const std::string& name, std::string& names, ssl_ptr& keep) {
+    ssl_ptr ssl(SSL_new(ctx), &SSL_free);
+    SSL_set_fd(ssl.get(), fd);
+    SSL_set_tlsext_host_name(ssl.get(), name.c_str());
+    SSL_set1_host(ssl.get(), name.c_str());
+    if (SSL_connect(ssl.get()) != 1) {
+        unsigned long e = ERR_get_error();
+        char buf[200] = "no detail";
+        if (e) ERR_error_string_n(e, buf, sizeof buf);
+        return std::string("handshake failure: ") + buf;
+    }
+    if (X509* peer = SSL_get1_peer_certificate(ssl.get())) {
+        auto* sans = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(peer, NID_subject_alt_name, nullptr, nullptr));
+        for (int i = 0; sans && i < sk_GENERAL_NAME_num(sans); ++i) {
+            auto* gn = sk_GENERAL_NAME_value(sans, i);
+            if (gn->type == GEN_DNS)
+                names += (names.empty() ? "" : ", ") +
+                         std::string(reinterpret_cast<const char*>(ASN1_STRING_get0_data(gn->d.dNSName)),
+                                     static_cast<std::size_t>(ASN1_STRING_length(gn->d.dNSName)));
+        }
+        if (sans) GENERAL_NAMES_free(sans);
+        X509_free(peer);
+    }
+    long v = SSL_get_verify_result(ssl.get());
+    keep = std::move(ssl);
+    if (v == X509_V_ERR_HOSTNAME_MISMATCH) return "name mismatch: the certificate is not for '" + name + "'";
+    if (v != X509_V_OK) return std::string("untrusted chain: ") + X509_verify_cert_error_string(v);
+    return "ok";
+}
+
+struct io {
+    int fd;
+    SSL* ssl;
+    bool send(const std::string& s) {
+        return ssl ? SSL_write(ssl, s.data(), static_cast<int>(s.size())) == static_cast<int>(s.size())
+                   : ::send(fd, s.data(), s.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(s.size());
+    }
+    /// Reads until `until` appears (or the deadline / close).
+    std::string recv_until(const std::string& until, std::size_t max = 65536) {
+        std::string out;
+        char buf[4096];
+        while (out.find(until) == std::string::npos && out.size() < max) {
+            int n = ssl ? SSL_read(ssl, buf, sizeof buf) : static_cast<int>(::recv(fd, buf, sizeof buf, 0));
+            if (n <= 0) break;
+            out.append(buf, static_cast<std::size_t>(n));
+        }
+        return out;
+    }
+    /// One SMTP reply (last line "DDD ").
+    std::string smtp_reply() {
+        std::string out;
+        while (true) {
+            auto more = recv_until("\r\n");
+            if (more.empty()) return out;
+            out += more;
+            auto last = out.rfind("\r\n", out.size() - 3);
+            auto line = out.substr(last == std::string::npos ? 0 : last + 2);
+            if (line.size() >= 4 && line[3] == ' ') return out;
+        }
+    }
+};
+
+std::string header(const std::string& head, const std::string& name) {
+    auto lower = rules::to_lower(head);
+    auto pos = lower.find("\r\n" + rules::to_lower(name) + ":");
+    if (pos == std::string::npos) return "";
+    auto start = pos + 3 + name.size();
+    auto end = head.find("\r\n", start);
+    auto v = head.substr(start, end - start);
+    while (!v.empty() && v.front() == ' ') v.erase(0, 1);
+    return v;
+}
+
+std::string field(const std::string& x_dmz_error, int n) {
+    std::size_t start = 0;
+    for (int i = 0; i < n; ++i) {
+        start = x_dmz_error.find("; ", start);
+        if (start == std::string::npos) return "";
+        start += 2;
+    }
+    auto end = n < 2 ? x_dmz_error.find("; ", start) : std::string::npos;
+    return x_dmz_error.substr(start, end == std::string::npos ? std::string::npos : end - start);
+}
+
+}  // namespace
+
+diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file, bool map_ports) {
+    diagnosis d;
+    d.offline = explain(t, p, map_ports);
+    auto& ex = d.offline;
+    auto ctx = client_context(ca_file);
+
+    // 1. Each hop as it really is: connect from that hop's own address, then TLS.
+    for (std::size_t i = 0; i < ex.hops.size(); ++i) {
+        hop_probe hp;
+        hp.hop = ex.hops[i];
+        if (i < ex.tiers.size()) {
+            hp.rule = ex.tiers[i].matched_rule;
+            hp.action = ex.tiers[i].action;
+        }
+        std::string why;
+        int fd = connect_from(hp.hop.source, hp.hop.address, hp.hop.port, why);
+        hp.tcp = fd < 0 ? why : "ok";
+        if (fd >= 0 && hp.hop.proto == rules::protocol::https) {
+            ssl_ptr keep(nullptr, &SSL_free);
+            hp.tls = tls_check(ctx.get(), fd, hp.hop.sni, hp.tls_detail, keep);
+        }
+        if (fd >= 0) ::close(fd);
+        d.hops.push_back(hp);
+        auto name = hp.hop.from + " -> " + hp.hop.to;
+        if (d.verdict.empty() && hp.tcp != "ok") {
+            d.verdict = "network-fault", d.hop = name, d.tier = hp.hop.to;
+            d.reason = hp.tcp + " at " + hp.hop.address.to_string() + ":" + std::to_string(hp.hop.port);
+        } else if (d.verdict.empty() && !hp.tls.empty() && hp.tls != "ok") {
+            d.verdict = "network-fault", d.hop = name, d.tier = hp.hop.to;
+            d.reason = "TLS " + hp.tls + (hp.tls_detail.empty() ? "" : " (its names: " + hp.tls_detail + ")");
+        }
+    }
+    if (d.verdict.empty() && ex.result == outcome::network_fault) {
+        d.verdict = "network-fault", d.hop = ex.stopped_at, d.reason = ex.reason;
+    }
+
+    // 2. The request itself, end to end, from the client.
+    if (!ex.hops.empty() && d.hops.front().tcp == "ok") {
+        auto& first = ex.hops.front();
+        std::string why;
+        int fd = connect_from(first.source, first.address, first.port, why);
+        ssl_ptr ssl(nullptr, &SSL_free);
+        if (fd >= 0 && first.proto == rules::protocol::https) {
+            std::string names;
+            tls_check(ctx.get(), fd, first.sni, names, ssl);
+        }
+        io c{fd, ssl.get()};
+        if (fd >= 0 && p.smtp) {
+            auto banner = c.smtp_reply();
+            std::string last = banner;
+            if (banner.rfind("220", 0) == 0) {
+                c.send("EHLO diagnose.dmzproxy\r\n");
+                c.smtp_reply();
+                c.send("MAIL FROM:<" + (p.mail_from.empty() ? std::string("diagnose@example.net") : p.mail_from) + ">\r\n");
+                last = c.smtp_reply();
+                if (last.rfind("2", 0) == 0) {
+                    c.send("RCPT TO:<" + p.rcpt + ">\r\n");
+                    last = c.smtp_reply();
+                }
+                c.send("RSET\r\nQUIT\r\n");  // nothing is delivered by a probe
+            }
+            d.status = last.size() >= 3 ? std::atoi(last.substr(0, 3).c_str()) : 0;
+            d.response = last.substr(0, last.find("\r\n", last.size() > 2 ? last.size() - 2 : 0));
+            while (!d.response.empty() && (d.response.back() == '\n' || d.response.back() == '\r')) d.response.pop_back();
+            if (d.verdict.empty()) {
+                if (d.status / 100 == 2) d.verdict = "ok";
+                else if (d.status == 421) {
+                    auto open = d.response.find('('), close = d.response.find(')');
+                    d.tier = open != std::string::npos && close > open ? d.response.substr(open + 1, close - open - 1) : "";
+                    d.verdict = "network-fault", d.hop = d.tier + " -> next", d.reason = d.response;
+                } else {
+                    d.verdict = d.status == 530 || d.status == 535 ? "auth-fault" : "rule-fault";
+                    d.tier = ex.stopped_at.empty() ? first.to : ex.stopped_at;
+                    d.reason = d.response;
+                }
+            }
+        } else if (fd >= 0) {
+            auto u = p.url;
+            auto path_pos = u.find('/', u.find("://") + 3);
+            auto target = path_pos == std::string::npos ? std::string("/") : u.substr(path_pos);
+            c.send(p.method + " " + target + " HTTP/1.1\r\nHost: " + first.host +
+                   "\r\nUser-Agent: dmzproxy-diagnose\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            auto head = c.recv_until("\r\n\r\n");
+            d.status = head.size() >= 12 ? std::atoi(head.substr(9, 3).c_str()) : 0;
+            d.response = header(head, "X-Dmz-Error");
+            if (d.verdict.empty()) {
+                if (d.status == 0) {
+                    d.verdict = "network-fault", d.hop = first.from + " -> " + first.to, d.reason = "no HTTP answer";
+                } else if (!d.response.empty()) {
+                    auto inst = field(d.response, 0), cls = field(d.response, 1);
+                    d.tier = inst;
+                    d.reason = field(d.response, 2);
+                    if (cls == "rule-denied" || cls == "no-rule-matched") d.verdict = "rule-fault";
+                    else if (cls == "auth-required" || cls == "auth-failed") d.verdict = "auth-fault";
+                    else if (cls == "bad-request") d.verdict = "rule-fault";
+                    else {
+                        d.verdict = "network-fault";
+                        for (auto& h : ex.hops)
+                            if (h.from == inst) d.hop = h.from + " -> " + h.to;
+                        if (d.hop.empty()) d.hop = inst + " -> next";
+                    }
+                } else if (d.status == 401) {
+                    d.verdict = "auth-fault", d.tier = ex.reached.empty() ? "host" : ex.reached;
+                    d.reason = "the host asks for credentials (" + header(head, "WWW-Authenticate") + ")";
+                } else {
+                    d.verdict = "ok";
+                    d.reason = "the host answered " + std::to_string(d.status);
+                }
+            }
+        }
+        if (fd >= 0) {
+            if (ssl) SSL_shutdown(ssl.get());
+            ::close(fd);
+        }
+    }
+    if (d.verdict.empty()) d.verdict = "network-fault", d.reason = ex.reason;
+    if (d.verdict == "ok" && d.reason.empty()) d.reason = ex.reason;
+
+    // 3. What the tiers' test rules would change, for this probe alone (nothing is opened).
+    if (d.verdict == "rule-fault") {
+        auto q = p;
+        q.with_test_rules = true;
+        auto alt = explain(t, q, map_ports);
+        d.test_rules = alt.result == outcome::ok
+                           ? "with each tier's test rule enabled this probe would reach '" + alt.reached + "': a rule stops it, the network is fine"
+                           : "even with the test rules it would fail: " + std::string(to_string(alt.result)) + " at " + alt.stopped_at + " (" + alt.reason + ")";
+    }
+    // Where the live lab and the topology file disagree (an edited file not yet reloaded).
+    bool live_ok = d.verdict == "ok";
+    if (live_ok != (ex.result == outcome::ok))
+        d.note = std::string("the topology file says ") + to_string(ex.result) + " (" + ex.reason +
+                 "), the running lab says " + d.verdict + ": was the lab started from another version of the file?";
+    return d;
+}
+
+}  // namespace dmz::topology
