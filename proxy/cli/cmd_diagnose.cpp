@@ -88,7 +88,8 @@ command add_diagnose(CLI::App& app) {
                 if (!h.rule.empty()) std::cout << "  rule " << h.rule << " (" << h.action << ")";
                 std::cout << "\n";
             }
-            if (d.status) std::cout << "response: " << d.status << (d.response.empty() ? "" : " " + d.response) << "\n";
+            if (d.status)
+                std::cout << "response: " << (p.smtp ? d.response : std::to_string(d.status) + (d.response.empty() ? "" : " " + d.response)) << "\n";
             std::cout << line << " (" << d.reason << ")\n";
             if (!d.test_rules.empty()) std::cout << "  " << d.test_rules << "\n";
             if (!d.note.empty()) std::cout << "  note: " << d.note << "\n";

@@ -231,9 +231,16 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
             if (d.verdict.empty()) {
                 if (d.status / 100 == 2) d.verdict = "ok";
                 else if (d.status == 421) {
+                    // "421 4.4.1 mail.contoso.com (back-end): ..." names the tier that lost its upstream.
                     auto open = d.response.find('('), close = d.response.find(')');
                     d.tier = open != std::string::npos && close > open ? d.response.substr(open + 1, close - open - 1) : "";
-                    d.verdict = "network-fault", d.hop = d.tier + " -> next", d.reason = d.response;
+                    d.verdict = "network-fault", d.reason = d.response;
+                    // The path a deliverable mail takes names the hop after that tier.
+                    auto q = p;
+                    q.rcpt = "postmaster@" + (t.domain.empty() ? std::string("localhost") : t.domain);
+                    for (auto& h : explain(t, q, map_ports).hops)
+                        if (h.from == d.tier) d.hop = h.from + " -> " + h.to;
+                    if (d.hop.empty()) d.hop = d.tier + " -> next";
                 } else {
                     d.verdict = d.status == 530 || d.status == 535 ? "auth-fault" : "rule-fault";
                     d.tier = ex.stopped_at.empty() ? first.to : ex.stopped_at;
@@ -292,8 +299,9 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
                            : "even with the test rules it would fail: " + std::string(to_string(alt.result)) + " at " + alt.stopped_at + " (" + alt.reason + ")";
     }
     // Where the live lab and the topology file disagree (an edited file not yet reloaded).
+    // Network faults are invisible offline; anything else should agree with the file.
     bool live_ok = d.verdict == "ok";
-    if (live_ok != (ex.result == outcome::ok))
+    if (d.verdict != "network-fault" && live_ok != (ex.result == outcome::ok))
         d.note = std::string("the topology file says ") + to_string(ex.result) + " (" + ex.reason +
                  "), the running lab says " + d.verdict + ": was the lab started from another version of the file?";
     return d;
