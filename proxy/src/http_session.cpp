@@ -134,6 +134,7 @@ public:
         if (a) peer_ = *a;
         peer_text_ = peer_.to_string();
         down_.socket().set_option(tcp::no_delay(true), ec);
+        for (auto& t : rt_->config().trust_forwarded_from) trusted_peer_ = trusted_peer_ || rt_->policy->source_contains(t, peer_);
     }
 
     void start() {
@@ -209,6 +210,13 @@ private:
         auto rec = new_record();
         auto t0 = clock_type::now();
         http::limits hl{lcfg().limits.max_request_line, lcfg().limits.max_header_bytes, lcfg().limits.max_headers};
+        if (trusted_peer_) {
+            // A previous tier adds Via and the forwarding fields to what its own limits let
+            // through: leave room for them, or the back-end refuses what the front-end took.
+            hl.max_head_bytes += 8 * 1024;
+            hl.max_fields += 16;
+            hl.max_request_line += 1024;
+        }
         http::request_head head;
         http::parse_error perr;
         bool got_bytes = !in_.empty();
@@ -285,9 +293,7 @@ private:
 
         // The client: the peer, or what a trusted previous tier says it saw.
         rules::ip_address client = peer_;
-        bool trusted = false;
-        for (auto& t : rt_->config().trust_forwarded_from) trusted = trusted || rt_->policy->source_contains(t, peer_);
-        if (trusted) {
+        if (trusted_peer_) {
             std::string_view last;
             for (auto& f : head.fields)
                 if (http::iequals(f.name, "x-forwarded-for")) {
@@ -573,6 +579,12 @@ private:
         // The one exit of a relayed transaction: stop the request pump if it still runs,
         // decide what becomes of the upstream connection, log.
         auto finish = [&](bool keep_client, fate f) -> task<bool> {
+            co_await stop_watch();
+            if (client_gone_) {
+                keep_client = false;
+                f = fate::close;
+                if (rec.fault.empty()) rec.detail = "the client closed the connection while its answer was pending";
+            }
             if (!sig->done) {
                 up->stream.close();
                 down_.cancel();
@@ -639,9 +651,12 @@ private:
             char* p = up->in.prepare(16 * 1024, room);
             error_code ec;
             up_dog.arm(to.timeouts.read);
+            maybe_watch(up, *sig);
             auto n = co_await up->stream.read_some(asio::buffer(p, room), ec);
             if (ec) {
-                if (sig->done && sig->client_fault) {
+                if (client_gone_) {
+                    co_return co_await finish(false, fate::close);
+                } else if (sig->done && sig->client_fault) {
                     auto cf = *sig->client_fault;
                     cf.rule = rule.name;
                     co_await send_fault(cf, false, http10, rec);
@@ -720,7 +735,11 @@ private:
         }
 
         // ---- the response body, flushed as it arrives ----
+        pump_up_ = up;
+        pump_sig_ = sig;
         bool body_ok = co_await pump_response(*up, up_dog, resp_body, resp_length, chunk_to_client, to.timeouts.read, rec);
+        pump_up_.reset();
+        pump_sig_.reset();
         up_dog.stop();
         if (!body_ok) co_return co_await finish(false, fate::close);
 
@@ -740,6 +759,40 @@ private:
         co_return co_await finish(!close_client, reusable ? fate::pool : fate::close);
     }
 
+    /// Starts watching the client if the request is complete and no watch runs.
+    void maybe_watch(const std::shared_ptr<upstream_conn>& up, const pump_signal& request) {
+        if (watching_ || client_gone_ || !request.done) return;
+        watching_ = true;
+        watch_sig_ = std::make_shared<pump_signal>(w_.io.get_executor());
+        down_dog_.arm(std::chrono::hours(24));  // waiting for an answer is not client idleness
+        asio::co_spawn(w_.io, [self = shared_from_this(), up, sig = watch_sig_]() { return self->watch(up, sig); },
+                       asio::detached);
+    }
+
+    task<> watch(std::shared_ptr<upstream_conn> up, std::shared_ptr<pump_signal> sig) {
+        std::size_t room = 0;
+        char* p = in_.prepare(4096, room);
+        error_code ec;
+        auto n = co_await down_.read_some(asio::buffer(p, room), ec);
+        if (!ec) {
+            in_.commit(n);  // a pipelined request: it waits its turn in the buffer
+        } else if (ec != asio::error::operation_aborted) {
+            client_gone_ = true;
+            up->stream.close();  // whoever waits on the upstream wakes now
+        }
+        watching_ = false;
+        sig->done = true;
+        sig->timer.cancel();
+    }
+
+    task<> stop_watch() {
+        if (!watching_) co_return;
+        auto sig = watch_sig_;
+        down_.cancel();
+        error_code ec;
+        while (!sig->done) co_await sig->timer.async_wait(redirect(ec));
+    }
+
     task<bool> pump_response(upstream_conn& up, watchdog& dog, http::body_kind kind, std::uint64_t length, bool chunk_to_client,
                              std::chrono::milliseconds read_timeout, access_record& rec) {
         error_code ec;
@@ -747,6 +800,7 @@ private:
             std::size_t room = 0;
             char* p = up.in.prepare(pump_chunk, room);
             dog.arm(read_timeout);
+            if (pump_up_ && pump_sig_) maybe_watch(pump_up_, *pump_sig_);
             auto n = co_await up.stream.read_some(asio::buffer(p, std::min(room, pump_chunk)), ec);
             if (ec) co_return false;
             up.in.commit(n);
@@ -887,9 +941,18 @@ private:
     std::uint64_t id_;
     rules::ip_address peer_;
     std::string peer_text_;
+    bool trusted_peer_ = false;  ///< the previous tier (trust_forwarded_from)
     std::string sni_;
     flat_buffer in_{4096};
     std::shared_ptr<upstream_conn> pinned_;
+    // The client watcher: while this tier waits on the upstream with the request complete,
+    // a read on the client notices it leaving (a phone dropping an ActiveSync Ping, Outlook
+    // closing an RPC_OUT_DATA channel) and frees the upstream at once.
+    bool watching_ = false;
+    bool client_gone_ = false;
+    std::shared_ptr<upstream_conn> pump_up_;
+    std::shared_ptr<pump_signal> pump_sig_;
+    std::shared_ptr<pump_signal> watch_sig_;
 };
 
 }  // namespace

@@ -45,6 +45,9 @@ struct worker {
 
 std::uint64_t next_connection_id();
 
+/// SMTP sessions alive in the process (shutdown waits for their 421, not longer).
+std::atomic<int>& smtp_sessions();
+
 void start_smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l,
                         net::tcp::socket s);
 

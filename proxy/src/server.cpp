@@ -104,10 +104,16 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
                 auto hooks = w.shutdown_hooks;  // hooks erase themselves as sessions end
                 for (auto& [id, hook] : hooks) hook();
             });
-        grace.expires_after(std::chrono::seconds(2));
-        grace.async_wait([&](const error_code&) {
+        // Stop as soon as every SMTP session has said 421 and gone, at most after 2 s.
+        auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+        asio::co_spawn(workers.front()->io, [&, until]() -> task<> {
+            while (smtp_sessions().load() > 0 && std::chrono::steady_clock::now() < until) {
+                grace.expires_after(std::chrono::milliseconds(20));
+                error_code ignored;
+                co_await grace.async_wait(redirect(ignored));
+            }
             for (auto& w : workers) w->io.stop();
-        });
+        }, asio::detached);
     });
     std::signal(SIGPIPE, SIG_IGN);
     std::cerr << "dmzproxy: " << rt->name << ": ready, " << n << " worker thread" << (n == 1 ? "" : "s") << "\n";

@@ -37,7 +37,10 @@ public:
         name_ = l.cfg->public_name.empty() ? rt_->name : l.cfg->public_name;
     }
 
+    ~smtp_session() { smtp_sessions().fetch_sub(1, std::memory_order_relaxed); }
+
     void start() {
+        smtp_sessions().fetch_add(1, std::memory_order_relaxed);
         std::weak_ptr<smtp_session> weak = shared_from_this();
         w_.shutdown_hooks[id_] = [weak] {
             if (auto self = weak.lock()) self->shutdown();
@@ -744,6 +747,11 @@ private:
 };
 
 }  // namespace
+
+std::atomic<int>& smtp_sessions() {
+    static std::atomic<int> n{0};
+    return n;
+}
 
 void start_smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s) {
     std::make_shared<smtp_session>(w, std::move(rt), l, std::move(s))->start();

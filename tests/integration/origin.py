@@ -22,6 +22,12 @@ Behaviour by path (case-insensitive prefix):
                                RPC_OUT_DATA: 200 with Content-Length 1 GiB, a few blocks, hold
   /mapi/emsmdb (POST)          chunked PENDING keep-alives every 0.5 s (?pendings=N), DONE
   /Microsoft-Server-ActiveSync OPTIONS: protocol versions and commands
+  /bigdownload?mib=N (GET)     200 with Content-Length N MiB, streamed 1 MiB at a time
+                               (block i starts with "block %010d\n"); a "response" line
+                               logs the bytes sent, their SHA-256 and whether all went out
+On a plain (non-TLS) listener, a connection that opens with a TLS handshake record gets
+"400 Bad Request" and is closed at once, as IIS's http.sys answers it (logged as
+"not-http", not as a request).
 Python 3 standard library only.
 """
 
@@ -43,6 +49,9 @@ import urllib.parse
 MAX_HEAD = 1024 * 1024
 MAX_HOLD = 700.0
 PROGRESS_STEP = 1024 * 1024
+MIB = 1024 * 1024
+MAX_DOWNLOAD_MIB = 4096
+DOWNLOAD_BASE = bytes(range(256)) * (MIB // 256)
 NTLM_CHALLENGE = bytes.fromhex("0123456789abcdef")
 
 
@@ -345,9 +354,28 @@ class Connection:
                 continue
             req.headers.append([name, value.strip(" \t")])
 
+    def not_http(self):
+        """A TLS ClientHello on a plain listener: 400 and close, as http.sys does."""
+        self.server.log.write({"event": "not-http", "time": time.time(), "origin": self.server.name,
+                               "conn": self.id, "peer": self.peer, "first_bytes": bytes(self.buf[:16]).hex()})
+        try:
+            self.send(b"HTTP/1.1 400 Bad Request\r\nServer: dmz-test-origin\r\nContent-Type: text/plain\r\n"
+                      b"Content-Length: 12\r\nConnection: close\r\n\r\nBad Request\n")
+        except OSError:
+            pass
+
     def serve_one(self):
         """Read and answer one request; False when the connection is to end."""
         req = Request()
+        if not self.tls and self.requests == 0:
+            if not self.buf:
+                try:
+                    self._recv()
+                except Eof:
+                    return False
+            if self.buf[:1] == b"\x16":
+                self.not_http()
+                return False
         try:
             head = self.read_head()
         except Eof:
@@ -445,6 +473,8 @@ class Connection:
             return False
         if is_rpc and method == "RPC_OUT_DATA":
             return self.rpc_out_data(req)
+        if path.startswith("/bigdownload") and method in ("GET", "HEAD"):
+            return self.big_download(req, keep_alive)
         if path.startswith("/mapi/emsmdb") and method == "POST":
             return self.mapi(req, keep_alive)
         if path.startswith("/microsoft-server-activesync") and method == "OPTIONS":
@@ -552,6 +582,41 @@ class Connection:
             self.send(("block %d at %.3f\n" % (i, time.time())).encode().ljust(64, b"."))
         self.wait_for_close()
         return False
+
+    def big_download(self, req, keep_alive):
+        """N MiB with Content-Length, produced and sent 1 MiB at a time (never held whole)."""
+        try:
+            mib = max(0, min(int(req.query.get("mib", ["1"])[0]), MAX_DOWNLOAD_MIB))
+        except ValueError:
+            mib = 1
+        head = ("HTTP/1.1 200 OK\r\nServer: dmz-test-origin\r\nContent-Type: application/octet-stream\r\n"
+                "Content-Length: %d\r\n" % (mib * MIB))
+        if not keep_alive:
+            head += "Connection: close\r\n"
+        elif req.version == "HTTP/1.0":
+            head += "Connection: keep-alive\r\n"
+        sha = hashlib.sha256()
+        sent = 0
+        error = None
+        try:
+            self.send((head + "\r\n").encode("latin-1"))
+            if req.method != "HEAD":
+                for i in range(mib):
+                    marker = b"block %010d\n" % i
+                    block = marker + DOWNLOAD_BASE[len(marker):]
+                    self.send(block)
+                    sha.update(block)
+                    sent += len(block)
+        except (OSError, ssl.SSLError) as e:
+            error = str(e) or type(e).__name__
+        complete = error is None
+        self.server.log.write({
+            "event": "response", "time": time.time(), "origin": self.server.name, "conn": self.id,
+            "req": self.requests, "method": req.method, "target": req.target, "status": 200,
+            "content_length": mib * MIB, "body_bytes": sent, "body_sha256": sha.hexdigest(),
+            "complete": complete, "error": error,
+        })
+        return keep_alive and complete
 
     def mapi(self, req, keep_alive):
         """MAPI over HTTP: chunked PENDING keep-alives while the 'server' works, then DONE."""

@@ -4,6 +4,7 @@ Driven by curl and raw sockets over TLS, like the proxy tests, so that a failure
 test_web points at the proxy and not at its fake Exchange.
 """
 
+import hashlib
 import time
 import unittest
 
@@ -158,6 +159,26 @@ class Origin(unittest.TestCase):
             c.send(b"GET /owa/x HTTP/1.1\r\nHost: m\r\n")
         got = h.wait_for(lambda: self.tls.requests(), 5)
         self.assertEqual(got[0]["error"], "connection ended inside the head")
+
+    def test_big_download(self):
+        with self.conn() as c:
+            c.send(b"GET /bigdownload?mib=3 HTTP/1.1\r\nHost: m\r\n\r\n")
+            r = c.read_response()
+            self.assertEqual((r.status, r.header("Content-Length")), (200, str(3 * 1024 * 1024)))
+            self.assertEqual(len(r.body), 3 * 1024 * 1024)
+            self.assertTrue(r.body.startswith(b"block 0000000000\n"))
+            self.assertEqual(r.body[2 * 1024 * 1024:2 * 1024 * 1024 + 17], b"block 0000000002\n")
+            self.assertEqual(c.request("GET", "/owa/after").status, 200, "the connection stays open")
+        [sent] = self.tls.entries("response")
+        self.assertEqual((sent["body_bytes"], sent["complete"]), (3 * 1024 * 1024, True))
+        self.assertEqual(sent["body_sha256"], hashlib.sha256(r.body).hexdigest())
+
+    def test_tls_handshake_on_plain_listener_gets_400(self):
+        r, res = h.curl(["--interface", h.CLIENT, "--cacert", self.ca,
+                         "https://%s:%d/owa/x" % (self.plain.host, self.plain.port)])
+        self.assertEqual(res.returncode, 35, "curl: TLS connect error\n%s" % res.stderr)
+        self.assertTrue(h.wait_for(lambda: self.plain.entries("not-http"), 5))
+        self.assertEqual(self.plain.requests(), [])
 
     def test_sigterm_exits_zero(self):
         self.assertEqual(self.lab.stop_all(), {"origin": 0, "plain": 0})
