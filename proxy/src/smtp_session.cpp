@@ -151,6 +151,13 @@ private:
             else
                 co_await converse();
         }
+        if (!logged_) {
+            // A session without a mail transaction still leaves a trace (probes, garbage,
+            // a forged PROXY header from someone untrusted).
+            auto r = record();
+            r.detail = "session without a mail transaction" + (bad_commands_ ? ", " + std::to_string(bad_commands_) + " bad commands" : std::string());
+            log(r, t0_);
+        }
         co_await flush();
         w_.shutdown_hooks.erase(id_);
         dog_.stop();
@@ -182,6 +189,7 @@ private:
     void log(access_record& r, clock_type::time_point since) {
         r.duration_ms = std::chrono::duration<double, std::milli>(clock_type::now() - since).count();
         w_.log.write(r);
+        logged_ = true;
     }
 
     /// PROXY header from a trusted previous tier, the connection-level rule decision, and
@@ -370,7 +378,8 @@ private:
         r.bytes_in = tx_.size;
         r.upstream_reply = upstream_reply;
         r.queue_id = queue;
-        r.status = upstream_reply.size() >= 3 ? std::atoi(upstream_reply.substr(0, 3).c_str()) : 0;
+        const auto& code_from = upstream_reply.empty() ? tx_.detail : upstream_reply;
+        r.status = code_from.size() >= 3 && std::isdigit(static_cast<unsigned char>(code_from[0])) ? std::atoi(code_from.substr(0, 3).c_str()) : 0;
         r.fault = tx_.fault;
         r.detail = tx_.detail;
         if (r.rcpt_accepted.empty() && !r.rcpt_refused.empty()) r.action = "deny";
@@ -415,11 +424,13 @@ private:
             std::string err;
             if (!smtp::parse_command(text, cmd, err)) {
                 say(err);
+                ++bad_commands_;
                 if (++bad >= max_bad_commands) break;
                 continue;
             }
             int r = co_await handle(cmd);
             if (r < 0) co_return;  // the session ends (QUIT, upstream gone)
+            if (r == 0) ++bad_commands_;
             if (r == 0 && ++bad >= max_bad_commands) break;
         }
         say("421 4.7.0 " + name_ + " too many errors, closing");
@@ -581,7 +592,7 @@ private:
         }
         smtp::reply r;
         if (!co_await exchange_upstream(up_line, r)) co_return co_await upstream_lost();
-        say(r);
+        if (!relay_reply(r)) co_return -1;
         if (r.code / 100 == 2) {
             in_transaction_ = true;
             tx_start_ = clock_type::now();
@@ -636,7 +647,7 @@ private:
         smtp::reply r;
         std::string rcpt_line = "RCPT TO:<" + cmd.path + ">";
         if (!co_await exchange_upstream(rcpt_line, r)) co_return co_await upstream_lost();
-        say(r);
+        if (!relay_reply(r)) co_return -1;
         if (r.code / 100 == 2) {
             ++rcpt_count_;
             tx_.rcpt_accepted.push_back(cmd.path);
@@ -682,13 +693,13 @@ private:
             tx_.detail = reader.refusal();
             smtp::reply r;
             if (!co_await exchange_upstream("RSET", r)) co_return co_await upstream_lost();
-            close_transaction(reader.refusal(), "");
+            close_transaction("", "");  // this tier refused it: the refusal is in `detail`
             co_return 1;
         }
         smtp::reply r;
         if (!co_await exchange_upstream("DATA", r)) co_return co_await upstream_lost();
         if (r.code != 354) {
-            say(r);
+            if (!relay_reply(r)) co_return -1;
             close_transaction(std::to_string(r.code) + " " + r.text(), "");
             co_return 1;
         }
@@ -702,9 +713,21 @@ private:
         }
         if (!co_await read_upstream(r)) co_return co_await upstream_lost();
         // The upstream's answer is the client's answer: 250 only if it took the message.
-        say(r);
+        if (!relay_reply(r)) co_return -1;
         close_transaction(std::to_string(r.code) + " " + r.text(), r.code / 100 == 2 ? smtp::queue_id(r) : "");
         co_return 1;
+    }
+
+    /// Passes an upstream reply on. A 421 from the next tier closes that tier's session,
+    /// so this one ends too (RFC 5321 3.8): the client must not sit on a dead session.
+    bool relay_reply(const smtp::reply& r) {
+        say(r);
+        if (r.code != 421) return true;
+        upstream_ready_ = false;
+        tx_.fault = "upstream-protocol";
+        tx_.detail = "the upstream closed the session: " + r.text();
+        close_transaction(std::to_string(r.code) + " " + r.text(), "");
+        return false;
     }
 
     /// The upstream went away mid-session: tell the client (4xx, so it retries later) and
@@ -730,7 +753,8 @@ private:
     std::string name_;
     flat_buffer in_{4096};
     std::string out_;
-    bool timed_out_ = false, shutting_down_ = false, waiting_for_client_ = false;
+    bool timed_out_ = false, shutting_down_ = false, waiting_for_client_ = false, logged_ = false;
+    int bad_commands_ = 0;
     clock_type::time_point t0_, tx_start_;
 
     const rules::rule* rule_ = nullptr;

@@ -160,7 +160,14 @@ bool alive(pid_t pid) {
     if (pid <= 0) return false;
     int status = 0;
     if (waitpid(pid, &status, WNOHANG) == pid) return false;  // our child, now reaped
-    return ::kill(pid, 0) == 0;
+    if (::kill(pid, 0) != 0) return false;
+    // An exited process not yet reaped by its parent (lab down runs in another process)
+    // is a zombie: gone for our purposes.
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string line;
+    std::getline(stat, line);
+    auto close = line.rfind(')');
+    return !(close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z');
 }
 
 void stop_pids(const std::vector<pid_t>& pids) {
@@ -233,7 +240,7 @@ int lab_up(const lab_options& o) {
         auto st = json::parse(std::ifstream(o.state + "/lab.json"), nullptr, false);
         bool running = false;
         if (!st.is_discarded())
-            for (auto& p : st.value("pids", json::array())) running = running || ::kill(p.get<int>(), 0) == 0;
+            for (auto& p : st.value("pids", json::array())) running = running || alive(p.get<int>());
         if (running) throw std::runtime_error("a lab is already running from " + o.state + " (dmzproxy lab down, or lab status)");
     }
     if (!fs::exists(o.hosts_program))
@@ -450,7 +457,7 @@ int lab_status(const std::string& state, bool as_json) {
     bool all = true;
     for (auto* group : {&st["instances"], &st["hosts"]})
         for (auto& n : *group) {
-            bool a = ::kill(n["pid"].get<int>(), 0) == 0;
+            bool a = alive(n["pid"].get<int>());
             n["running"] = a;
             all = all && a;
         }
