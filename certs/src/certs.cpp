@@ -246,8 +246,16 @@ issued issue_leaf(const lab_ca& ca, const std::vector<std::string>& names, const
     if (fs::exists(out.cert_file) && fs::exists(out.key_file)) {
         std::string err;
         if (auto info = read_certificate(out.cert_file, &err)) {
-            bool all = std::all_of(names.begin(), names.end(), [&](auto& n) { return is_ip(n) || certificate_covers(*info, n); });
-            if (all) return out;
+            // Exactly the same DNS names: a broader certificate would hide a scenario whose
+            // point is a name missing from it.
+            std::vector<std::string> want;
+            for (auto& n : names)
+                if (!is_ip(n)) want.push_back(lower(n));
+            auto have = info->dns_names;
+            std::sort(want.begin(), want.end());
+            want.erase(std::unique(want.begin(), want.end()), want.end());
+            std::sort(have.begin(), have.end());
+            if (want == have) return out;
         }
     }
     auto ca_cert = read_cert(ca.cert_file());

@@ -14,7 +14,7 @@ namespace fs = std::filesystem;
 
 namespace {
 struct lab_cli {
-    std::string topology, state = "lab-state";
+    std::string topology, state = "lab-state", scenario;
     bool detach = false, json = false;
 };
 
@@ -36,6 +36,9 @@ command add_lab(CLI::App& app) {
     auto* up = sub->add_subcommand("up", "Start the lab (foreground with a live log; --detach to return once ready)");
     up->add_option("topology", o->topology, "topology file (default: topology/exchange-two-tier.toml)");
     up->add_flag("--detach", o->detach, "return once everything listens");
+    up->add_option("--scenario", o->scenario,
+                   "start a broken lab from topology/scenarios/lab/NAME.toml (host-https-down, back-end-not-on-dmz, "
+                   "host-certificate-lacks-name, front-end-denies-activesync, only-test-rule-allows, open-relay)");
     auto* status = sub->add_subcommand("status", "What runs, where (exit 1 when not all of it)");
     status->add_flag("--json", o->json, "as JSON");
     auto* down = sub->add_subcommand("down", "Stop everything the lab started");
@@ -46,6 +49,17 @@ command add_lab(CLI::App& app) {
         auto root = source_root();
         topology::lab_options lo;
         lo.topology = o->topology.empty() ? (root / "topology" / "exchange-two-tier.toml").string() : o->topology;
+        if (!o->scenario.empty()) {
+            if (!o->topology.empty()) {
+                std::cerr << "dmzproxy lab up: give a topology or --scenario, not both\n";
+                return 2;
+            }
+            lo.topology = (root / "topology" / "scenarios" / "lab" / (o->scenario + ".toml")).string();
+            if (!fs::exists(lo.topology)) {
+                std::cerr << "dmzproxy lab up: no scenario '" << o->scenario << "' (" << lo.topology << ")\n";
+                return 2;
+            }
+        }
         lo.state = o->state;
         lo.detach = o->detach;
         lo.dmzproxy = fs::read_symlink("/proc/self/exe").string();

@@ -243,7 +243,8 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
                     if (d.hop.empty()) d.hop = d.tier + " -> next";
                 } else {
                     d.verdict = d.status == 530 || d.status == 535 ? "auth-fault" : "rule-fault";
-                    d.tier = ex.stopped_at.empty() ? first.to : ex.stopped_at;
+                    // Offline the proxies let it through: the refusal is the host's own.
+                    d.tier = ex.result == outcome::ok ? ex.reached : ex.stopped_at.empty() ? first.to : ex.stopped_at;
                     d.reason = d.response;
                 }
             }

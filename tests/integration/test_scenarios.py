@@ -1,0 +1,138 @@
+"""Each lab fault scenario (topology/scenarios/lab/*.toml) started for real with
+`dmzproxy lab up --scenario NAME`, then `dmzproxy diagnose --json` must name the right
+class and the right hop or tier (issue 5, item 5).
+
+Run from ctest (integration_scenarios), or by hand:
+    DMZPROXY=build/dmzproxy DMZ_SOURCE_DIR=. python3 -m unittest -v test_scenarios
+"""
+
+import json
+import os
+import subprocess
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE_DIR = os.environ.get("DMZ_SOURCE_DIR") or os.path.normpath(os.path.join(HERE, "..", ".."))
+DMZPROXY = os.environ.get("DMZPROXY") or os.path.join(SOURCE_DIR, "build", "dmzproxy")
+SCENARIOS = os.path.join(SOURCE_DIR, "topology", "scenarios", "lab")
+
+
+def run(args, timeout=60):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+class Scenario(unittest.TestCase):
+    scenario = None
+
+    def setUp(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="dmz-scenario-")
+        self.state = os.path.join(self._dir.name, "state")
+        self.addCleanup(self._dir.cleanup)
+        self.addCleanup(lambda: run([DMZPROXY, "lab", "--state", self.state, "down"], timeout=60))
+        res = run([DMZPROXY, "lab", "--state", self.state, "up", "--detach", "--scenario", self.scenario], timeout=90)
+        self.assertEqual(res.returncode, 0, "lab up --scenario %s failed:\n%s%s" % (self.scenario, res.stdout, res.stderr))
+
+    def diagnose(self, *args):
+        res = run([DMZPROXY, "diagnose", "--state", self.state, "--json", *args], timeout=60)
+        try:
+            out = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            self.fail("diagnose printed no JSON (exit %d):\n%s%s" % (res.returncode, res.stdout, res.stderr))
+        return res.returncode, out
+
+
+class HostHttpsDown(Scenario):
+    scenario = "host-https-down"
+
+    def test_network_fault_on_the_last_hop(self):
+        code, d = self.diagnose("https://mail.contoso.com/owa/")
+        self.assertEqual(code, 1)
+        self.assertEqual(d["verdict"], "network-fault", d)
+        self.assertEqual(d["hop"], "back-end -> exchange", d)
+        self.assertIn("10061", d["reason"])
+        tcp = {(h["from"], h["to"]): h["tcp"] for h in d["hops"]}
+        self.assertEqual(tcp[("client", "front-end")], "ok")
+        self.assertEqual(tcp[("front-end", "back-end")], "ok")
+
+    def test_mail_still_flows(self):
+        code, d = self.diagnose("smtp", "--rcpt", "demo@contoso.com")
+        self.assertEqual((code, d["verdict"]), (0, "ok"), d)
+
+
+class BackEndNotOnDmz(Scenario):
+    scenario = "back-end-not-on-dmz"
+
+    def test_network_fault_between_the_tiers(self):
+        code, d = self.diagnose("https://mail.contoso.com/owa/")
+        self.assertEqual(code, 1)
+        self.assertEqual(d["verdict"], "network-fault", d)
+        self.assertEqual(d["hop"], "front-end -> back-end", d)
+        self.assertIn("refused", d["reason"])
+
+
+class HostCertificateLacksName(Scenario):
+    scenario = "host-certificate-lacks-name"
+
+    def test_tls_name_mismatch_on_the_last_hop(self):
+        code, d = self.diagnose("https://mail.contoso.com/owa/")
+        self.assertEqual(code, 1)
+        self.assertEqual(d["verdict"], "network-fault", d)
+        self.assertEqual(d["hop"], "back-end -> exchange", d)
+        self.assertIn("name mismatch", d["reason"])
+        last = d["hops"][-1]
+        self.assertEqual(last["tcp"], "ok")
+        self.assertIn("ex01.corp.contoso.com", last["certificate_names"])
+
+
+class FrontEndDeniesActiveSync(Scenario):
+    scenario = "front-end-denies-activesync"
+
+    def test_rule_fault_at_the_front_end_naming_the_rule(self):
+        code, d = self.diagnose("-X", "OPTIONS", "https://mail.contoso.com/Microsoft-Server-ActiveSync")
+        self.assertEqual(code, 1)
+        self.assertEqual(d["verdict"], "rule-fault", d)
+        self.assertEqual(d["tier"], "front-end", d)
+        self.assertIn("Block ActiveSync", d["reason"])
+        self.assertIn("even with the test rules", d["test_rules"])
+
+    def test_owa_is_unaffected(self):
+        code, d = self.diagnose("https://mail.contoso.com/owa/")
+        self.assertEqual((code, d["verdict"]), (0, "ok"), d)
+
+
+class OnlyTestRuleAllows(Scenario):
+    scenario = "only-test-rule-allows"
+
+    def test_rule_fault_that_the_test_rule_would_lift(self):
+        code, d = self.diagnose("https://mail.contoso.com/ecp/")
+        self.assertEqual(code, 1)
+        self.assertEqual(d["verdict"], "rule-fault", d)
+        self.assertEqual(d["tier"], "front-end", d)
+        self.assertIn("would reach 'exchange'", d["test_rules"])
+
+    def test_published_service_is_ok(self):
+        code, d = self.diagnose("https://mail.contoso.com/owa/")
+        self.assertEqual((code, d["verdict"]), (0, "ok"), d)
+        self.assertEqual(len(d["hops"]), 3)
+
+
+class OpenRelay(Scenario):
+    scenario = "open-relay"
+
+    def test_both_tiers_pass_the_relay_and_exchange_refuses_it(self):
+        code, d = self.diagnose("smtp", "--rcpt", "victim@fabrikam.com")
+        self.assertEqual(code, 1)
+        self.assertEqual(d["verdict"], "rule-fault", d)
+        self.assertEqual(d["tier"], "exchange", d)
+        self.assertIn("5.7.54", d["response"])
+
+    def test_check_reports_the_open_relay(self):
+        res = run([DMZPROXY, "check", "-q", "--json", "-t", os.path.join(SCENARIOS, "open-relay.toml")])
+        self.assertEqual(res.returncode, 1)
+        codes = [f["code"] for f in json.loads(res.stdout)["findings"]]
+        self.assertEqual(codes.count("SMTP001"), 2, codes)
+
+
+if __name__ == "__main__":
+    unittest.main()
