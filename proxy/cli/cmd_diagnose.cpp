@@ -28,7 +28,7 @@ command add_diagnose(CLI::App& app) {
     sub->add_option("--mail-from", o->mail_from, "SMTP envelope sender");
     sub->add_option("--rcpt", o->rcpt, "SMTP envelope recipient");
     sub->add_flag("--json", o->json, "as JSON");
-    sub->add_option("what", o->what, "URL, or smtp / smtp:SERVER[:PORT]")->required();
+    sub->add_option("what", o->what, "URL, or smtp:RECIPIENT, or smtp / smtp:SERVER[:PORT] with --rcpt")->required();
     return [o]() -> int {
         std::ifstream f(o->state + "/lab.json");
         if (!f) {
@@ -56,8 +56,14 @@ command add_diagnose(CLI::App& app) {
         p.method = o->method;
         if (o->what == "smtp" || o->what.rfind("smtp:", 0) == 0) {
             p.smtp = true;
-            if (o->what.size() > 5) p.smtp_server = o->what.substr(5);
-            if (o->rcpt.empty()) throw std::invalid_argument("diagnose smtp needs --rcpt ADDRESS");
+            // smtp:demo@contoso.com names the recipient; smtp:mail.contoso.com[:25] the server.
+            auto arg = o->what.size() > 5 ? o->what.substr(5) : std::string();
+            if (arg.find('@') != std::string::npos) {
+                if (o->rcpt.empty()) o->rcpt = arg;
+            } else {
+                p.smtp_server = arg;
+            }
+            if (o->rcpt.empty()) throw std::invalid_argument("diagnose smtp needs a recipient: smtp:ADDRESS or --rcpt ADDRESS");
             p.mail_from = o->mail_from;
             p.rcpt = o->rcpt;
         } else {

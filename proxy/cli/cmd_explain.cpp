@@ -27,7 +27,7 @@ command add_explain(CLI::App& app) {
     sub->add_option("--rcpt", o->rcpt, "SMTP envelope recipient");
     sub->add_flag("--with-test-rule", o->with_test_rule, "evaluate as if each tier's test rule were enabled");
     sub->add_flag("--json", o->json, "print the explanation as JSON");
-    sub->add_option("what", o->what, "URL (https://mail.contoso.com/owa/), or smtp / smtp:SERVER[:PORT]")->required();
+    sub->add_option("what", o->what, "URL (https://mail.contoso.com/owa/), or smtp:RECIPIENT, or smtp / smtp:SERVER[:PORT] with --rcpt")->required();
     return [o]() -> int {
         topology::probe p;
         auto from = rules::ip_address::parse(o->from);
@@ -38,8 +38,14 @@ command add_explain(CLI::App& app) {
         p.with_test_rules = o->with_test_rule;
         if (o->what == "smtp" || o->what.rfind("smtp:", 0) == 0) {
             p.smtp = true;
-            if (o->what.size() > 5) p.smtp_server = o->what.substr(5);
-            if (o->rcpt.empty()) throw std::invalid_argument("explain smtp needs --rcpt ADDRESS");
+            // smtp:demo@contoso.com names the recipient; smtp:mail.contoso.com[:25] the server.
+            auto arg = o->what.size() > 5 ? o->what.substr(5) : std::string();
+            if (arg.find('@') != std::string::npos) {
+                if (o->rcpt.empty()) o->rcpt = arg;
+            } else {
+                p.smtp_server = arg;
+            }
+            if (o->rcpt.empty()) throw std::invalid_argument("explain smtp needs a recipient: smtp:ADDRESS or --rcpt ADDRESS");
             p.mail_from = o->mail_from;
             p.rcpt = o->rcpt;
         } else {

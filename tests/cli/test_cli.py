@@ -393,3 +393,13 @@ class Certs(TempFiles):
         self.assertIn("name ex01.corp.contoso.com", res.stdout)
         bad = run("certs", "show", os.path.join(self.dir, "missing.pem"))
         self.assertEqual(bad.returncode, 1)
+
+
+class SmtpRecipientForm(unittest.TestCase):
+    def test_smtp_colon_address_is_the_recipient(self):
+        res = explain("smtp:admin@contoso.com")
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        self.assertIn("RCPT TO:<admin@contoso.com>", res.stdout)
+        res = explain("smtp:victim@fabrikam.com")
+        self.assertEqual(res.returncode, 1)
+        self.assertIn("550 5.7.1", res.stdout)

@@ -136,3 +136,85 @@ class OpenRelay(Scenario):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def status_json(state, user_args=()):
+    res = run([*user_args, DMZPROXY, "lab", "--state", state, "status", "--json"], timeout=30)
+    try:
+        return json.loads(res.stdout)
+    except json.JSONDecodeError:
+        return {}
+
+
+def pid_gone(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+class Foreground(unittest.TestCase):
+    """lab up without --detach: a live log line per request naming tier and rule; Ctrl-C
+    (SIGINT) stops every process the lab started."""
+
+    def test_live_log_then_ctrl_c_stops_everything(self):
+        import signal
+        import threading
+        import time
+        d = tempfile.TemporaryDirectory(prefix="dmz-fg-")
+        self.addCleanup(d.cleanup)
+        state = os.path.join(d.name, "state")
+        self.addCleanup(lambda: run([DMZPROXY, "lab", "--state", state, "down"], timeout=60))
+        proc = subprocess.Popen([DMZPROXY, "lab", "--state", state, "up"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        lines = []
+        reader = threading.Thread(target=lambda: [lines.append(l) for l in proc.stdout], daemon=True)
+        reader.start()
+        deadline = time.time() + 30
+        st = {}
+        while time.time() < deadline and not st.get("running"):
+            time.sleep(0.2)
+            st = status_json(state)
+        self.assertTrue(st.get("running"), "lab did not come up:\n" + "".join(lines))
+        fe = next(i for i in st["instances"] if i["role"] == "front-end")
+        web = next(l for l in fe["listeners"] if l["protocol"] == "https" and l["network"] == "External")
+        url = "https://mail.contoso.com:%d/owa/" % web["port"]
+        res = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", st["ca_file"], "--interface",
+                   "127.10.0.100", "--resolve", "mail.contoso.com:%d:%s" % (web["port"], web["address"]), url])
+        self.assertEqual(res.stdout, "200", res.stderr)
+        while time.time() < deadline and not any("[front-end]" in l and "Exchange/owa" in l for l in lines):
+            time.sleep(0.1)
+        self.assertTrue(any("[front-end]" in l and "/owa/" in l and "Exchange/owa" in l for l in lines),
+                        "no live log line for the request:\n" + "".join(lines))
+        self.assertTrue(any("[back-end]" in l and "Exchange/owa" in l for l in lines), "".join(lines))
+        pids = [n["pid"] for n in st["instances"] + st["hosts"]]
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(timeout=20), 0, "".join(lines))
+        for pid in pids:
+            self.assertTrue(pid_gone(pid), "pid %d still runs after Ctrl-C" % pid)
+        self.assertFalse(os.path.exists(os.path.join(state, "lab.json")))
+
+
+@unittest.skipUnless(os.geteuid() == 0 and os.path.exists("/usr/bin/setpriv"), "needs root to become nobody")
+class WithoutRoot(unittest.TestCase):
+    """The lab runs without privileges: ports below 1024 move to 10000 + P, and status says so."""
+
+    def test_lab_as_nobody_maps_ports_and_works(self):
+        d = tempfile.mkdtemp(prefix="dmz-nobody-")
+        os.chmod(d, 0o777)
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", d], check=False))
+        state = os.path.join(d, "state")
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+        self.addCleanup(lambda: run([*as_nobody, DMZPROXY, "lab", "--state", state, "down"], timeout=60))
+        up = run([*as_nobody, DMZPROXY, "lab", "--state", state, "up", "--detach"], timeout=90)
+        self.assertEqual(up.returncode, 0, up.stdout + up.stderr)
+        self.assertIn("10000 + P", up.stdout)
+        st = status_json(state, as_nobody)
+        self.assertTrue(st.get("ports_mapped"), st)
+        ports = sorted(l["port"] for i in st["instances"] for l in i["listeners"])
+        self.assertIn(10443, ports)
+        self.assertIn(10025, ports)
+        res = run([*as_nobody, DMZPROXY, "diagnose", "--state", state, "--json", "https://mail.contoso.com/owa/"])
+        self.assertEqual(json.loads(res.stdout)["verdict"], "ok", res.stdout)
