@@ -45,30 +45,11 @@ command add_diagnose(CLI::App& app) {
             print_diagnostics(std::cerr, res.diags);
             return 2;
         }
-        topology::probe p;
         std::string from = o->from;
         if (from.empty())
             for (auto& n : res.topo->networks)
                 if (n.name == rules::external_network && n.client_address) from = n.client_address->to_string();
-        auto a = rules::ip_address::parse(from);
-        if (!a) throw std::invalid_argument("--from '" + from + "' is not an IP address");
-        p.from = *a;
-        p.method = o->method;
-        if (o->what == "smtp" || o->what.rfind("smtp:", 0) == 0) {
-            p.smtp = true;
-            // smtp:demo@contoso.com names the recipient; smtp:mail.contoso.com[:25] the server.
-            auto arg = o->what.size() > 5 ? o->what.substr(5) : std::string();
-            if (arg.find('@') != std::string::npos) {
-                if (o->rcpt.empty()) o->rcpt = arg;
-            } else {
-                p.smtp_server = arg;
-            }
-            if (o->rcpt.empty()) throw std::invalid_argument("diagnose smtp needs a recipient: smtp:ADDRESS or --rcpt ADDRESS");
-            p.mail_from = o->mail_from;
-            p.rcpt = o->rcpt;
-        } else {
-            p.url = o->what;
-        }
+        auto p = make_probe("diagnose", o->what, from, o->method, o->mail_from, o->rcpt);
         auto d = topology::diagnose(*res.topo, p, lab.value("ca_file", std::string()), mapped);
         std::string line = d.verdict == "ok"              ? "OK"
                            : d.verdict == "network-fault" ? "NETWORK FAULT at " + d.hop

@@ -29,28 +29,9 @@ command add_explain(CLI::App& app) {
     sub->add_flag("--json", o->json, "print the explanation as JSON");
     sub->add_option("what", o->what, "URL (https://mail.contoso.com/owa/), or smtp:RECIPIENT, or smtp / smtp:SERVER[:PORT] with --rcpt")->required();
     return [o]() -> int {
-        topology::probe p;
-        auto from = rules::ip_address::parse(o->from);
-        if (!from) throw std::invalid_argument("--from '" + o->from + "' is not an IP address");
-        p.from = *from;
+        auto p = make_probe("explain", o->what, o->from, o->method, o->mail_from, o->rcpt);
         p.user = o->user;
-        p.method = o->method;
         p.with_test_rules = o->with_test_rule;
-        if (o->what == "smtp" || o->what.rfind("smtp:", 0) == 0) {
-            p.smtp = true;
-            // smtp:demo@contoso.com names the recipient; smtp:mail.contoso.com[:25] the server.
-            auto arg = o->what.size() > 5 ? o->what.substr(5) : std::string();
-            if (arg.find('@') != std::string::npos) {
-                if (o->rcpt.empty()) o->rcpt = arg;
-            } else {
-                p.smtp_server = arg;
-            }
-            if (o->rcpt.empty()) throw std::invalid_argument("explain smtp needs a recipient: smtp:ADDRESS or --rcpt ADDRESS");
-            p.mail_from = o->mail_from;
-            p.rcpt = o->rcpt;
-        } else {
-            p.url = o->what;
-        }
         auto res = topology::load(o->topology);
         if (!res.topo || rules::has_errors(res.diags)) {
             print_diagnostics(std::cerr, res.diags);

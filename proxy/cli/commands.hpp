@@ -15,5 +15,6 @@ command add_run(CLI::App& app);
 command add_certs(CLI::App& app);
 command add_lab(CLI::App& app);
 command add_diagnose(CLI::App& app);
+command add_users(CLI::App& app);
 
 }  // namespace dmz::cli

@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
     add(&dmz::cli::add_certs);
     add(&dmz::cli::add_lab);
     add(&dmz::cli::add_diagnose);
+    add(&dmz::cli::add_users);
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {

@@ -150,6 +150,31 @@ const char* verdict_line(topology::outcome o) {
 }
 }  // namespace
 
+topology::probe make_probe(const std::string& command, const std::string& what, const std::string& from,
+                           const std::string& method, const std::string& mail_from, std::string rcpt) {
+    topology::probe p;
+    auto a = rules::ip_address::parse(from);
+    if (!a) throw std::invalid_argument("--from '" + from + "' is not an IP address");
+    p.from = *a;
+    p.method = method;
+    if (what == "smtp" || what.rfind("smtp:", 0) == 0) {
+        p.smtp = true;
+        // smtp:demo@contoso.com names the recipient; smtp:mail.contoso.com[:25] the server.
+        auto arg = what.size() > 5 ? what.substr(5) : std::string();
+        if (arg.find('@') != std::string::npos) {
+            if (rcpt.empty()) rcpt = arg;
+        } else {
+            p.smtp_server = arg;
+        }
+        if (rcpt.empty()) throw std::invalid_argument(command + " smtp needs a recipient: smtp:ADDRESS or --rcpt ADDRESS");
+        p.mail_from = mail_from;
+        p.rcpt = rcpt;
+    } else {
+        p.url = what;
+    }
+    return p;
+}
+
 void print_explanation(std::ostream& os, const topology::probe& p, const topology::topology& t,
                        const topology::explanation& ex) {
     if (p.smtp)

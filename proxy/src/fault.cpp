@@ -65,7 +65,7 @@ std::string html_safe(const std::string& s) {
 }  // namespace
 
 std::string render_fault(const fault_response& f, const std::string& instance, const std::string& role,
-                         bool keep_alive, bool http10) {
+                         bool keep_alive, bool http10, const std::string& realm) {
     std::string cls = to_string(f.cls);
     std::string tier = role.empty() ? instance : instance + " (" + role + ")";
     std::string body = "<!DOCTYPE html>\n<html><head><title>" + std::to_string(f.status) + " " + reason_phrase(f.status) +
@@ -78,7 +78,8 @@ std::string render_fault(const fault_response& f, const std::string& instance, c
                     (f.rule.empty() ? "" : " (rule '" + header_safe(f.rule) + "')") +
                     "\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\nContent-Length: " +
                     std::to_string(body.size()) + "\r\n";
-    if (f.status == 401) h += "WWW-Authenticate: Basic realm=\"" + header_safe(instance) + "\"\r\n";
+    if (f.status == 401)
+        h += "WWW-Authenticate: Basic realm=\"" + header_safe(realm.empty() ? instance : realm) + "\", charset=\"UTF-8\"\r\n";
     h += keep_alive ? (http10 ? "Connection: keep-alive\r\n" : "") : "Connection: close\r\n";
     h += "\r\n";
     return h + body;

@@ -26,8 +26,9 @@ struct fault_response {
 };
 
 /// The whole response, head and body. `keep_alive` false adds Connection: close.
+/// `realm`: for 401, the Basic realm to ask for (the instance name when empty).
 std::string render_fault(const fault_response& f, const std::string& instance, const std::string& role,
-                         bool keep_alive, bool http10);
+                         bool keep_alive, bool http10, const std::string& realm = {});
 
 const char* reason_phrase(int status);
 

@@ -7,6 +7,7 @@
 #include "dmz/proxy/http/parser.hpp"
 #include "dmz/rules/path.hpp"
 #include "fault.hpp"
+#include "dmz/proxy/users.hpp"
 #include "runtime.hpp"
 
 namespace dmz::proxy {
@@ -186,7 +187,7 @@ private:
     /// Answers with a generated response; fills the record. Returns whether the connection
     /// may carry another request.
     task<bool> send_fault(const fault_response& f, bool keep_alive, bool http10, access_record& rec) {
-        auto text = render_fault(f, rt_->name, rt_->role, keep_alive, http10);
+        auto text = render_fault(f, rt_->name, rt_->role, keep_alive, http10, lcfg().realm);
         error_code ec;
         co_await down_.write(asio::buffer(text), ec);
         rec.status = f.status;
@@ -320,6 +321,32 @@ private:
             co_return keep_if_refused && !ec;
         }
 
+        // ---- authenticate (basic and forms listeners validate Basic credentials) ----
+        std::string user, tried_user;
+        std::vector<std::string> groups;
+        bool validates = lcfg().auth == rules::auth_mode::basic || lcfg().auth == rules::auth_mode::forms;
+        auto authz = head.get("authorization");
+        if (validates && starts_with_nocase(authz, "basic ")) {
+            auto token = std::string(authz.substr(6));
+            while (!token.empty() && token.front() == ' ') token.erase(0, 1);
+            auto decoded = base64_decode(token);
+            auto colon = decoded ? decoded->find(':') : std::string::npos;
+            if (colon != std::string::npos) {
+                tried_user = decoded->substr(0, colon);
+                auto r = w_.auth.check(tried_user, decoded->substr(colon + 1));
+                if (r.ok) user = r.user, groups = r.groups;
+            }
+            if (user.empty()) {
+                in_.consume(head.head_size);
+                rec.user = tried_user;
+                fault_response fr{401, fault_class::auth_failed,
+                                  "the credentials" + (tried_user.empty() ? std::string() : " for '" + tried_user + "'") + " were refused",
+                                  ""};
+                co_return co_await refuse(fr, keep_if_refused, http10, rec, t0);
+            }
+        }
+        rec.user = user;
+
         // ---- evaluate rules ----
         rules::facts f;
         f.listener = lcfg().name;
@@ -328,7 +355,9 @@ private:
         f.host = host;
         f.method = std::string(head.method);
         f.target = std::string(head.target);
-        f.who = rules::identity::anonymous;
+        f.who = user.empty() ? rules::identity::anonymous : rules::identity::authenticated;
+        f.user = user;
+        f.groups = groups;
         auto d = rt_->policy->evaluate(f);
         rec.rule = d.rule_name;
         rec.path = d.path.safe() ? d.path.path + (d.path.query.empty() ? "" : "?" + d.path.query) : std::string(head.target);
@@ -410,6 +439,7 @@ private:
 
         // ---- rewrite the head (re-serialized, never copied raw) ----
         bool auth_on_connection = false;
+        auto deleg = rule.delegate.value_or(validates ? rules::delegation::basic : rules::delegation::pass_through);
         std::string out;
         out.reserve(head.head_size + 256);
         out.append(head.method);
@@ -429,7 +459,13 @@ private:
                 via.append(fld.value);
             }
             if (dropped_field(fld.name) || named_in(head.connection_tokens, fld.name)) continue;
-            if (http::iequals(fld.name, "authorization") && connection_auth(fld.value)) auth_on_connection = true;
+            if (http::iequals(fld.name, "authorization")) {
+                // Delegation: none strips; basic forwards what this tier validated; pass-through
+                // leaves the client's own (NTLM/Negotiate) for the upstream.
+                if (deleg == rules::delegation::none) continue;
+                if (deleg == rules::delegation::basic && (!validates || !starts_with_nocase(fld.value, "basic "))) continue;
+                if (connection_auth(fld.value)) auth_on_connection = true;
+            }
             if (rewrite_cookie && http::iequals(fld.name, "cookie")) {
                 if (!cookie_rewrite.empty()) append_field(out, "Cookie", cookie_rewrite);
                 continue;

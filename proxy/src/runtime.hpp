@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "access_log.hpp"
+#include "dmz/proxy/users.hpp"
 #include "dmz/rules/evaluate.hpp"
 #include "net/asio.hpp"
 #include "tls.hpp"
@@ -31,13 +32,36 @@ struct instance_runtime {
     const rules::instance_config& config() const { return policy->config(); }
 };
 
+/// Basic credentials against the user store, per worker (no locks): positive results are
+/// cached for a few minutes (scrypt is deliberately slow), the file is re-read when it changes.
+class authenticator {
+public:
+    explicit authenticator(std::string path) : path_(std::move(path)) {}
+    struct result {
+        bool ok = false;
+        std::string user;
+        std::vector<std::string> groups;
+    };
+    result check(const std::string& user, const std::string& password);
+    bool configured() const { return !path_.empty(); }
+
+private:
+    void refresh();
+    std::string path_;
+    std::unique_ptr<user_store> store_;
+    std::int64_t mtime_ = -1;
+    std::chrono::steady_clock::time_point checked_{};
+    std::unordered_map<std::string, std::chrono::steady_clock::time_point> cache_;  ///< sha256(user:pw) -> expiry
+};
+
 struct worker {
-    explicit worker(unsigned i, access_log& l) : io(1), log(l), index(i) {}
+    worker(unsigned i, access_log& l, const std::string& user_store) : io(1), log(l), index(i), auth(user_store) {}
     net::asio::io_context io;
     client_tls upstream_tls;
     upstream_pool pool;
     access_log& log;
     unsigned index;
+    authenticator auth;
     /// Sessions that want to say goodbye on shutdown (SMTP's 421), by connection id.
     std::unordered_map<std::uint64_t, std::function<void()>> shutdown_hooks;
     bool stopping = false;

@@ -5,9 +5,56 @@
 #include "dmz/proxy/run.hpp"
 #include "runtime.hpp"
 
+#include <openssl/sha.h>
+#include <sys/stat.h>
+
 namespace dmz::proxy {
 
 using namespace net;
+
+authenticator::result authenticator::check(const std::string& user, const std::string& password) {
+    refresh();
+    result r;
+    if (!store_) return r;
+    std::string key = user + ":" + password;
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    SHA256(reinterpret_cast<const unsigned char*>(key.data()), key.size(), digest);
+    std::string k(reinterpret_cast<char*>(digest), sizeof digest);
+    auto now = std::chrono::steady_clock::now();
+    auto it = cache_.find(k);
+    bool ok = it != cache_.end() && it->second > now;
+    if (!ok) {
+        ok = store_->verify(user, password);
+        if (ok) {
+            if (cache_.size() > 10000) cache_.clear();
+            cache_[k] = now + std::chrono::minutes(5);
+        }
+    }
+    auto* u = store_->find(user);
+    if (ok && u) {
+        r.ok = true;
+        r.user = user;
+        r.groups = u->groups;
+    }
+    return r;
+}
+
+void authenticator::refresh() {
+    if (path_.empty()) return;
+    auto now = std::chrono::steady_clock::now();
+    if (store_ && now - checked_ < std::chrono::seconds(1)) return;
+    checked_ = now;
+    struct stat st {};
+    std::int64_t m = ::stat(path_.c_str(), &st) == 0 ? static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec : 0;
+    if (store_ && m == mtime_) return;
+    try {
+        store_ = std::make_unique<user_store>(user_store::load(path_));
+        mtime_ = m;
+        cache_.clear();  // a removed user or a new password takes effect at once
+    } catch (const std::exception& e) {
+        std::cerr << "dmzproxy: user store " << path_ << ": " << e.what() << " (keeping the previous one)\n";
+    }
+}
 
 namespace {
 
@@ -58,7 +105,8 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
     access_log log(opts.access_log);
     std::vector<std::unique_ptr<worker>> workers;
     std::vector<std::unique_ptr<tcp::acceptor>> acceptors;
-    for (unsigned i = 0; i < n; ++i) workers.push_back(std::make_unique<worker>(i, log));
+    if (!policy->config().user_store.empty()) proxy::user_store::load(policy->config().user_store);  // malformed: fail now
+    for (unsigned i = 0; i < n; ++i) workers.push_back(std::make_unique<worker>(i, log, policy->config().user_store));
 
     for (auto& lr : rt->listeners) {
         for (auto& b : lr->cfg->bind) {

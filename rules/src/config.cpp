@@ -104,7 +104,8 @@ private:
     }
 
     void load_instance(const toml::table& t, instance_config& c) {
-        r_.only_keys(t, "instance", {"name", "role", "trust_forwarded_from", "description"});
+        r_.only_keys(t, "instance", {"name", "role", "trust_forwarded_from", "user_store", "description"});
+        if (auto u = r_.str(t, "user_store", "instance")) c.user_store = resolve_file(*u);
         if (auto n = r_.str(t, "name", "instance")) {
             if (opts_.in_topology && *n != opts_.instance_name)
                 r_.error("CFG004", r_.at_key(t, "name"), "instance.name",
@@ -611,6 +612,14 @@ private:
         }
     }
 
+    void load_delegation(const toml::table& rt, const std::string& path, rule& ru) {
+        if (auto d = r_.str(rt, "delegation", path)) {
+            ru.delegation_where = r_.at_key(rt, "delegation");
+            if (r_.one_of(*d, rt, "delegation", path, {"none", "basic", "pass-through"}))
+                ru.delegate = *d == "none" ? delegation::none : *d == "basic" ? delegation::basic : delegation::pass_through;
+        }
+    }
+
     void check_source(const instance_config& c, const std::string& s, const source_location& where,
                       const std::string& key) {
         if (!known_source(c, s)) dangling(where, key, "network or address set", s, source_names(c));
@@ -652,7 +661,7 @@ private:
             if (kind == "exchange") {
                 r_.only_keys(*rt, path, {"name", "kind", "enabled", "description", "listeners",
                                          "from", "public_names", "domain", "users", "groups",
-                                         "target", "services"});
+                                         "target", "services", "delegation"});
                 expand_exchange(*rt, path, std::move(ru), c);
                 continue;
             }
@@ -660,7 +669,7 @@ private:
             if (ru.kind == rule_kind::web)
                 r_.only_keys(*rt, path, {"name", "kind", "enabled", "action", "test", "description",
                                          "listeners", "from", "public_names", "paths", "methods",
-                                         "users", "groups", "max_body", "target"});
+                                         "users", "groups", "max_body", "target", "delegation"});
             else if (ru.kind == rule_kind::server)
                 r_.only_keys(*rt, path, {"name", "kind", "enabled", "action", "test", "description",
                                          "listeners", "from", "users", "groups", "accepted_domains",
@@ -675,6 +684,7 @@ private:
                 if (r_.one_of(*act, *rt, "action", path, {"allow", "deny"}))
                     ru.act = *act == "allow" ? action::allow : action::deny;
             load_conditions(*rt, path, ru, c);
+            if (ru.kind == rule_kind::web) load_delegation(*rt, path, ru);
             if (auto x = r_.size(*rt, "max_body", path)) ru.max_body = *x;
             if (ru.kind == rule_kind::server) {
                 for (auto& d : r_.strings(*rt, "accepted_domains", path)) {
@@ -729,6 +739,7 @@ private:
         base.template_rule = base.name;
         if (auto b = r_.boolean(rt, "enabled", path)) base.enabled = *b;
         load_conditions(rt, path, base, c);
+        load_delegation(rt, path, base);
         auto domain = to_lower(r_.str(rt, "domain", path, true).value_or(""));
         if (!domain.empty() && !valid_hostname(domain))
             r_.error("CFG004", r_.at_key(rt, "domain"), path + ".domain", "'" + domain + "' is not a domain");

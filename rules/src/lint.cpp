@@ -247,6 +247,39 @@ void lint(const instance_config& c, diagnostics& out) {
             }
         }
 
+        // Delegation must be able to work with the listener's authentication (TMG: "no
+        // delegation, but client may authenticate directly" on an unauthenticated listener).
+        if (r.kind == rule_kind::web && r.act == action::allow && r.delegate)
+            for (auto& ln : effective_listeners(c, r)) {
+                auto* l = c.find_listener(ln);
+                if (!l) continue;
+                bool validates = l->auth == auth_mode::basic || l->auth == auth_mode::forms;
+                std::string why;
+                if (*r.delegate == delegation::basic && !validates)
+                    why = "delegates basic credentials, but listener '" + ln + "' (authentication " + to_string(l->auth) +
+                          ") validates none";
+                if (*r.delegate == delegation::pass_through && validates)
+                    why = "passes the client's own authentication through, but listener '" + ln +
+                          "' takes the client's credentials itself (authentication " + to_string(l->auth) + ")";
+                if (!why.empty())
+                    add(out, severity::error, "AUTH001", r.delegation_where.line ? r.delegation_where : r.where, key + ".delegation",
+                        "rule '" + r.name + "' " + why,
+                        "basic delegation needs a basic or forms listener; pass-through needs authentication = \"none\" or \"pass-through\"");
+            }
+        if ((!r.users.empty() || !r.groups.empty()) && r.kind == rule_kind::web)
+            for (auto& ln : effective_listeners(c, r)) {
+                auto* l = c.find_listener(ln);
+                if (l && l->auth != auth_mode::basic && l->auth != auth_mode::forms)
+                    add(out, severity::error, "AUTH002", r.users_where.line ? r.users_where : r.where, key + ".users",
+                        "rule '" + r.name + "' requires users, but listener '" + ln + "' authenticates nobody (authentication " +
+                            to_string(l->auth) + ")",
+                        "set authentication = \"basic\" (or \"forms\") on the listener, with instance.user_store");
+                if (l && (l->auth == auth_mode::basic || l->auth == auth_mode::forms) && c.user_store.empty())
+                    add(out, severity::error, "AUTH003", l->where, "instance.user_store",
+                        "listener '" + ln + "' authenticates users but the instance has no user_store",
+                        "add user_store = \"users.toml\" under [instance] and manage it with 'dmzproxy users'");
+            }
+
         if (r.to && r.to->address)
             for (auto& l : c.listeners)
                 for (auto& b : l.bind)

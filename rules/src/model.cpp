@@ -30,6 +30,15 @@ const char* to_string(rule_kind k) {
     return "?";
 }
 
+const char* to_string(delegation d) {
+    switch (d) {
+    case delegation::none: return "none";
+    case delegation::basic: return "basic";
+    case delegation::pass_through: return "pass-through";
+    }
+    return "?";
+}
+
 const char* to_string(action a) { return a == action::allow ? "allow" : "deny"; }
 
 std::string bind_endpoint::to_string() const {

@@ -355,6 +355,8 @@ private:
     void derive(const topology& t, const instance& in, rules::instance_config& c) {
         bool map = settings_.map_privileged_ports;
         auto pki = settings_.state_dir.empty() ? std::string() : settings_.state_dir + "/pki";
+        // A lab's instances share one user store in the lab state folder.
+        if (c.user_store.empty()) c.user_store = (settings_.state_dir.empty() ? std::string("lab-state") : settings_.state_dir) + "/users.toml";
         for (auto& l : c.listeners) {
             l.port = mapped_port(l.port, map);
             for (auto& b : l.bind) b.port = mapped_port(b.port, map);

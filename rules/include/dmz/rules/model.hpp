@@ -103,6 +103,11 @@ enum class host_header { original, target };
 /// this tier ("requests appear to come from the proxy").
 enum class client_address { forwarded, proxy };
 enum class server_mode { smtp, tcp };
+/// What the upstream gets of the client's credentials (TMG's delegation): `none` strips
+/// them, `basic` forwards the Basic credentials this tier validated, `pass_through` leaves
+/// the client's own Authorization (NTLM/Negotiate) untouched for the upstream to judge.
+enum class delegation { none, basic, pass_through };
+const char* to_string(delegation d);
 const char* to_string(rule_kind k);
 const char* to_string(action a);
 
@@ -155,6 +160,9 @@ struct rule {
     std::uint64_t max_body = 0;  ///< 0: no limit beyond the listener's
     std::optional<target> to;
     bool exchange_guards = false;  ///< refuse ProxyShell/ProxyNotShell shapes
+    /// Web rules; unset: pass_through on `none`/`pass-through` listeners, basic on `basic`.
+    std::optional<delegation> delegate;
+    source_location delegation_where;
     std::string template_rule;     ///< the `exchange` rule this was expanded from
     std::string service;           ///< owa, activesync, ... when expanded
     source_location where;
@@ -167,7 +175,8 @@ struct instance_config {
     std::string name;
     std::string role;  ///< "front-end", "back-end" or ""
     std::vector<std::string> trust_forwarded_from;
-    source_location trust_forwarded_from_where;  ///< where the list is written, for findings
+    source_location trust_forwarded_from_where;
+    std::string user_store;  ///< the user store file (dmzproxy users), "" for none  ///< where the list is written, for findings
     std::vector<network> networks;  ///< without External, which is implicit
     std::vector<address_set> address_sets;
     std::vector<listener> listeners;

@@ -1,0 +1,192 @@
+"""Basic pre-authentication at the front-end against the user store (issue 6, first part):
+no unauthenticated request reaches the upstream when a rule requires a user; delegation
+decides what the upstream gets of the credentials; `dmzproxy users` changes take effect
+without a restart.
+
+    DMZPROXY=build/dmzproxy python3 -m unittest -v test_auth
+"""
+
+import base64
+import os
+import subprocess
+import time
+import unittest
+
+import harness as h
+
+
+def basic(user, password):
+    return ("Authorization", "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode())
+
+
+class BasicListener(unittest.TestCase):
+    def setUp(self):
+        self.lab = h.Lab(prefix="dmz-auth-")
+        self.addCleanup(self.lab.close)
+        self.store = self.lab.path("users.toml")
+        self.users("add", "alice", "-g", "mail-users", password="alice-pw")
+        self.users("add", "bob", password="bob-pw")
+        self.origin = self.lab.start_origin("origin", h.ORIGIN)
+        port = h.free_port(h.FE_EXTERNAL)
+        target = '{ address = "%s", port = %d }' % (h.ORIGIN, self.origin.port)
+        cfg = """
+[instance]
+name = "front-end"
+user_store = "%s"
+
+[listeners.web]
+protocol = "http"
+bind = ["%s:%d"]
+authentication = "basic"
+realm = "Contoso"
+
+[[rules]]
+name = "OWA for users"
+action = "allow"
+paths = ["/owa"]
+users = ["*"]
+delegation = "basic"
+target = %s
+
+[[rules]]
+name = "EWS for mail-users"
+action = "allow"
+paths = ["/EWS"]
+groups = ["mail-users"]
+delegation = "none"
+target = %s
+
+[[rules]]
+name = "Anonymous autodiscover"
+action = "allow"
+paths = ["/autodiscover"]
+target = %s
+
+[groups.mail-users]
+""" % (self.store, h.FE_EXTERNAL, port, target, target, target)
+        self.fe = self.lab.start_proxy("front-end", cfg, h.FE_EXTERNAL, port)
+        self.port = port
+
+    def users(self, *args, password=None):
+        res = subprocess.run([h.DMZPROXY, "users", "--file", self.store, *args, *(["--password-stdin"] if password else [])],
+                             input=(password or "") + "\n", capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        return res
+
+    def get(self, path, *headers):
+        with h.HttpConnection.open(h.FE_EXTERNAL, self.port) as c:
+            return c.request("GET", path, list(headers))
+
+    def test_no_credentials_is_401_and_nothing_reaches_the_upstream(self):
+        r = self.get("/owa/")
+        self.assertEqual(r.status, 401, r)
+        self.assertIn('Basic realm="Contoso"', r.header("WWW-Authenticate") or "")
+        self.assertIn("auth-required", r.dmz_error() or "")
+        self.assertEqual(self.origin.requests(), [])
+
+    def test_wrong_password_and_unknown_user_look_the_same(self):
+        for who in (basic("alice", "nope"), basic("mallory", "nope")):
+            r = self.get("/owa/", who)
+            self.assertEqual(r.status, 401, r)
+            self.assertIn("auth-failed", r.dmz_error() or "")
+        self.assertEqual(self.origin.requests(), [])
+        failed = lambda: [e for e in self.fe.access() if e.get("fault") == "auth-failed"]
+        h.wait_for(lambda: len(failed()) == 2, 5, what="two auth-failed lines in the access log")  # written asynchronously
+        self.assertEqual(sorted(e["user"] for e in failed()), ["alice", "mallory"])
+
+    def test_valid_credentials_reach_the_upstream_with_basic_delegation(self):
+        r = self.get("/owa/", basic("alice", "alice-pw"))
+        self.assertEqual(r.status, 200, r)
+        req = self.origin.requests()[-1]
+        headers = {k.lower(): v for k, v in req["headers"]}
+        self.assertTrue(headers.get("authorization", "").startswith("Basic "), headers)
+        h.wait_for(lambda: len(self.fe.access()) == 1, 5, what="the access log line")
+        self.assertEqual(self.fe.access()[-1]["user"], "alice")
+
+    def test_delegation_none_strips_the_credentials(self):
+        r = self.get("/EWS/Exchange.asmx", basic("alice", "alice-pw"))
+        self.assertEqual(r.status, 200, r)
+        headers = {k.lower(): v for k, v in self.origin.requests()[-1]["headers"]}
+        self.assertNotIn("authorization", headers)
+
+    def test_group_rule_refuses_a_user_outside_the_group(self):
+        r = self.get("/EWS/Exchange.asmx", basic("bob", "bob-pw"))
+        self.assertEqual(r.status, 403, r)
+        self.assertEqual(self.origin.requests(), [])
+
+    def test_anonymous_rule_still_serves_anonymous_clients(self):
+        self.assertEqual(self.get("/autodiscover/autodiscover.json").status, 200)
+
+    def test_password_change_and_removal_take_effect_without_restart(self):
+        self.assertEqual(self.get("/owa/", basic("alice", "alice-pw")).status, 200)
+        time.sleep(1.1)  # the store is re-read when its modification time changes (checked each second)
+        self.users("passwd", "alice", password="new-pw")
+        h.wait_for(lambda: self.get("/owa/", basic("alice", "alice-pw")).status == 401, 5, what="old password refused")
+        self.assertEqual(self.get("/owa/", basic("alice", "new-pw")).status, 200)
+        self.users("del", "bob")
+        time.sleep(1.1)
+        self.assertEqual(self.get("/autodiscover/x", basic("bob", "bob-pw")).status, 401)
+
+
+class StoreFile(unittest.TestCase):
+    def test_hashes_are_salted_scrypt_and_the_file_is_private(self):
+        lab = h.Lab(prefix="dmz-users-")
+        self.addCleanup(lab.close)
+        store = lab.path("users.toml")
+        for name in ("a", "b"):
+            subprocess.run([h.DMZPROXY, "users", "--file", store, "add", name, "--password-stdin"], input="same\n",
+                           capture_output=True, text=True, timeout=60, check=True)
+        import tomllib
+        text = open(store).read()
+        hashes = [u["password"] for u in tomllib.loads(text)["users"].values()]
+        self.assertEqual(len(hashes), 2)
+        self.assertTrue(all(x.startswith("$scrypt$ln=15,r=8,p=1$") for x in hashes), hashes)
+        self.assertNotEqual(hashes[0], hashes[1], "same password, different salt")
+        self.assertNotIn("same", text)
+        self.assertEqual(os.stat(store).st_mode & 0o077, 0)
+        res = subprocess.run([h.DMZPROXY, "users", "--file", store, "list"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(res.stdout.split(), ["a", "b"])
+
+
+class CheckDelegation(unittest.TestCase):
+    def run_check(self, listener_auth, delegation, extra=""):
+        lab = h.Lab(prefix="dmz-deleg-")
+        self.addCleanup(lab.close)
+        cfg = lab.write("c.toml", """
+[instance]
+user_store = "users.toml"
+[listeners.web]
+protocol = "http"
+bind = ["127.0.0.1:18999"]
+authentication = "%s"
+[[rules]]
+name = "R"
+action = "allow"
+delegation = "%s"
+%s
+target = { address = "127.0.0.2", port = 80 }
+""" % (listener_auth, delegation, extra))
+        return subprocess.run([h.DMZPROXY, "check", "-q", "--json", "-c", cfg], capture_output=True, text=True, timeout=30)
+
+    def codes(self, res):
+        import json
+        return [f["code"] for f in json.loads(res.stdout)["findings"]]
+
+    def test_basic_delegation_on_an_unauthenticated_listener_is_an_error(self):
+        res = self.run_check("none", "basic")
+        self.assertEqual(res.returncode, 1)
+        self.assertIn("AUTH001", self.codes(res))
+
+    def test_pass_through_on_a_basic_listener_is_an_error(self):
+        self.assertIn("AUTH001", self.codes(self.run_check("basic", "pass-through")))
+
+    def test_users_on_a_listener_that_authenticates_nobody_is_an_error(self):
+        self.assertIn("AUTH002", self.codes(self.run_check("none", "none", 'users = ["*"]')))
+
+    def test_consistent_settings_are_clean(self):
+        res = self.run_check("basic", "basic", 'users = ["*"]')
+        self.assertEqual(self.codes(res), [], res.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()
