@@ -322,7 +322,7 @@ private:
         }
 
         // ---- authenticate (basic and forms listeners validate Basic credentials) ----
-        std::string user, tried_user;
+        std::string user, tried_user, why_refused;
         std::vector<std::string> groups;
         bool validates = lcfg().auth == rules::auth_mode::basic || lcfg().auth == rules::auth_mode::forms;
         auto authz = head.get("authorization");
@@ -333,8 +333,9 @@ private:
             auto colon = decoded ? decoded->find(':') : std::string::npos;
             if (colon != std::string::npos) {
                 tried_user = decoded->substr(0, colon);
-                auto r = w_.auth.check(tried_user, decoded->substr(colon + 1));
+                auto r = w_.auth.check(tried_user, decoded->substr(colon + 1), lcfg().name, client.to_string(), lcfg().lockout);
                 if (r.ok) user = r.user, groups = r.groups;
+                else why_refused = r.refusal;
             }
             if (user.empty()) {
                 in_.consume(head.head_size);
@@ -342,7 +343,11 @@ private:
                 fault_response fr{401, fault_class::auth_failed,
                                   "the credentials" + (tried_user.empty() ? std::string() : " for '" + tried_user + "'") + " were refused",
                                   ""};
-                co_return co_await refuse(fr, keep_if_refused, http10, rec, t0);
+                bool keep = co_await send_fault(fr, keep_if_refused, http10, rec);
+                // The client hears only "refused"; the log says why (no user enumeration).
+                rec.detail += why_refused.empty() ? "" : " (" + why_refused + ")";
+                log(rec, t0);
+                co_return keep;
             }
         }
         rec.user = user;

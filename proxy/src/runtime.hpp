@@ -3,6 +3,7 @@
 // worker owns alone (its io_context, upstream pool and client TLS contexts).
 #include <atomic>
 #include <functional>
+#include <mutex>
 #include <unordered_map>
 #include <memory>
 #include <string>
@@ -32,17 +33,38 @@ struct instance_runtime {
     const rules::instance_config& config() const { return policy->config(); }
 };
 
-/// Basic credentials against the user store, per worker (no locks): positive results are
-/// cached for a few minutes (scrypt is deliberately slow), the file is re-read when it changes.
+/// Failure counts shared by the workers of one instance. Touched only when a password is
+/// really checked (a cache miss) or fails, never on the cached path of a good login.
+class lockout_table {
+public:
+    /// Why a check must fail without looking at the password, or "".
+    std::string refused(const std::string& listener, const std::string& user, const std::string& address,
+                        const rules::lockout_policy& p);
+    void failed(const std::string& listener, const std::string& user, const std::string& address, const rules::lockout_policy& p);
+    void succeeded(const std::string& listener, const std::string& user);
+
+private:
+    struct entry {
+        std::uint32_t count = 0;
+        std::chrono::steady_clock::time_point last{};
+    };
+    std::mutex m_;
+    std::unordered_map<std::string, entry> users_, addresses_;
+};
+
+/// Basic credentials against the user store, per worker: positive results are cached for a
+/// few minutes (scrypt is deliberately slow), the file is re-read when it changes.
 class authenticator {
 public:
-    explicit authenticator(std::string path) : path_(std::move(path)) {}
+    authenticator(std::string path, std::shared_ptr<lockout_table> lockout) : path_(std::move(path)), lockout_(std::move(lockout)) {}
     struct result {
         bool ok = false;
         std::string user;
         std::vector<std::string> groups;
+        std::string refusal;  ///< for the log: "bad password", "locked out", ...
     };
-    result check(const std::string& user, const std::string& password);
+    result check(const std::string& user, const std::string& password, const std::string& listener = {},
+                 const std::string& address = {}, const rules::lockout_policy& policy = {});
     bool configured() const { return !path_.empty(); }
 
 private:
@@ -52,10 +74,12 @@ private:
     std::int64_t mtime_ = -1;
     std::chrono::steady_clock::time_point checked_{};
     std::unordered_map<std::string, std::chrono::steady_clock::time_point> cache_;  ///< sha256(user:pw) -> expiry
+    std::shared_ptr<lockout_table> lockout_;
 };
 
 struct worker {
-    worker(unsigned i, access_log& l, const std::string& user_store) : io(1), log(l), index(i), auth(user_store) {}
+    worker(unsigned i, access_log& l, const std::string& user_store, std::shared_ptr<lockout_table> lockout)
+        : io(1), log(l), index(i), auth(user_store, std::move(lockout)) {}
     net::asio::io_context io;
     client_tls upstream_tls;
     upstream_pool pool;

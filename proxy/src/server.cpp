@@ -12,10 +12,48 @@ namespace dmz::proxy {
 
 using namespace net;
 
-authenticator::result authenticator::check(const std::string& user, const std::string& password) {
+std::string lockout_table::refused(const std::string& listener, const std::string& user, const std::string& address,
+                                   const rules::lockout_policy& p) {
+    auto now = std::chrono::steady_clock::now();
+    std::lock_guard lock(m_);
+    if (p.address_threshold) {
+        auto it = addresses_.find(listener + '\0' + address);
+        if (it != addresses_.end() && it->second.count >= p.address_threshold && now - it->second.last < p.window)
+            return "too many failures from " + address;
+    }
+    if (p.threshold) {
+        auto it = users_.find(listener + '\0' + user);
+        if (it != users_.end() && it->second.count >= p.threshold && now - it->second.last < p.window) return "locked out";
+    }
+    return "";
+}
+
+void lockout_table::failed(const std::string& listener, const std::string& user, const std::string& address,
+                           const rules::lockout_policy& p) {
+    auto now = std::chrono::steady_clock::now();
+    std::lock_guard lock(m_);
+    if (users_.size() > 100000) users_.clear();  // bounded, whatever an attacker sends
+    if (addresses_.size() > 100000) addresses_.clear();
+    for (auto* e : {&users_[listener + '\0' + user], &addresses_[listener + '\0' + address]}) {
+        if (now - e->last >= p.window) e->count = 0;  // a new observation window
+        ++e->count;
+        e->last = now;
+    }
+}
+
+void lockout_table::succeeded(const std::string& listener, const std::string& user) {
+    std::lock_guard lock(m_);
+    users_.erase(listener + '\0' + user);
+}
+
+authenticator::result authenticator::check(const std::string& user, const std::string& password, const std::string& listener,
+                                           const std::string& address, const rules::lockout_policy& policy) {
     refresh();
     result r;
-    if (!store_) return r;
+    if (!store_) {
+        r.refusal = "no user store";
+        return r;
+    }
     std::string key = user + ":" + password;
     unsigned char digest[SHA256_DIGEST_LENGTH];
     SHA256(reinterpret_cast<const unsigned char*>(key.data()), key.size(), digest);
@@ -24,10 +62,19 @@ authenticator::result authenticator::check(const std::string& user, const std::s
     auto it = cache_.find(k);
     bool ok = it != cache_.end() && it->second > now;
     if (!ok) {
-        ok = store_->verify(user, password);
+        // A locked-out user gets the same answer, after the same work, as a wrong password.
+        r.refusal = lockout_ ? lockout_->refused(listener, user, address, policy) : "";
+        bool good = store_->verify(user, password);
+        ok = good && r.refusal.empty();
         if (ok) {
             if (cache_.size() > 10000) cache_.clear();
             cache_[k] = now + std::chrono::minutes(5);
+            if (lockout_) lockout_->succeeded(listener, user);
+        } else if (r.refusal.empty()) {
+            // Only a real bad password counts: attempts refused by the lockout itself do not
+            // extend it (the user retrying must not lock themselves out for longer).
+            r.refusal = store_->find(user) ? "bad password" : "unknown user";
+            if (lockout_) lockout_->failed(listener, user, address, policy);
         }
     }
     auto* u = store_->find(user);
@@ -106,7 +153,8 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
     std::vector<std::unique_ptr<worker>> workers;
     std::vector<std::unique_ptr<tcp::acceptor>> acceptors;
     if (!policy->config().user_store.empty()) proxy::user_store::load(policy->config().user_store);  // malformed: fail now
-    for (unsigned i = 0; i < n; ++i) workers.push_back(std::make_unique<worker>(i, log, policy->config().user_store));
+    auto lockout = std::make_shared<lockout_table>();
+    for (unsigned i = 0; i < n; ++i) workers.push_back(std::make_unique<worker>(i, log, policy->config().user_store, lockout));
 
     for (auto& lr : rt->listeners) {
         for (auto& b : lr->cfg->bind) {

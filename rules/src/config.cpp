@@ -239,7 +239,14 @@ private:
             r_.only_keys(*lt, path,
                          {"protocol", "bind", "networks", "port", "certificates",
                           "default_certificate", "authentication", "realm", "redirect_to_https",
-                          "public_name", "limits", "timeouts", "description"});
+                          "public_name", "limits", "timeouts", "lockout", "description"});
+            if (auto* lo = r_.table(*lt, "lockout", path)) {
+                auto lp = path + ".lockout";
+                r_.only_keys(*lo, lp, {"threshold", "address_threshold", "window"});
+                if (auto x = r_.integer(*lo, "threshold", lp, 0, 1000)) l.lockout.threshold = static_cast<std::uint32_t>(*x);
+                if (auto x = r_.integer(*lo, "address_threshold", lp, 0, 100000)) l.lockout.address_threshold = static_cast<std::uint32_t>(*x);
+                if (auto x = r_.duration(*lo, "window", lp)) l.lockout.window = *x;
+            }
             r_.str(*lt, "description", path);
             bool proto_known = false;
             if (auto p = r_.str(*lt, "protocol", path, true)) {

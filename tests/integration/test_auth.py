@@ -190,3 +190,63 @@ target = { address = "127.0.0.2", port = 80 }
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Lockout(unittest.TestCase):
+    """Soft lockout: after N bad passwords a user's attempts fail like a bad password until
+    the window passes; an address with too many failures is refused too. Nothing reaches the
+    upstream meanwhile, and the log says why."""
+
+    def start(self, lockout):
+        self.lab = h.Lab(prefix="dmz-lockout-")
+        self.addCleanup(self.lab.close)
+        store = self.lab.path("users.toml")
+        for name, pw in (("alice", "alice-pw"), ("bob", "bob-pw")):
+            subprocess.run([h.DMZPROXY, "users", "--file", store, "add", name, "--password-stdin"], input=pw + "\n",
+                           capture_output=True, text=True, timeout=60, check=True)
+        self.origin = self.lab.start_origin("origin", h.ORIGIN)
+        self.port = h.free_port(h.FE_EXTERNAL)
+        cfg = """
+[instance]
+name = "front-end"
+user_store = "%s"
+[listeners.web]
+protocol = "http"
+bind = ["%s:%d"]
+authentication = "basic"
+lockout = %s
+[[rules]]
+name = "OWA"
+action = "allow"
+paths = ["/owa"]
+users = ["*"]
+target = { address = "%s", port = %d }
+""" % (store, h.FE_EXTERNAL, self.port, lockout, h.ORIGIN, self.origin.port)
+        self.fe = self.lab.start_proxy("front-end", cfg, h.FE_EXTERNAL, self.port)
+
+    def get(self, user, pw, source=h.CLIENT):
+        with h.HttpConnection.open(h.FE_EXTERNAL, self.port, source=source) as c:
+            return c.request("GET", "/owa/", [basic(user, pw)])
+
+    def test_lockout_after_n_failures_then_recovery_after_the_window(self):
+        self.start('{ threshold = 3, window = "3s", address_threshold = 100 }')
+        for _ in range(3):
+            self.assertEqual(self.get("alice", "wrong").status, 401)
+        locked = self.get("alice", "alice-pw")
+        self.assertEqual(locked.status, 401, "the right password is refused while locked out")
+        wrong = self.get("alice", "wrong-again")
+        self.assertEqual((locked.status, locked.dmz_error()[1]), (wrong.status, wrong.dmz_error()[1]),
+                         "a locked-out user gets the same answer as a wrong password")
+        self.assertEqual(self.get("bob", "bob-pw").status, 200, "other users are not affected")
+        h.wait_for(lambda: any("locked out" in e.get("detail", "") for e in self.fe.access()), 5, what="'locked out' in the log")
+        self.assertEqual([q for q in self.origin.requests() if "alice" in str(q["headers"])], [])
+        time.sleep(3.2)
+        self.assertEqual(self.get("alice", "alice-pw").status, 200, "recovered after the window")
+
+    def test_address_with_too_many_failures_is_refused(self):
+        self.start('{ threshold = 0, window = "30s", address_threshold = 4 }')
+        for i in range(4):
+            self.assertEqual(self.get("user%d" % i, "guess").status, 401)
+        self.assertEqual(self.get("bob", "bob-pw").status, 401, "the address is blocked even with good credentials")
+        self.assertEqual(self.get("bob", "bob-pw", source="127.10.0.101").status, 200, "other addresses are not")
+        h.wait_for(lambda: any("too many failures" in e.get("detail", "") for e in self.fe.access()), 5, what="log")

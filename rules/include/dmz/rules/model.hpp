@@ -65,6 +65,15 @@ struct listener_timeouts {
     millis command{std::chrono::seconds(300)};  ///< SMTP, RFC 5321 4.5.3.2.7
 };
 
+/// Soft lockout (as AD FS extranet lockout): after `threshold` bad passwords within
+/// `window`, a user's further attempts fail without a check until the window passes since
+/// the last one; an address with `address_threshold` failures in `window` is refused too.
+struct lockout_policy {
+    std::uint32_t threshold = 5;           ///< 0: no per-user lockout
+    std::uint32_t address_threshold = 20;  ///< 0: no per-address limit
+    millis window{std::chrono::minutes(15)};
+};
+
 struct listener {
     std::string name;
     protocol proto = protocol::https;
@@ -79,6 +88,7 @@ struct listener {
     std::string public_name;         ///< SMTP banner and EHLO name
     listener_limits limits;
     listener_timeouts timeouts;
+    lockout_policy lockout;
     source_location where;
 };
 
