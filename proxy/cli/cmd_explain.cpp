@@ -3,7 +3,10 @@
 #include <iostream>
 #include <memory>
 
+#include <filesystem>
+
 #include "commands.hpp"
+#include "dmz/proxy/users.hpp"
 #include "dmz/topology/explain.hpp"
 #include "output.hpp"
 
@@ -11,7 +14,7 @@ namespace dmz::cli {
 
 namespace {
 struct explain_options {
-    std::string topology, from, user, method = "GET", mail_from, rcpt, what;
+    std::string topology, from, user, method = "GET", mail_from, rcpt, what, users_file = "lab-state/users.toml";
     bool json = false, with_test_rule = false;
 };
 }  // namespace
@@ -22,6 +25,7 @@ command add_explain(CLI::App& app) {
     sub->add_option("-t,--topology", o->topology, "topology (TOML)")->required();
     sub->add_option("--from", o->from, "client address, e.g. 127.10.0.100 (its network follows from the topology)")->required();
     sub->add_option("--user", o->user, "evaluate as this authenticated user (default: anonymous)");
+    sub->add_option("--users-file", o->users_file, "user store for --user's groups (default: lab-state/users.toml if present)");
     sub->add_option("--method,-X", o->method, "HTTP method (default GET)");
     sub->add_option("--mail-from", o->mail_from, "SMTP envelope sender");
     sub->add_option("--rcpt", o->rcpt, "SMTP envelope recipient");
@@ -32,6 +36,11 @@ command add_explain(CLI::App& app) {
         auto p = make_probe("explain", o->what, o->from, o->method, o->mail_from, o->rcpt);
         p.user = o->user;
         p.with_test_rules = o->with_test_rule;
+        if (!p.user.empty() && std::filesystem::exists(o->users_file)) {
+            auto store = proxy::user_store::load(o->users_file);
+            if (auto* u = store.find(p.user)) p.groups = u->groups;
+            else std::cerr << "dmzproxy explain: note: '" << p.user << "' is not in " << o->users_file << "\n";
+        }
         auto res = topology::load(o->topology);
         if (!res.topo || rules::has_errors(res.diags)) {
             print_diagnostics(std::cerr, res.diags);

@@ -403,3 +403,53 @@ class SmtpRecipientForm(unittest.TestCase):
         res = explain("smtp:victim@fabrikam.com")
         self.assertEqual(res.returncode, 1)
         self.assertIn("550 5.7.1", res.stdout)
+
+
+class ExplainUserGroups(TempFiles):
+    """explain --user takes the user's groups from the user store (dmzproxy users)."""
+
+    def test_groups_from_the_store_decide_a_group_rule(self):
+        store = os.path.join(self.dir, "users.toml")
+        cfgdir = os.path.join(self.dir, "t")
+        os.makedirs(cfgdir)
+        topo = self.write("t.toml", """
+[topology]
+name = "g"
+[networks.External]
+ranges = ["127.10.0.0/16"]
+[networks.Internal]
+ranges = ["127.30.0.0/16"]
+[instances.edge]
+role = "single"
+legs = [{ network = "External", address = "127.10.0.10" }, { network = "Internal", address = "127.30.0.10" }]
+[instances.edge.config.listeners.web]
+protocol = "http"
+networks = ["External"]
+port = 80
+authentication = "basic"
+[instances.edge.config.groups.mail-users]
+[[instances.edge.config.rules]]
+name = "EWS for mail-users"
+action = "allow"
+paths = ["/EWS"]
+groups = ["mail-users"]
+target = { host = "exchange", port = 80 }
+[hosts.exchange]
+network = "Internal"
+address = "127.30.0.50"
+names = ["mail.contoso.com"]
+services = [{ name = "web", protocol = "http", port = 80 }]
+[names]
+"mail.contoso.com" = "edge"
+""")
+        for name, groups in (("alice", ["-g", "mail-users"]), ("bob", [])):
+            subprocess.run([DMZPROXY, "users", "--file", store, "add", name, *groups, "--password-stdin"], input="pw\n",
+                           capture_output=True, text=True, timeout=60, check=True)
+        args = ["explain", "-t", topo, "--from", CLIENT, "--users-file", store]
+        alice = run(*args, "--user", "alice", "http://mail.contoso.com/EWS/Exchange.asmx")
+        self.assertEqual(alice.returncode, 0, alice.stdout + alice.stderr)
+        bob = run(*args, "--user", "bob", "http://mail.contoso.com/EWS/Exchange.asmx")
+        self.assertEqual(bob.returncode, 1, bob.stdout)
+        anon = run(*args, "http://mail.contoso.com/EWS/Exchange.asmx")
+        self.assertEqual(anon.returncode, 1)
+        self.assertIn("AUTH FAULT", anon.stdout)

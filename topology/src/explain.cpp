@@ -247,8 +247,10 @@ explanation run(const topology& t, const probe& p, bool with_test_rules, bool ma
         } else {
             f.who = rules::identity::authenticated;
             f.user = p.user;
-            for (auto& usr : cfg.users)
-                if (usr.name == p.user) f.groups = usr.groups;
+            if (p.groups) f.groups = *p.groups;
+            else
+                for (auto& usr : cfg.users)
+                    if (usr.name == p.user) f.groups = usr.groups;
         }
         if (h_web) {
             f.host = h.host;

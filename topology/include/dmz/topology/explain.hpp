@@ -15,6 +15,8 @@ struct probe {
     std::string smtp_server; ///< name[:port] (SMTP); the topology's mx when empty
     std::string method = "GET";
     std::string user;        ///< empty: anonymous
+    /// The user's groups from the user store; unset: from the instance config's [users].
+    std::optional<std::vector<std::string>> groups;
     std::string mail_from;
     std::string rcpt;
     bool with_test_rules = false;
