@@ -391,14 +391,15 @@ int lab_up(const lab_options& o) {
     if (web_port) {
         auto base = "curl --cacert " + ca.cert_file() + " --interface " + client + " --resolve " + web_name + ":" +
                     std::to_string(web_port) + ":" + web_addr;
-        auto url = "https://" + web_name + ":" + std::to_string(web_port);
-        std::cout << "  OWA:           " << base << " " << url << "/owa/\n"
-                  << "  ActiveSync:    " << base << " -X OPTIONS -i " << url << "/Microsoft-Server-ActiveSync\n"
+        // URLs in single quotes: they are pasted into a shell ('&' would background it).
+        auto url = [&](const std::string& path) { return "'https://" + web_name + ":" + std::to_string(web_port) + path + "'"; };
+        std::cout << "  OWA:           " << base << " " << url("/owa/") << "\n"
+                  << "  ActiveSync:    " << base << " -X OPTIONS -i " << url("/Microsoft-Server-ActiveSync") << "\n"
                   << "  EWS:           " << base << " --ntlm -u 'contoso\\demo:" << users[0]["password"].get<std::string>()
-                  << "' -X POST -H 'Content-Type: text/xml' -d '<x/>' " << url << "/EWS/Exchange.asmx\n"
-                  << "  Autodiscover:  " << base << " " << url << "/autodiscover/autodiscover.json?Email=demo@" << t.domain
-                  << "&Protocol=ActiveSync\n"
-                  << "  ECP (denied):  " << base << " -i " << url << "/ecp/\n";
+                  << "' -X POST -H 'Content-Type: text/xml' -d '<x/>' " << url("/EWS/Exchange.asmx") << "\n"
+                  << "  Autodiscover:  " << base << " " << url("/autodiscover/autodiscover.json?Email=demo@" + t.domain + "&Protocol=ActiveSync")
+                  << "\n"
+                  << "  ECP (denied):  " << base << " -i " << url("/ecp/") << "\n";
     }
     if (smtp_port)
         std::cout << "  Mail:          swaks --server " << smtp_addr << ":" << smtp_port << " --local-interface " << client
