@@ -79,7 +79,6 @@ bool via_names(std::string_view via, std::string_view name) {
     return false;
 }
 
-std::string format_address(const rules::ip_address& a) { return a.is_v4() ? a.to_string() : "[" + a.to_string() + "]"; }
 
 void append_field(std::string& out, std::string_view name, std::string_view value) {
     out.append(name);
@@ -135,7 +134,7 @@ public:
         if (a) peer_ = *a;
         peer_text_ = peer_.to_string();
         down_.socket().set_option(tcp::no_delay(true), ec);
-        for (auto& t : rt_->config().trust_forwarded_from) trusted_peer_ = trusted_peer_ || rt_->policy->source_contains(t, peer_);
+        trusted_peer_ = rt_->policy->trusts_forwarding_from(peer_);
     }
 
     void start() {
@@ -384,7 +383,7 @@ private:
         const rules::rule& rule = *d.matched;
         const rules::target& to = *rule.to;
         rec.action = "allow";
-        rec.target = format_address(*to.address) + ":" + std::to_string(to.port);
+        rec.target = endpoint_text(*to.address, to.port);
 
         // ---- the Exchange template's guards on headers ----
         std::string cookie_rewrite;
@@ -541,7 +540,7 @@ private:
     }
 
     static std::string pool_key(const rules::target& to) {
-        std::string k = format_address(*to.address) + ":" + std::to_string(to.port);
+        std::string k = endpoint_text(*to.address, to.port);
         if (to.source) k += "<" + to.source->to_string();
         if (to.tls) k += "|tls|" + to.name + "|" + to.ca_file;
         return k;

@@ -195,9 +195,7 @@ private:
     /// PROXY header from a trusted previous tier, the connection-level rule decision, and
     /// the upstream's banner. Returns false when the session ends here.
     task<bool> accept_client() {
-        bool trusted = false;
-        for (auto& t : rt_->config().trust_forwarded_from) trusted = trusted || rt_->policy->source_contains(t, peer_);
-        if (trusted) {
+        if (rt_->policy->trusts_forwarding_from(peer_)) {
             // The previous tier announces the real client before anything else.
             while (true) {
                 smtp::proxy_header h;

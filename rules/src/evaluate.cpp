@@ -100,6 +100,11 @@ bool policy::source_contains(const std::string& name, const ip_address& a) const
     return std::any_of(ranges->begin(), ranges->end(), [&](const cidr& c) { return c.contains(a); });
 }
 
+bool policy::trusts_forwarding_from(const ip_address& peer) const {
+    return std::any_of(cfg_.trust_forwarded_from.begin(), cfg_.trust_forwarded_from.end(),
+                       [&](const std::string& s) { return source_contains(s, peer); });
+}
+
 tri policy::match_sources(const std::vector<std::string>& names,
                           const std::optional<ip_address>& a) const {
     if (names.empty()) return tri::yes;

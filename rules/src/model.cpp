@@ -80,6 +80,13 @@ const listener* instance_config::find_listener(std::string_view n) const {
     return nullptr;
 }
 
+const listener* instance_config::listener_at(const ip_address& a, std::uint16_t port) const {
+    for (auto& l : listeners)
+        for (auto& b : l.bind)
+            if (b.port == port && (b.address == a || b.address.is_unspecified())) return &l;
+    return nullptr;
+}
+
 std::string instance_config::network_of(const ip_address& a) const {
     for (auto& n : networks)
         for (auto& r : n.ranges)

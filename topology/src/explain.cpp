@@ -89,19 +89,6 @@ std::string addr_port(const ip_address& a, std::uint16_t port) {
     return (a.is_v4() ? s : "[" + s + "]") + ":" + std::to_string(port);
 }
 
-const rules::listener* find_listener(const rules::instance_config& c, const ip_address& a, std::uint16_t port) {
-    for (auto& l : c.listeners)
-        for (auto& b : l.bind)
-            if (b.port == port && (b.address == a || b.address.is_unspecified())) return &l;
-    return nullptr;
-}
-
-bool trusted(const rules::policy& p, const ip_address& source) {
-    for (auto& t : p.config().trust_forwarded_from)
-        if (p.source_contains(t, source)) return true;
-    return false;
-}
-
 explanation run(const topology& t, const probe& p, bool with_test_rules, bool map) {
     explanation ex;
     auto net_fault = [&](std::string where, std::string why) {
@@ -192,7 +179,7 @@ explanation run(const topology& t, const probe& p, bool with_test_rules, bool ma
         if (!in->policy) return net_fault(hop_name, "instance '" + in->name + "' has no usable config");
         auto& pol = *in->policy;
         auto& cfg = pol.config();
-        auto* l = find_listener(cfg, h.address, h.port);
+        auto* l = cfg.listener_at(h.address, h.port);
         if (!l)
             return net_fault(hop_name, "nothing listens on " + addr_port(h.address, h.port) + " at '" + in->name +
                                            "' (connection refused, TMG 10061)");
@@ -233,7 +220,7 @@ explanation run(const topology& t, const probe& p, bool with_test_rules, bool ma
         if (previous == "client" || !h.client_forwarded) {
             f.client = h.transport_source;
             tr.client_note = previous == "client" ? "connection" : "connection (no forwarded address)";
-        } else if (trusted(pol, h.transport_source)) {
+        } else if (pol.trusts_forwarding_from(h.transport_source)) {
             f.client = h.client;
             tr.client_note = std::string(h.proto == rules::protocol::smtp ? "PROXY protocol v2" : "X-Forwarded-For") +
                              " from trusted " + h.via;

@@ -15,12 +15,6 @@ void add(diagnostics& out, severity s, const char* code, const source_location& 
     out.push_back({s, code, where, std::move(key), std::move(msg), std::move(hint)});
 }
 
-const rules::listener* listener_at(const rules::instance_config& c, const ip_address& a, std::uint16_t port) {
-    for (auto& l : c.listeners)
-        for (auto& b : l.bind)
-            if (b.port == port && (b.address == a || b.address.is_unspecified())) return &l;
-    return nullptr;
-}
 }  // namespace
 
 void lint(const topology& t, diagnostics& out) {
@@ -64,7 +58,7 @@ void lint(const topology& t, diagnostics& out) {
                 if (r.enabled) edges[in.name].insert(to.instance);
                 auto* other = t.find_instance(to.instance);
                 if (!other || !other->policy) continue;
-                auto* l = listener_at(other->policy->config(), *to.address, to.port);
+                auto* l = other->policy->config().listener_at(*to.address, to.port);
                 if (!l) {
                     add(out, severity::error, "TOP006", where, key,
                         "rule '" + r.name + "' of '" + in.name + "' targets " + to.describe() + ", but no listener of '" +

@@ -74,6 +74,8 @@ public:
     decision evaluate(const facts& f, const evaluate_options& opts = {}) const;
     /// Whether a source name (network, address set) covers the address.
     bool source_contains(const std::string& source_name, const ip_address& a) const;
+    /// Whether `peer` is a previous tier whose forwarded client address is believed.
+    bool trusts_forwarding_from(const ip_address& peer) const;
 
 private:
     tri match_sources(const std::vector<std::string>& names, const std::optional<ip_address>& a) const;

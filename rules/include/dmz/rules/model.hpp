@@ -198,6 +198,8 @@ struct instance_config {
     const network* find_network(std::string_view name) const;
     const address_set* find_address_set(std::string_view name) const;
     const listener* find_listener(std::string_view name) const;
+    /// The listener bound on address:port (or on the wildcard address with that port).
+    const listener* listener_at(const ip_address& a, std::uint16_t port) const;
     /// The one network the address belongs to; External when no network claims it.
     std::string network_of(const ip_address& a) const;
     /// The ranges a source name stands for; nullopt for External (everything unclaimed).
