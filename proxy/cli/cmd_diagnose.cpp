@@ -13,7 +13,7 @@ namespace dmz::cli {
 
 namespace {
 struct diagnose_cli {
-    std::string topology, from, state = "lab-state", method = "GET", mail_from, rcpt, what;
+    std::string topology, from, state = "lab-state", method = "GET", mail_from, rcpt, what, user;
     bool json = false;
 };
 }  // namespace
@@ -27,6 +27,7 @@ command add_diagnose(CLI::App& app) {
     sub->add_option("--method,-X", o->method, "HTTP method (default GET)");
     sub->add_option("--mail-from", o->mail_from, "SMTP envelope sender");
     sub->add_option("--rcpt", o->rcpt, "SMTP envelope recipient");
+    sub->add_option("-u,--user", o->user, "USER:PASSWORD sent as Basic credentials (pre-authenticating front-ends)");
     sub->add_flag("--json", o->json, "as JSON");
     sub->add_option("what", o->what, "URL, or smtp:RECIPIENT, or smtp / smtp:SERVER[:PORT] with --rcpt")->required();
     return [o]() -> int {
@@ -50,6 +51,11 @@ command add_diagnose(CLI::App& app) {
             for (auto& n : res.topo->networks)
                 if (n.name == rules::external_network && n.client_address) from = n.client_address->to_string();
         auto p = make_probe("diagnose", o->what, from, o->method, o->mail_from, o->rcpt);
+        if (!o->user.empty()) {
+            auto colon = o->user.find(':');
+            p.user = o->user.substr(0, colon);
+            if (colon != std::string::npos) p.password = o->user.substr(colon + 1);
+        }
         auto d = topology::diagnose(*res.topo, p, lab.value("ca_file", std::string()), mapped);
         std::string line = d.verdict == "ok"              ? "OK"
                            : d.verdict == "network-fault" ? "NETWORK FAULT at " + d.hop

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "commands.hpp"
+#include "dmz/proxy/users.hpp"
 #include "dmz/topology/lab.hpp"
 
 namespace dmz::cli {
@@ -38,7 +39,7 @@ command add_lab(CLI::App& app) {
     up->add_flag("--detach", o->detach, "return once everything listens");
     up->add_option("--scenario", o->scenario,
                    "start a broken lab from topology/scenarios/lab/NAME.toml (host-https-down, back-end-not-on-dmz, "
-                   "host-certificate-lacks-name, front-end-denies-activesync, only-test-rule-allows, open-relay)");
+                   "host-certificate-lacks-name, front-end-denies-activesync, only-test-rule-allows, open-relay, pre-authentication)");
     auto* status = sub->add_subcommand("status", "What runs, where (exit 1 when not all of it)");
     status->add_flag("--json", o->json, "as JSON");
     auto* down = sub->add_subcommand("down", "Stop everything the lab started");
@@ -64,6 +65,14 @@ command add_lab(CLI::App& app) {
         lo.detach = o->detach;
         lo.dmzproxy = fs::read_symlink("/proc/self/exe").string();
         lo.hosts_program = (root / "topology" / "hosts" / "exchange_host.py").string();
+        lo.set_user = [](const std::string& store, const std::string& user, const std::string& password,
+                         const std::vector<std::string>& groups) {
+            auto dir = fs::path(store).parent_path();
+            if (!dir.empty()) fs::create_directories(dir);
+            auto s = proxy::user_store::load(store);
+            s.set(user, password, groups);
+            s.save(store);
+        };
         try {
             return topology::lab_up(lo);
         } catch (const std::exception& e) {

@@ -4,11 +4,14 @@
 #include <charconv>
 #include <cstring>
 
+#include <openssl/rand.h>
+
 #include "dmz/proxy/http/parser.hpp"
 #include "dmz/rules/path.hpp"
 #include "fault.hpp"
 #include "dmz/proxy/users.hpp"
 #include "runtime.hpp"
+#include "sessions.hpp"
 
 namespace dmz::proxy {
 
@@ -23,6 +26,40 @@ std::uint64_t next_connection_id() {
 namespace {
 
 constexpr std::size_t pump_chunk = 64 * 1024;
+
+/// The pages a forms listener serves itself, whatever the host.
+constexpr const char* login_path = "/dmzproxy/auth/login";
+constexpr const char* logout_path = "/dmzproxy/auth/logout";
+constexpr std::size_t max_login_body = 8 * 1024;
+
+std::string html_escape(std::string_view s) {
+    std::string out;
+    for (char c : s) {
+        switch (c) {
+        case '<': out += "&lt;"; break;
+        case '>': out += "&gt;"; break;
+        case '&': out += "&amp;"; break;
+        case '"': out += "&quot;"; break;
+        case '\'': out += "&#39;"; break;
+        default: out.push_back(static_cast<unsigned char>(c) >= 0x20 ? c : '?');
+        }
+    }
+    return out;
+}
+
+/// Where a login may send the browser afterwards: a path on this site, nothing else (no
+/// "//evil.example", no scheme, no control characters).
+std::string safe_return_path(std::string_view url) {
+    if (url.empty() || url.front() != '/' || url.size() > 2048) return "/";
+    if (url.size() > 1 && (url[1] == '/' || url[1] == '\\')) return "/";
+    for (unsigned char c : url)
+        if (c < 0x21 || c == 0x7f || c == '\\') return "/";
+    return std::string(url);
+}
+
+std::int64_t unix_now() {
+    return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
 
 bool starts_with_nocase(std::string_view s, std::string_view prefix) {
     return s.size() >= prefix.size() && http::iequals(s.substr(0, prefix.size()), prefix);
@@ -205,6 +242,176 @@ private:
         co_return keep;
     }
 
+    // ---- forms sessions -------------------------------------------------------------------
+    /// The value of cookie `name` in the request's Cookie fields, or "".
+    static std::string cookie_value(const http::request_head& head, std::string_view name) {
+        for (auto& f : head.fields) {
+            if (!http::iequals(f.name, "cookie")) continue;
+            std::string_view c = f.value;
+            while (!c.empty()) {
+                auto semi = c.find(';');
+                auto item = c.substr(0, semi);
+                while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+                auto eq = item.find('=');
+                if (eq != std::string_view::npos && item.substr(0, eq) == name) return std::string(item.substr(eq + 1));
+                if (semi == std::string_view::npos) break;
+                c.remove_prefix(semi + 1);
+            }
+        }
+        return "";
+    }
+
+    std::string cookie_attributes() const {
+        return std::string("; Path=/; HttpOnly; SameSite=") + lcfg().session.same_site + (down_.is_tls() ? "; Secure" : "");
+    }
+    std::string session_cookie(const forms_session& s) const { return lcfg().session.cookie + "=" + rt_->sessions->seal(s) + cookie_attributes(); }
+    std::string expired_cookie() const { return lcfg().session.cookie + "=" + cookie_attributes() + "; Max-Age=0"; }
+
+    /// "" when the session cookie is good (and `s` holds it); else why not. Schedules a
+    /// refreshed cookie when the last one is older than a quarter of the idle timeout.
+    std::string check_session(const std::string& value, forms_session& s) {
+        auto got = rt_->sessions->unseal(value);
+        if (!got) return "not a valid session cookie";
+        s = std::move(*got);
+        auto now = unix_now();
+        auto& p = lcfg().session;
+        auto secs = [](rules::millis m) { return std::max<std::int64_t>(1, m.count() / 1000); };
+        if (now - s.issued >= secs(p.lifetime)) return "session lifetime ended";
+        if (now - s.last >= secs(p.idle)) return "session idle too long";
+        if (rt_->revoked->revoked(s.id)) return "session was logged out";
+        auto* u = w_.auth.lookup(s.user);
+        if (!u || hash_generation(u->hash) != s.generation) return "user removed or password changed";
+        if (now - s.last >= std::min<std::int64_t>(60, std::max<std::int64_t>(1, secs(p.idle) / 4))) {
+            forms_session fresh = s;
+            fresh.last = now;
+            set_cookie_ = session_cookie(fresh);
+        }
+        return "";
+    }
+
+    /// Writes a response this tier made; fills and writes the record.
+    task<bool> answer(const std::string& resp, int status, bool keep, access_record& rec, clock_type::time_point t0) {
+        error_code ec;
+        co_await down_.write(asio::buffer(resp), ec);
+        rec.status = status;
+        rec.bytes_out += resp.size();
+        log(rec, t0);
+        co_return keep && !ec;
+    }
+
+    std::string page(int status, const std::string& title, const std::string& inner, bool keep, bool http10,
+                     const std::string& extra_fields = {}) const {
+        std::string body = "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html_escape(title) +
+                           "</title>\n<style>body{font-family:sans-serif;max-width:26em;margin:4em auto}"
+                           "label,input{display:block;width:100%;margin:.3em 0}.error{color:#b00}</style></head>\n<body>\n" +
+                           inner + "</body></html>\n";
+        return std::string(http10 ? "HTTP/1.0 " : "HTTP/1.1 ") + std::to_string(status) + " " + reason_phrase(status) +
+               "\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\nX-Frame-Options: DENY\r\n"
+               "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'\r\n"
+               "Content-Length: " + std::to_string(body.size()) + "\r\n" + extra_fields +
+               (keep ? (http10 ? "Connection: keep-alive\r\n" : "") : "Connection: close\r\n") + "\r\n" + body;
+    }
+
+    std::string login_form(const std::string& back, const std::string& message) const {
+        auto realm = lcfg().realm.empty() ? rt_->name : lcfg().realm;
+        return "<h1>" + html_escape(realm) + "</h1>\n" +
+               (message.empty() ? std::string() : "<p class=\"error\">" + html_escape(message) + "</p>\n") +
+               "<form method=\"post\" action=\"" + login_path + "\">\n<input type=\"hidden\" name=\"url\" value=\"" +
+               html_escape(back) + "\">\n<label>User name <input name=\"username\" autocomplete=\"username\"></label>\n"
+               "<label>Password <input name=\"password\" type=\"password\" autocomplete=\"current-password\"></label>\n"
+               "<input type=\"submit\" value=\"Sign in\">\n</form>\n";
+    }
+
+    /// Reads `n` body bytes into in_ (small bodies only). False when the client went away.
+    task<bool> read_exactly(std::size_t n) {
+        while (in_.size() < n) {
+            std::size_t room = 0;
+            char* p = in_.prepare(n - in_.size(), room);
+            down_dog_.arm(lcfg().timeouts.head);
+            error_code ec;
+            auto got = co_await down_.read_some(asio::buffer(p, room), ec);
+            if (ec) co_return false;
+            in_.commit(got);
+        }
+        co_return true;
+    }
+
+    /// The login page (GET), a login (POST), or a logout (any method).
+    task<bool> forms_page(bool login, http::request_head& head, access_record& rec, clock_type::time_point t0,
+                          const rules::ip_address& client) {
+        bool http10 = head.version_minor == 0;
+        std::string method(head.method), target(head.target), content_type(head.get("content-type"));
+        std::string cookie = cookie_value(head, lcfg().session.cookie);
+        auto body = head.body;
+        auto length = head.content_length;
+        bool keep = head.keep_alive;
+        in_.consume(head.head_size);
+        rec.rule = "(forms login)";
+        if (!login) {
+            rec.action = "logout";
+            forms_session s;
+            if (!cookie.empty() && check_session(cookie, s).empty()) {
+                rec.user = s.user;
+                rt_->revoked->revoke(s.id, std::chrono::system_clock::time_point(std::chrono::seconds(s.issued)) + lcfg().session.lifetime);
+            }
+            if (body != http::body_kind::none) {
+                // A logout has nothing to say in a body: drop the connection after answering.
+                keep = false;
+            }
+            auto resp = page(200, "Signed out", "<h1>You are signed out</h1>\n<p><a href=\"" + std::string(login_path) + "\">Sign in again</a></p>\n",
+                             keep, http10, "Set-Cookie: " + expired_cookie() + "\r\nClear-Site-Data: \"cookies\"\r\n");
+            co_return co_await answer(resp, 200, keep, rec, t0);
+        }
+        auto query = target.find('?') == std::string::npos ? std::string() : target.substr(target.find('?') + 1);
+        if (method == "GET" || method == "HEAD") {
+            rec.action = "login-page";
+            auto back = safe_return_path(form_field(query, "url").value_or("/"));
+            auto reason = form_field(query, "reason").value_or("");
+            auto resp = page(200, "Sign in", login_form(back, reason == "expired" ? "Your session has ended. Please sign in again." : ""),
+                             keep && body == http::body_kind::none, http10);
+            if (method == "HEAD") resp.erase(resp.find("\r\n\r\n") + 4);
+            co_return co_await answer(resp, 200, keep && body == http::body_kind::none, rec, t0);
+        }
+        rec.action = "login";
+        if (method != "POST" || body != http::body_kind::length || length > max_login_body ||
+            !rules::contains_nocase(content_type, "application/x-www-form-urlencoded")) {
+            fault_response fr{body == http::body_kind::chunked || length > max_login_body ? 413 : 400, fault_class::bad_request,
+                              "a login is a POST of a url-encoded form of at most " + std::to_string(max_login_body) + " bytes", ""};
+            co_return co_await refuse(fr, false, http10, rec, t0);
+        }
+        if (!co_await read_exactly(length)) co_return false;
+        std::string form(in_.data().substr(0, length));
+        in_.consume(length);
+        rec.bytes_in += length;
+        auto user = form_field(form, "username").value_or("");
+        auto password = form_field(form, "password").value_or("");
+        auto back = safe_return_path(form_field(form, "url").value_or("/"));
+        rec.user = user;
+        auto r = user.empty() ? authenticator::result{} : w_.auth.check(user, password, lcfg().name, client.to_string(), lcfg().lockout);
+        if (!r.ok) {
+            // The same page for a wrong password, an unknown user and a locked-out one.
+            rec.fault = "auth-failed";
+            rec.detail = "forms login refused for '" + user + "' (" + (user.empty() ? std::string("no user name") : r.refusal) + ")";
+            auto resp = page(200, "Sign in", login_form(back, "The user name or password is incorrect."), keep, http10);
+            co_return co_await answer(resp, 200, keep, rec, t0);
+        }
+        auto* stored = w_.auth.lookup(r.user);
+        forms_session s;
+        s.user = r.user;
+        s.issued = s.last = unix_now();
+        s.generation = stored ? hash_generation(stored->hash) : "";
+        unsigned char rnd[16];
+        RAND_bytes(rnd, sizeof rnd);
+        s.id = base64url_encode(std::string(reinterpret_cast<char*>(rnd), sizeof rnd));
+        // Basic delegation needs the password at every request: it travels sealed in the cookie.
+        s.password = password;
+        rec.detail = "forms login";
+        std::string resp = std::string(http10 ? "HTTP/1.0" : "HTTP/1.1") + " 302 Found\r\nLocation: " + back +
+                           "\r\nSet-Cookie: " + session_cookie(s) + "\r\nCache-Control: no-store\r\nContent-Length: 0\r\n" +
+                           (keep ? (http10 ? "Connection: keep-alive\r\n" : "") : "Connection: close\r\n") + "\r\n";
+        co_return co_await answer(resp, 302, keep, rec, t0);
+    }
+
     // ---- phase 1: read the head -------------------------------------------------------
     task<bool> transaction(bool first) {
         auto rec = new_record();
@@ -320,12 +527,37 @@ private:
             co_return keep_if_refused && !ec;
         }
 
-        // ---- authenticate (basic and forms listeners validate Basic credentials) ----
+        // ---- forms listeners: the login and logout pages, then the session cookie ----
         std::string user, tried_user, why_refused;
         std::vector<std::string> groups;
+        bool forms = lcfg().auth == rules::auth_mode::forms && rt_->sessions;
+        set_cookie_.clear();
+        forms_session session;
+        bool have_session = false;
+        std::string session_problem;
+        if (forms) {
+            auto path = rules::to_lower(head.target.substr(0, head.target.find('?')));
+            if (path == login_path || path == logout_path || path == "/owa/logoff.owa" || path == "/owa/auth/logoff.aspx")
+                co_return co_await forms_page(path == login_path, head, rec, t0, client);
+            auto value = cookie_value(head, lcfg().session.cookie);
+            if (!value.empty()) {
+                session_problem = check_session(value, session);
+                have_session = session_problem.empty();
+                if (have_session) {
+                    user = session.user;
+                    groups = w_.auth.lookup(user)->groups;
+                }
+            }
+        }
+
+        // ---- authenticate (basic and forms listeners validate Basic credentials) ----
         bool validates = lcfg().auth == rules::auth_mode::basic || lcfg().auth == rules::auth_mode::forms;
         auto authz = head.get("authorization");
         if (validates && starts_with_nocase(authz, "basic ")) {
+            user.clear();
+            groups.clear();
+            have_session = false;
+            set_cookie_.clear();
             auto token = std::string(authz.substr(6));
             while (!token.empty() && token.front() == ' ') token.erase(0, 1);
             auto decoded = base64_decode(token);
@@ -365,6 +597,23 @@ private:
         auto d = rt_->policy->evaluate(f);
         rec.rule = d.rule_name;
         rec.path = d.path.safe() ? d.path.path + (d.path.query.empty() ? "" : "?" + d.path.query) : std::string(head.target);
+        if (d.result != rules::verdict::allow && forms && d.why == rules::fault::auth_required && authz.empty() &&
+            (head.method == "GET" || head.method == "HEAD") && rules::contains_nocase(head.get("accept"), "text/html")) {
+            // A browser on a forms listener gets the login page; clients that cannot do forms
+            // (ActiveSync, Outlook, EWS) get the Basic challenge below.
+            std::string back(head.target);
+            in_.consume(head.head_size);
+            rec.rule = d.rule_name;
+            rec.action = "login-page";
+            rec.fault = "auth-required";
+            rec.detail = session_problem.empty() ? "no session" : "session refused: " + session_problem;
+            std::string resp = std::string(http10 ? "HTTP/1.0" : "HTTP/1.1") + " 302 Found\r\nLocation: " + login_path +
+                               "?url=" + url_encode(back) + (session_problem.empty() ? "" : "&reason=expired") +
+                               "\r\nCache-Control: no-store\r\nContent-Length: 0\r\n" +
+                               (keep_if_refused ? (http10 ? "Connection: keep-alive\r\n" : "") : "Connection: close\r\n") +
+                               (session_problem.empty() ? "" : "Set-Cookie: " + expired_cookie() + "\r\n") + "\r\n";
+            co_return co_await answer(resp, 302, keep_if_refused, rec, t0);
+        }
         if (d.result != rules::verdict::allow) {
             in_.consume(head.head_size);
             int status = d.why == rules::fault::auth_required ? 401 : 403;
@@ -386,7 +635,6 @@ private:
         rec.target = endpoint_text(*to.address, to.port);
 
         // ---- the Exchange template's guards on headers ----
-        std::string cookie_rewrite;
         bool rewrite_cookie = false;
         if (rule.exchange_guards) {
             for (auto& fld : head.fields) {
@@ -401,10 +649,8 @@ private:
                                                   keep_if_refused, http10, rec, t0);
                         }
                     }
-                    if (rules::path_has_prefix(d.path.path, "/ecp") && rules::contains_nocase(fld.value, "securitytoken=")) {
+                    if (rules::path_has_prefix(d.path.path, "/ecp") && rules::contains_nocase(fld.value, "securitytoken="))
                         rewrite_cookie = true;
-                        cookie_rewrite = without_cookie(fld.value, "SecurityToken");
-                    }
                 }
                 if (http::iequals(fld.name, "x-rps-cat")) {
                     in_.consume(head.head_size);
@@ -467,15 +713,22 @@ private:
                 // Delegation: none strips; basic forwards what this tier validated; pass-through
                 // leaves the client's own (NTLM/Negotiate) for the upstream.
                 if (deleg == rules::delegation::none) continue;
+                if (have_session && deleg == rules::delegation::basic) continue;  // the session's own, below
                 if (deleg == rules::delegation::basic && (!validates || !starts_with_nocase(fld.value, "basic "))) continue;
                 if (connection_auth(fld.value)) auth_on_connection = true;
             }
-            if (rewrite_cookie && http::iequals(fld.name, "cookie")) {
-                if (!cookie_rewrite.empty()) append_field(out, "Cookie", cookie_rewrite);
+            if ((rewrite_cookie || forms) && http::iequals(fld.name, "cookie")) {
+                // Exchange never sees this tier's session cookie, nor an ECP SecurityToken.
+                std::string c(fld.value);
+                if (rewrite_cookie) c = without_cookie(c, "SecurityToken");
+                if (forms) c = without_cookie(c, lcfg().session.cookie);
+                if (!c.empty()) append_field(out, "Cookie", c);
                 continue;
             }
             append_field(out, fld.name, fld.value);
         }
+        if (have_session && deleg == rules::delegation::basic && !session.password.empty())
+            append_field(out, "Authorization", "Basic " + base64_encode(session.user + ":" + session.password));
         via += (via.empty() ? "" : ", ") + std::string(http10 ? "1.0 " : "1.1 ") + rt_->name;
         append_field(out, "Via", via);
         if (to.client_policy == rules::client_address::forwarded) {
@@ -751,6 +1004,7 @@ private:
         }
         via += (via.empty() ? "" : ", ") + std::string("1.1 ") + rt_->name;
         append_field(rh, "Via", via);
+        if (!set_cookie_.empty()) append_field(rh, "Set-Cookie", set_cookie_);  // a forms session's refresh
         if (resp.body == http::body_kind::length) append_field(rh, "Content-Length", std::to_string(resp.content_length));
         else if (chunk_to_client) append_field(rh, "Transfer-Encoding", "chunked");
         else if (method == "HEAD" || resp.status == 304) {
@@ -985,6 +1239,7 @@ private:
     std::string sni_;
     flat_buffer in_{4096};
     std::shared_ptr<upstream_conn> pinned_;
+    std::string set_cookie_;  ///< a refreshed forms-session cookie for the next response
     // The client watcher: while this tier waits on the upstream with the request complete,
     // a read on the client notices it leaving (a phone dropping an ActiveSync Ping, Outlook
     // closing an RPC_OUT_DATA channel) and frees the upstream at once.

@@ -13,6 +13,7 @@
 #include "dmz/proxy/users.hpp"
 #include "dmz/rules/evaluate.hpp"
 #include "net/asio.hpp"
+#include "sessions.hpp"
 #include "tls.hpp"
 #include "upstream.hpp"
 
@@ -30,6 +31,8 @@ struct instance_runtime {
     std::vector<std::unique_ptr<listener_runtime>> listeners;
     std::string name;
     std::string role;
+    std::shared_ptr<const session_sealer> sessions;  ///< when a listener uses forms
+    std::shared_ptr<revoked_sessions> revoked = std::make_shared<revoked_sessions>();
     const rules::instance_config& config() const { return policy->config(); }
 };
 
@@ -42,8 +45,11 @@ public:
                         const rules::lockout_policy& p);
     void failed(const std::string& listener, const std::string& user, const std::string& address, const rules::lockout_policy& p);
     void succeeded(const std::string& listener, const std::string& user);
+    /// Whether any failure is on record (lets good logins skip the lock when there is none).
+    bool any() const { return entries_.load(std::memory_order_relaxed) != 0; }
 
 private:
+    std::atomic<std::size_t> entries_{0};
     struct entry {
         std::uint32_t count = 0;
         std::chrono::steady_clock::time_point last{};
@@ -66,6 +72,11 @@ public:
     result check(const std::string& user, const std::string& password, const std::string& listener = {},
                  const std::string& address = {}, const rules::lockout_policy& policy = {});
     bool configured() const { return !path_.empty(); }
+    /// The stored user (for a forms session's groups and password generation), or null.
+    const stored_user* lookup(const std::string& user) {
+        refresh();
+        return store_ ? store_->find(user) : nullptr;
+    }
 
 private:
     void refresh();

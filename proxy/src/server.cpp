@@ -34,6 +34,7 @@ void lockout_table::failed(const std::string& listener, const std::string& user,
     std::lock_guard lock(m_);
     if (users_.size() > 100000) users_.clear();  // bounded, whatever an attacker sends
     if (addresses_.size() > 100000) addresses_.clear();
+    entries_.store(users_.size() + addresses_.size(), std::memory_order_relaxed);
     for (auto* e : {&users_[listener + '\0' + user], &addresses_[listener + '\0' + address]}) {
         if (now - e->last >= p.window) e->count = 0;  // a new observation window
         ++e->count;
@@ -44,6 +45,7 @@ void lockout_table::failed(const std::string& listener, const std::string& user,
 void lockout_table::succeeded(const std::string& listener, const std::string& user) {
     std::lock_guard lock(m_);
     users_.erase(listener + '\0' + user);
+    entries_.store(users_.size() + addresses_.size(), std::memory_order_relaxed);
 }
 
 authenticator::result authenticator::check(const std::string& user, const std::string& password, const std::string& listener,
@@ -60,8 +62,15 @@ authenticator::result authenticator::check(const std::string& user, const std::s
     std::string k(reinterpret_cast<char*>(digest), sizeof digest);
     auto now = std::chrono::steady_clock::now();
     auto it = cache_.find(k);
-    bool ok = it != cache_.end() && it->second > now;
-    if (!ok) {
+    bool cached = it != cache_.end() && it->second > now;
+    bool ok = cached;
+    if (cached && lockout_ && lockout_->any()) {
+        // A locked-out user is refused even with a password that worked a minute ago:
+        // otherwise guessing could go on past the lockout once the right one was cached.
+        r.refusal = lockout_->refused(listener, user, address, policy);
+        ok = r.refusal.empty();
+    }
+    if (!ok && !cached) {
         // A locked-out user gets the same answer, after the same work, as a wrong password.
         r.refusal = lockout_ ? lockout_->refused(listener, user, address, policy) : "";
         bool good = store_->verify(user, password);
@@ -147,6 +156,17 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
             lr->tls = std::make_unique<server_tls>(l);
         rt->listeners.push_back(std::move(lr));
     }
+
+    for (auto& l : policy->config().listeners)
+        if (l.auth == rules::auth_mode::forms && !rt->sessions) {
+            auto key = policy->config().session_key;
+            if (key.empty()) {
+                auto store = policy->config().user_store;
+                auto slash = store.rfind('/');
+                key = (slash == std::string::npos ? std::string(".") : store.substr(0, slash)) + "/session.key";
+            }
+            rt->sessions = session_sealer::open(key);
+        }
 
     unsigned n = opts.threads ? opts.threads : std::max(1u, std::thread::hardware_concurrency());
     access_log log(opts.access_log);

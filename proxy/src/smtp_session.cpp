@@ -302,13 +302,41 @@ private:
                 co_return false;
             }
         }
-        up_8bit_ = up_size_ = false;
+        read_capabilities(ehlo);
+        upstream_ready_ = true;
+        co_return true;
+    }
+
+    void read_capabilities(const smtp::reply& ehlo) {
+        up_8bit_ = up_size_ = up_xclient_ = false;
         for (std::size_t i = 1; i < ehlo.lines.size(); ++i) {
             auto kw = rules::to_lower(ehlo.lines[i].substr(0, ehlo.lines[i].find(' ')));
             if (kw == "8bitmime") up_8bit_ = true;
             if (kw == "size") up_size_ = true;
+            if (kw == "xclient" && rules::contains_nocase(ehlo.lines[i], "login")) up_xclient_ = true;
         }
-        upstream_ready_ = true;
+    }
+
+    /// Tells the next tier who authenticated, with XCLIENT LOGIN (Postfix's extension) when
+    /// it offers it: that tier answers with a new greeting, and EHLO starts over. A next tier
+    /// without XCLIENT (Exchange) decides relaying by its own connector permissions.
+    task<bool> pass_identity() {
+        if (!up_xclient_ || !upstream_ready_) co_return true;
+        smtp::reply r;
+        std::string line = "XCLIENT LOGIN=" + (user_.empty() ? std::string("[UNAVAILABLE]") : smtp::xtext_encode(user_));
+        if (!co_await exchange_upstream(line, r)) co_return false;
+        if (r.code != 220) {
+            identity_refused_ = std::to_string(r.code) + " " + r.text();
+            co_return true;  // the next tier judges the session as anonymous
+        }
+        smtp::reply ehlo;
+        std::string ehlo_line = "EHLO " + name_;
+        if (!co_await exchange_upstream(ehlo_line, ehlo)) co_return false;
+        if (ehlo.code != 250) {
+            upstream_fault_ = "the upstream refused EHLO after XCLIENT: " + ehlo.text();
+            co_return false;
+        }
+        read_capabilities(ehlo);
         co_return true;
     }
 
@@ -380,6 +408,8 @@ private:
         r.status = code_from.size() >= 3 && std::isdigit(static_cast<unsigned char>(code_from[0])) ? std::atoi(code_from.substr(0, 3).c_str()) : 0;
         r.fault = tx_.fault;
         r.detail = tx_.detail;
+        if (!identity_refused_.empty())
+            r.detail += (r.detail.empty() ? "" : "; ") + std::string("the next tier refused XCLIENT: ") + identity_refused_;
         if (r.rcpt_accepted.empty() && !r.rcpt_refused.empty()) r.action = "deny";
         log(r, tx_start_);
         reset_transaction();
@@ -454,7 +484,8 @@ private:
                                        "SIZE " + std::to_string(lcfg().limits.max_message_size), "PIPELINING", "8BITMIME",
                                        "ENHANCEDSTATUSCODES"};
         if (!down_.is_tls() && l_.tls) lines.push_back("STARTTLS");
-        if (down_.is_tls()) lines.push_back("AUTH PLAIN LOGIN");
+        if (down_.is_tls() && w_.auth.configured()) lines.push_back("AUTH PLAIN LOGIN");
+        if (rt_->policy->trusts_forwarding_from(peer_)) lines.push_back("XCLIENT LOGIN");
         smtp::reply r{250, lines};
         return r.wire();
     }
@@ -474,11 +505,8 @@ private:
             co_return 1;
         }
         if (v == "STARTTLS") co_return co_await starttls(cmd);
-        if (v == "AUTH") {
-            if (!down_.is_tls()) say("538 5.7.11 Encryption required for requested authentication mechanism (use STARTTLS)");
-            else say("535 5.7.8 Authentication is not available on this listener (no user store is configured)");
-            co_return 0;
-        }
+        if (v == "AUTH") co_return co_await auth(cmd);
+        if (v == "XCLIENT") co_return co_await xclient(cmd);
         if (v == "NOOP") {
             say("250 2.0.0 OK");
             co_return 1;
@@ -542,6 +570,152 @@ private:
         // RFC 3207: the client starts over with EHLO.
         if (in_transaction_) close_transaction("", "");
         ehlo_.clear();
+        co_return 1;
+    }
+
+    /// One line of an AUTH exchange (RFC 4954 allows 12288 octets). False when the client
+    /// went away or the framing is in doubt (the session ends).
+    task<bool> auth_line(std::string& out) {
+        while (true) {
+            std::string_view line;
+            std::size_t used = 0;
+            auto lr = in_.empty() ? smtp::line_result::need_more : smtp::next_line(in_.data(), 12288, line, used);
+            if (lr == smtp::line_result::line) {
+                out.assign(line);
+                in_.consume(used);
+                co_return true;
+            }
+            if (lr != smtp::line_result::need_more) {
+                say("500 5.5.2 Malformed authentication response; closing");
+                co_return false;
+            }
+            if (!co_await read_client()) co_return false;
+        }
+    }
+
+    /// AUTH PLAIN and LOGIN, over TLS only, against the instance's user store. A locked-out
+    /// user hears what a wrong password hears; the log says which it was.
+    task<int> auth(const smtp::command& cmd) {
+        if (!down_.is_tls()) {
+            say("538 5.7.11 Encryption required for requested authentication mechanism (use STARTTLS)");
+            co_return 0;
+        }
+        if (!w_.auth.configured()) {
+            say("535 5.7.8 Authentication is not available on this listener (no user store is configured)");
+            co_return 0;
+        }
+        if (!user_.empty()) {
+            say("503 5.5.1 Already authenticated");
+            co_return 0;
+        }
+        if (in_transaction_) {
+            say("503 5.5.1 AUTH is not permitted during a mail transaction");
+            co_return 0;
+        }
+        auto sp = cmd.argument.find(' ');
+        std::string mech;
+        for (char c : cmd.argument.substr(0, sp)) mech += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+        bool initial = sp != std::string::npos;
+        std::string first = initial ? cmd.argument.substr(sp + 1) : std::string();
+        auto cancelled = [&](const std::string& l) {
+            if (l != "*") return false;
+            say("501 5.7.0 Authentication cancelled");
+            return true;
+        };
+        auto decode = [](const std::string& l) { return l == "=" ? std::optional<std::string>("") : base64_decode(l); };
+        std::string user, password;
+        if (mech == "PLAIN") {
+            if (!initial) {
+                say("334 ");
+                if (!co_await auth_line(first)) co_return -1;
+            }
+            if (cancelled(first)) co_return 0;
+            auto d = decode(first);
+            auto c = d ? smtp::parse_sasl_plain(*d) : std::nullopt;
+            if (!c) {
+                say("501 5.5.2 Malformed PLAIN response");
+                co_return 0;
+            }
+            user = c->user;
+            password = c->password;
+        } else if (mech == "LOGIN") {
+            if (!initial) {
+                say("334 VXNlcm5hbWU6");  // "Username:"
+                if (!co_await auth_line(first)) co_return -1;
+            }
+            if (cancelled(first)) co_return 0;
+            auto u = decode(first);
+            std::string second;
+            say("334 UGFzc3dvcmQ6");  // "Password:"
+            if (!co_await auth_line(second)) co_return -1;
+            if (cancelled(second)) co_return 0;
+            auto p = decode(second);
+            if (!u || !p || u->empty()) {
+                say("501 5.5.2 Malformed LOGIN response");
+                co_return 0;
+            }
+            user = *u;
+            password = *p;
+        } else {
+            say("504 5.5.4 Unrecognized authentication type (PLAIN and LOGIN are offered)");
+            co_return 0;
+        }
+        auto r = w_.auth.check(user, password, lcfg().name, client_.to_string(), lcfg().lockout);
+        if (!r.ok) {
+            say("535 5.7.8 Authentication credentials invalid");
+            auto rec = record();
+            rec.user = user;
+            rec.action = "deny";
+            rec.fault = "auth-failed";
+            rec.status = 535;
+            rec.detail = "AUTH " + mech + " refused for '" + user + "' (" + r.refusal + ")";
+            log(rec, clock_type::now());
+            co_return 0;
+        }
+        user_ = r.user;
+        say("235 2.7.0 Authentication successful");
+        if (!co_await pass_identity()) co_return co_await upstream_lost();
+        co_return 1;
+    }
+
+    /// XCLIENT LOGIN from a trusted previous tier: the user that tier authenticated. The
+    /// reply is a new greeting (as Postfix does); the client says EHLO again.
+    task<int> xclient(const smtp::command& cmd) {
+        if (!rt_->policy->trusts_forwarding_from(peer_)) {
+            say("550 5.7.0 XCLIENT is accepted only from a trusted previous tier");
+            co_return 0;
+        }
+        if (in_transaction_) {
+            say("503 5.5.1 XCLIENT is not permitted during a mail transaction");
+            co_return 0;
+        }
+        std::optional<std::string> login;
+        std::string_view rest = cmd.argument;
+        while (!rest.empty()) {
+            auto sp = rest.find(' ');
+            auto tok = rest.substr(0, sp);
+            rest = sp == std::string_view::npos ? std::string_view() : rest.substr(sp + 1);
+            if (tok.empty()) continue;
+            auto eq = tok.find('=');
+            if (eq == std::string_view::npos) {
+                say("501 5.5.4 Bad XCLIENT attribute");
+                co_return 0;
+            }
+            if (rules::to_lower(std::string(tok.substr(0, eq))) != "login") continue;  // NAME, ADDR, ...: PROXY says those
+            auto val = tok.substr(eq + 1);
+            if (val == "[UNAVAILABLE]" || val == "[TEMPUNAVAIL]") {
+                login = "";
+            } else if (auto d = smtp::xtext_decode(val)) {
+                login = *d;
+            } else {
+                say("501 5.5.4 Bad XCLIENT LOGIN value");
+                co_return 0;
+            }
+        }
+        if (login) user_ = *login;
+        ehlo_.clear();
+        say("220 " + name_ + " ESMTP dmzproxy");
+        if (!co_await pass_identity()) co_return co_await upstream_lost();
         co_return 1;
     }
 
@@ -760,7 +934,8 @@ private:
     std::shared_ptr<upstream_conn> up_;
     std::unique_ptr<watchdog> up_dog_;
     std::string upstream_fault_;
-    bool upstream_ready_ = false, up_8bit_ = false, up_size_ = false;
+    bool upstream_ready_ = false, up_8bit_ = false, up_size_ = false, up_xclient_ = false;
+    std::string identity_refused_;  ///< the next tier's answer to XCLIENT, when it said no
 
     std::string ehlo_, user_;
     bool in_transaction_ = false;

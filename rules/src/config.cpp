@@ -1,6 +1,7 @@
 #include "dmz/rules/config.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -104,8 +105,9 @@ private:
     }
 
     void load_instance(const toml::table& t, instance_config& c) {
-        r_.only_keys(t, "instance", {"name", "role", "trust_forwarded_from", "user_store", "description"});
+        r_.only_keys(t, "instance", {"name", "role", "trust_forwarded_from", "user_store", "session_key", "description"});
         if (auto u = r_.str(t, "user_store", "instance")) c.user_store = resolve_file(*u);
+        if (auto u = r_.str(t, "session_key", "instance")) c.session_key = resolve_file(*u);
         if (auto n = r_.str(t, "name", "instance")) {
             if (opts_.in_topology && *n != opts_.instance_name)
                 r_.error("CFG004", r_.at_key(t, "name"), "instance.name",
@@ -239,7 +241,21 @@ private:
             r_.only_keys(*lt, path,
                          {"protocol", "bind", "networks", "port", "certificates",
                           "default_certificate", "authentication", "realm", "redirect_to_https",
-                          "public_name", "limits", "timeouts", "lockout", "description"});
+                          "public_name", "limits", "timeouts", "lockout", "session", "description"});
+            if (auto* so = r_.table(*lt, "session", path)) {
+                auto sp = path + ".session";
+                r_.only_keys(*so, sp, {"idle", "lifetime", "cookie", "same_site"});
+                if (auto x = r_.duration(*so, "idle", sp)) l.session.idle = *x;
+                if (auto x = r_.duration(*so, "lifetime", sp)) l.session.lifetime = *x;
+                if (auto x = r_.str(*so, "cookie", sp)) {
+                    bool ok = !x->empty() && x->size() <= 64;
+                    for (char ch : *x) ok = ok && (std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '-');
+                    if (ok) l.session.cookie = *x;
+                    else r_.error("CFG004", r_.at_key(*so, "cookie"), sp + ".cookie", "'" + *x + "' is not a cookie name (letters, digits, '_' and '-', at most 64)");
+                }
+                if (auto x = r_.str(*so, "same_site", sp))
+                    if (r_.one_of(*x, *so, "same_site", sp, {"Lax", "Strict"})) l.session.same_site = *x;
+            }
             if (auto* lo = r_.table(*lt, "lockout", path)) {
                 auto lp = path + ".lockout";
                 r_.only_keys(*lo, lp, {"threshold", "address_threshold", "window"});
@@ -857,6 +873,11 @@ private:
         ru.public_names.clear();
         ru.paths.clear();
         ru.methods.clear();
+        // The Internet's mail arrives anonymously: the stanza's users and groups are for its
+        // web services. SMTP AUTH matters only for relaying (relay_authenticated).
+        ru.users.clear();
+        ru.groups.clear();
+        ru.delegate.reset();
         ru.accepted_domains = {domain};
         ru.to = web_target;
         ru.to->tls = false;

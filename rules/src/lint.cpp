@@ -187,6 +187,18 @@ void lint(const instance_config& c, diagnostics& out) {
                 "https listener '" + l.name + "' has several certificates and no default_certificate",
                 "clients without SNI (older ActiveSync devices) get the first certificate; name the right one");
 
+    for (auto& l : c.listeners) {
+        if (l.proto == protocol::http && (l.auth == auth_mode::basic || l.auth == auth_mode::forms) && !l.redirect_to_https)
+            add(out, severity::warning, "AUTH004", l.where, "listeners." + l.name + ".authentication",
+                "listener '" + l.name + "' takes passwords (authentication " + std::string(to_string(l.auth)) +
+                    ") over plain http: they cross the network in the clear",
+                "authenticate on an https listener, and let the http one redirect_to_https");
+        if (l.auth == auth_mode::forms && l.session.idle > l.session.lifetime)
+            add(out, severity::warning, "AUTH005", l.where, "listeners." + l.name + ".session.idle",
+                "listener '" + l.name + "': the idle timeout is longer than the session lifetime, so it never applies",
+                "make idle shorter than lifetime (defaults: 15 min idle, 8 h lifetime)");
+    }
+
     for (auto& t : c.trust_forwarded_from)
         if (covers_external(c, t, wide_external_bits))
             add(out, severity::error, "TRUST001", c.trust_forwarded_from_where, "instance.trust_forwarded_from",

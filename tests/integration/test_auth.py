@@ -183,13 +183,106 @@ target = { address = "127.0.0.2", port = 80 }
     def test_users_on_a_listener_that_authenticates_nobody_is_an_error(self):
         self.assertIn("AUTH002", self.codes(self.run_check("none", "none", 'users = ["*"]')))
 
-    def test_consistent_settings_are_clean(self):
+    def test_consistent_settings_are_clean_but_for_plain_http(self):
         res = self.run_check("basic", "basic", 'users = ["*"]')
-        self.assertEqual(self.codes(res), [], res.stdout)
+        self.assertEqual(res.returncode, 0, res.stdout)
+        # The only finding: passwords over plain http (the listener here is http).
+        self.assertEqual(self.codes(res), ["AUTH004"], res.stdout)
+
+    def test_forms_over_plain_http_is_a_warning(self):
+        import json
+        res = self.run_check("forms", "basic", 'users = ["*"]')
+        [f] = json.loads(res.stdout)["findings"]
+        self.assertEqual((f["code"], f["severity"]), ("AUTH004", "warning"), f)
 
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class FormsSessions(unittest.TestCase):
+    """Forms listeners that share one session key: a session made at one front-end is good
+    at another; a front-end with another key refuses it; the upstream never sees the
+    session cookie, but gets the user's Basic credentials (delegation basic)."""
+
+    def setUp(self):
+        self.lab = h.Lab(prefix="dmz-forms-")
+        self.addCleanup(self.lab.close)
+        self.store = self.lab.path("users.toml")
+        for name, pw in (("alice", "alice-pw"),):
+            subprocess.run([h.DMZPROXY, "users", "--file", self.store, "add", name, "--password-stdin"], input=pw + "\n",
+                           capture_output=True, text=True, timeout=60, check=True)
+        self.origin = self.lab.start_origin("origin", h.ORIGIN)
+        shared = self.lab.path("shared-session.key")
+        self.fes = []
+        for i, key in enumerate((shared, shared, self.lab.path("other-session.key"))):
+            port = h.free_port(h.FE_EXTERNAL)
+            cfg = """
+[instance]
+name = "front-end-%d"
+user_store = "%s"
+session_key = "%s"
+[listeners.web]
+protocol = "http"
+bind = ["%s:%d"]
+authentication = "forms"
+[[rules]]
+name = "OWA"
+action = "allow"
+paths = ["/owa"]
+users = ["*"]
+delegation = "basic"
+target = { address = "%s", port = %d }
+""" % (i, self.store, key, h.FE_EXTERNAL, port, h.ORIGIN, self.origin.port)
+            self.fes.append((self.lab.start_proxy("front-end-%d" % i, cfg, h.FE_EXTERNAL, port), port))
+
+    def request(self, fe, method, path, headers=(), body=b""):
+        with h.HttpConnection.open(h.FE_EXTERNAL, self.fes[fe][1]) as c:
+            return c.request(method, path, list(headers), body=body)
+
+    def login(self, fe, user, pw):
+        body = ("username=%s&password=%s&url=%%2Fowa%%2F" % (user, pw)).encode()
+        r = self.request(fe, "POST", "/dmzproxy/auth/login",
+                         [("Content-Type", "application/x-www-form-urlencoded"), ("Content-Length", str(len(body)))], body)
+        return r
+
+    def test_a_session_from_one_front_end_is_good_at_another_with_the_same_key(self):
+        r = self.login(0, "alice", "alice-pw")
+        self.assertEqual(r.status, 302, r)
+        cookie = r.header("Set-Cookie")
+        self.assertIn("HttpOnly", cookie)
+        self.assertNotIn("Secure", cookie, "an http listener cannot use a Secure cookie")
+        value = cookie.split(";")[0]
+        self.assertEqual(self.origin.requests(), [], "the login is answered by the front-end")
+        r = self.request(1, "GET", "/owa/", [("Cookie", "theme=dark; " + value + "; lang=en")])
+        self.assertEqual(r.status, 200, r)
+        headers = {k.lower(): v for k, v in self.origin.requests()[-1]["headers"]}
+        self.assertEqual(headers.get("authorization"), "Basic " + base64.b64encode(b"alice:alice-pw").decode())
+        self.assertEqual(headers.get("cookie"), "theme=dark; lang=en", "the session cookie stays at the front-end")
+        n = len(self.origin.requests())
+        r = self.request(2, "GET", "/owa/", [("Cookie", value)])
+        self.assertEqual(r.status, 401, "another key, another session space")
+        self.assertEqual(len(self.origin.requests()), n)
+        self.assertTrue(os.path.exists(self.lab.path("other-session.key")))
+        self.assertEqual(os.stat(self.lab.path("shared-session.key")).st_mode & 0o777, 0o600)
+
+    def test_a_new_password_ends_the_session(self):
+        value = self.login(0, "alice", "alice-pw").header("Set-Cookie").split(";")[0]
+        self.assertEqual(self.request(0, "GET", "/owa/", [("Cookie", value)]).status, 200)
+        time.sleep(1.1)
+        subprocess.run([h.DMZPROXY, "users", "--file", self.store, "passwd", "alice", "--password-stdin"], input="new-pw\n",
+                       capture_output=True, text=True, timeout=60, check=True)
+        h.wait_for(lambda: self.request(0, "GET", "/owa/", [("Cookie", value)]).status == 401, 5,
+                   what="the old session refused after the password change")
+
+    def test_login_refuses_what_is_not_a_small_form(self):
+        r = self.request(0, "POST", "/dmzproxy/auth/login", [("Content-Type", "application/json"), ("Content-Length", "2")], b"{}")
+        self.assertEqual(r.status, 400)
+        big = b"username=alice&password=" + b"x" * 9000
+        r = self.request(0, "POST", "/dmzproxy/auth/login",
+                         [("Content-Type", "application/x-www-form-urlencoded"), ("Content-Length", str(len(big)))], big)
+        self.assertEqual(r.status, 413)
+        self.assertEqual(self.origin.requests(), [])
 
 
 class Lockout(unittest.TestCase):

@@ -232,7 +232,17 @@ class Session(SmtpTiers):
         r = c.cmd("AUTH LOGIN")
         self.assertEqual(r.code, 538, r)
 
-    def test_starttls_then_ehlo_offers_auth_and_auth_is_535(self):
+    def test_xclient_from_an_untrusted_client_is_refused(self):
+        c = self.ready()
+        r = c.cmd("XCLIENT LOGIN=administrator")
+        self.assertEqual((r.code, r.lines[0][:5]), (550, "5.7.0"), r)
+        self.assertNotIn("XCLIENT", c.ehlo("client.example.net").keywords())
+        # Still anonymous: relaying is refused as before.
+        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
+        r = c.cmd("RCPT TO:<victim@fabrikam.com>")
+        self.assertEqual(r.code, 550, r)
+
+    def test_starttls_without_a_user_store_offers_no_auth_and_auth_is_535(self):
         c = self.tls_client()
         self.assertEqual(c.sock.version() in ("TLSv1.2", "TLSv1.3"), True)
         self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 503, "EHLO is required again after TLS")
@@ -241,8 +251,7 @@ class Session(SmtpTiers):
         kw = r.keywords()
         self.assertNotIn("STARTTLS", kw, r)
         auth = [l for l in r.lines[1:] if l.upper().startswith("AUTH")]
-        self.assertEqual(len(auth), 1, r)
-        self.assertEqual(set(auth[0].upper().split()[1:]), {"PLAIN", "LOGIN"}, r)
+        self.assertEqual(auth, [], "no user store, so nothing to authenticate against (the lab's tests cover AUTH)")
         r = c.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice\0secret").decode())
         self.assertEqual(r.code, 535, r)
         self.assertEqual(c.cmd("STARTTLS").code, 503, "TLS already active")

@@ -685,3 +685,62 @@ TEST(Exchange, HttpsTargetNameDefaultsToThePublicName) {
     ASSERT_TRUE(owa && owa->to);
     EXPECT_EQ(owa->to->name, "webmail.contoso.com");
 }
+
+namespace {
+
+TEST(Config, FormsSessionSettings) {
+    auto r = load(R"([instance]
+user_store = "users.toml"
+session_key = "keys/session.key"
+[listeners.web]
+protocol = "http"
+bind = ["127.0.0.1:8443"]
+authentication = "forms"
+session = { idle = "5m", lifetime = "1h", cookie = "OwaSession", same_site = "Strict" }
+)");
+    ASSERT_TRUE(r.config) << dump(r.diags);
+    EXPECT_TRUE(with_code(r.diags, "CFG004").empty()) << dump(r.diags);
+    auto& l = r.config->listeners.at(0);
+    EXPECT_EQ(l.session.idle, std::chrono::minutes(5));
+    EXPECT_EQ(l.session.lifetime, std::chrono::hours(1));
+    EXPECT_EQ(l.session.cookie, "OwaSession");
+    EXPECT_EQ(l.session.same_site, "Strict");
+    EXPECT_EQ(r.config->session_key, "/tmp/x/keys/session.key");
+
+    std::string bad = R"([listeners.web]
+protocol = "http"
+bind = ["127.0.0.1:8443"]
+authentication = "forms"
+session = { cookie = "a b", same_site = "None" }
+)";
+    auto r2 = load(bad);
+    auto cookie = with_code(r2.diags, "CFG004");
+    ASSERT_EQ(cookie.size(), 2u) << dump(r2.diags);  // the cookie name, and None is not Lax or Strict
+    expect_at(*cookie[0], pos_of(bad, "cookie = "));
+}
+
+TEST(Config, ExchangeStanzaUsersDoNotApplyToInboundMail) {
+    auto r = load(base + R"(
+[listeners.smtp]
+protocol = "smtp"
+bind = ["127.0.0.1:2525"]
+
+[[rules]]
+name = "Exchange"
+kind = "exchange"
+listeners = ["web", "smtp"]
+domain = "contoso.com"
+users = ["*"]
+target = { address = "10.0.0.5", port = 443, tls = true, name = "mail.contoso.com" }
+)");
+    ASSERT_TRUE(r.config) << dump(r.diags);
+    for (auto& ru : r.config->rules) {
+        if (ru.service == "smtp") {
+            EXPECT_TRUE(ru.users.empty()) << ru.name;
+        } else if (!ru.service.empty()) {
+            EXPECT_EQ(ru.users, std::vector<std::string>{"*"}) << ru.name;
+        }
+    }
+}
+
+}  // namespace

@@ -1291,6 +1291,7 @@ class SmtpSession:
         self.tls = None
         self.ehlo = None
         self.errors = 0
+        self.login = None        # the user a trusted proxy vouched for (XCLIENT LOGIN)
         self.reset()
 
     def reset(self):
@@ -1401,6 +1402,8 @@ class SmtpSession:
             if self.tls is None and self.host.tls_context is not None:
                 lines.append("STARTTLS")
             lines.append("8BITMIME")
+            if self.peer[0] in self.host.xclient_from:
+                lines.append("XCLIENT LOGIN")
             self.reply(250, *lines)
             return True
         if verb == "STARTTLS":
@@ -1424,11 +1427,46 @@ class SmtpSession:
         if verb == "AUTH":
             self.reply(504, "5.7.4 Unrecognized authentication type")
             return True
+        if verb == "XCLIENT":
+            return self.xclient(arg)
         if verb == "QUIT":
             self.reply(221, "2.0.0 Service closing transmission channel")
             return False
         self.errors += 1
         self.reply(500, "5.3.3 Unrecognized command '%s'" % verb[:32].encode("ascii", "replace").decode())
+        return True
+
+    def xclient(self, arg):
+        """XCLIENT LOGIN=<xtext> from a trusted publishing tier: the session is treated as
+        authenticated (an Exchange receive connector with Externally Secured permissions
+        for that tier relays for it; here the user is also named in the stored message)."""
+        if self.peer[0] not in self.host.xclient_from:
+            self.errors += 1
+            self.reply(550, "5.7.0 XCLIENT denied")
+            return True
+        if self.mail_from is not None:
+            self.reply(503, "5.5.1 Mail transaction in progress")
+            return True
+        login = self.login
+        for tok in arg.split():
+            k, eq, v = tok.partition("=")
+            if not eq:
+                self.reply(501, "5.5.4 Bad XCLIENT attribute")
+                return True
+            if k.upper() == "LOGIN":
+                if v in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
+                    login = None
+                else:
+                    try:
+                        login = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), v)
+                    except ValueError:
+                        self.reply(501, "5.5.4 Bad XCLIENT LOGIN value")
+                        return True
+        self.login = login
+        self.ehlo = None
+        self.reset()
+        self.log("smtp-xclient", login=login)
+        self.reply(220, "%s Microsoft ESMTP MAIL Service ready" % self.host.fqdn)
         return True
 
     def starttls(self, arg):
@@ -1513,7 +1551,7 @@ class SmtpSession:
             self.reply(452, "4.5.3 Too many recipients")
             return True
         domain = path.rsplit("@", 1)[1].strip().rstrip(".").lower()
-        if domain not in self.host.accepted_domains:
+        if domain not in self.host.accepted_domains and self.login is None:
             self.refused.append(path)
             self.host.stats.smtp_event(self.service.name, "rcpt_refused")
             self.log("smtp-rcpt-refused", mail_from=self.mail_from, rcpt=path, ehlo=self.ehlo)
@@ -1567,7 +1605,8 @@ class SmtpSession:
                 "rcpts_refused": list(self.refused), "mail_params": self.mail_params, "peer": self.peer[0],
                 "peer_port": self.peer[1], "ehlo": self.ehlo, "tls": self.tls, "size": len(body),
                 "sha256": hashlib.sha256(body).hexdigest(), "service": self.service.name,
-                "role": self.service.role, "host": self.host.name, "conn": self.id, "time": now_iso()}
+                "role": self.service.role, "host": self.host.name, "conn": self.id, "time": now_iso(),
+                "authenticated_as": self.login}
         try:
             self.host.store.put(self.service.name, qid, body, meta)
         except OSError as e:
@@ -1603,6 +1642,7 @@ class Host:
         self.address = args.address
         self.services = services
         self.accepted_domains = [d.strip().rstrip(".").lower() for d in args.accepted_domain if d.strip()]
+        self.xclient_from = set(args.xclient_from)
         self.tls_context = tls_context
         names = cert_dns_names(args.cert)
         self.fqdn = args.fqdn or (names[0] if names else args.name)
@@ -1691,6 +1731,8 @@ def main(argv=None):
     ap.add_argument("--stats", required=True, help="127.0.0.1:PORT for GET /stats")
     ap.add_argument("--log", help="JSON lines, appended")
     ap.add_argument("--accepted-domain", action="append", default=[], help="a domain mail is accepted for")
+    ap.add_argument("--xclient-from", action="append", default=[],
+                    help="an address whose XCLIENT LOGIN is believed (a publishing tier that authenticated the sender)")
     ap.add_argument("--service", action="append", default=[], help="NAME:PROTOCOL:PORT[:ROLE]")
     ap.add_argument("--fqdn", help="the server's DNS name (default: the certificate's first DNS name)")
     ap.add_argument("--pending-period-ms", type=int, default=1000, help="MAPI PENDING period (default 1000)")

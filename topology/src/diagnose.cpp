@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <poll.h>
@@ -252,7 +253,16 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
             auto u = p.url;
             auto path_pos = u.find('/', u.find("://") + 3);
             auto target = path_pos == std::string::npos ? std::string("/") : u.substr(path_pos);
-            c.send(p.method + " " + target + " HTTP/1.1\r\nHost: " + first.host +
+            std::string authz;
+            if (!p.user.empty() && !p.password.empty()) {
+                auto cred = p.user + ":" + p.password;
+                std::string b64(4 * ((cred.size() + 2) / 3) + 1, '\0');
+                auto n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(b64.data()), reinterpret_cast<const unsigned char*>(cred.data()),
+                                         static_cast<int>(cred.size()));
+                b64.resize(static_cast<std::size_t>(n));
+                authz = "\r\nAuthorization: Basic " + b64;
+            }
+            c.send(p.method + " " + target + " HTTP/1.1\r\nHost: " + first.host + authz +
                    "\r\nUser-Agent: dmzproxy-diagnose\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             auto head = c.recv_until("\r\n\r\n");
             d.status = head.size() >= 12 ? std::atoi(head.substr(9, 3).c_str()) : 0;
@@ -302,7 +312,9 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
     // Where the live lab and the topology file disagree (an edited file not yet reloaded).
     // Network faults are invisible offline; anything else should agree with the file.
     bool live_ok = d.verdict == "ok";
-    if (d.verdict != "network-fault" && live_ok != (ex.result == outcome::ok))
+    // A refused password is invisible offline too (the file assumes the user's credentials work).
+    bool password_refused = d.verdict == "auth-fault" && !p.user.empty();
+    if (d.verdict != "network-fault" && !password_refused && live_ok != (ex.result == outcome::ok))
         d.note = std::string("the topology file says ") + to_string(ex.result) + " (" + ex.reason +
                  "), the running lab says " + d.verdict + ": was the lab started from another version of the file?";
     return d;

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstring>
@@ -274,9 +275,17 @@ int lab_up(const lab_options& o) {
         for (auto& s : h.services) endpoints.push_back({h.name, s.name, rules::to_string(s.proto), h.address.to_string(), s.port});
     for (auto& e : endpoints) preflight(e.owner + " " + e.name, e.address, e.port);
 
-    // 4. The demo user (the user store and pre-authentication come with their own issue;
-    //    the simulated host accepts it for NTLM and Basic).
-    json users = json::array({{{"name", "demo"}, {"password", random_password()}, {"note", "lab only"}}});
+    // 4. The demo user, in every instance's user store (pre-authentication, SMTP AUTH); the
+    //    simulated host accepts it for NTLM and Basic too. A new password every `lab up`.
+    json users = json::array({{{"name", "demo"}, {"password", random_password()}, {"groups", {"mail-users"}}, {"note", "lab only"}}});
+    if (o.set_user) {
+        std::vector<std::string> stores;
+        for (auto& in : t.instances)
+            if (in.policy && !in.policy->config().user_store.empty() &&
+                std::find(stores.begin(), stores.end(), in.policy->config().user_store) == stores.end())
+                stores.push_back(in.policy->config().user_store);
+        for (auto& s : stores) o.set_user(s, "demo", users[0]["password"].get<std::string>(), {"mail-users"});
+    }
 
     // 5. Start hosts, then instances back to front.
     std::vector<pid_t> pids;
@@ -292,6 +301,12 @@ int lab_up(const lab_options& o) {
                                       "--store", o.state + "/hosts/" + h.name, "--stats", "127.0.0.1:" + std::to_string(stats_port),
                                       "--log", o.state + "/logs/host-" + h.name + ".jsonl"};
         for (auto& d : h.accepted_domains) argv.insert(argv.end(), {"--accepted-domain", d});
+        for (auto& x : h.xclient_from) {
+            auto* in = t.find_instance(x);
+            auto a = in ? in->address_on(h.network) : std::nullopt;
+            if (!a) fail("host '" + h.name + "': xclient_from names '" + x + "', which is no instance with a leg on " + h.network);
+            argv.insert(argv.end(), {"--xclient-from", a->to_string()});
+        }
         json services = json::array();
         for (auto& s : h.services) {
             argv.insert(argv.end(), {"--service", s.name + ":" + rules::to_string(s.proto) + ":" + std::to_string(s.port) +
@@ -405,7 +420,10 @@ int lab_up(const lab_options& o) {
         std::cout << "  Mail:          swaks --server " << smtp_addr << ":" << smtp_port << " --local-interface " << client
                   << " --from someone@example.net --to demo@" << t.domain << "\n"
                   << "  Relay (denied): swaks --server " << smtp_addr << ":" << smtp_port << " --local-interface " << client
-                  << " --from someone@example.net --to victim@fabrikam.com\n";
+                  << " --from someone@example.net --to victim@fabrikam.com\n"
+                  << "  Relay (AUTH):  swaks --server " << smtp_addr << ":" << smtp_port << " --local-interface " << client
+                  << " -tls --tls-ca-path " << ca.cert_file() << " --auth PLAIN --auth-user demo --auth-password '"
+                  << users[0]["password"].get<std::string>() << "' --from demo@" << t.domain << " --to friend@fabrikam.com\n";
     std::cout << "  Status:        dmzproxy lab status [--json]      Stop: dmzproxy lab down\n";
     if (o.detach) return 0;
 

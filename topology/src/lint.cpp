@@ -33,6 +33,17 @@ void lint(const topology& t, diagnostics& out) {
                         "a receive connector created with the wrong TransportRole takes 25 twice "
                         "(Set-ReceiveConnector -TransportRole FrontEndTransport)");
 
+    // A host believes XCLIENT only from an instance on its own network.
+    for (auto& h : t.hosts)
+        for (auto& x : h.xclient_from) {
+            auto* in = t.find_instance(x);
+            if (!in || !in->address_on(h.network))
+                add(out, severity::error, "TOP009", h.xclient_from_where, "hosts." + h.name + ".xclient_from",
+                    "host '" + h.name + "' believes XCLIENT from '" + x + "', which is " +
+                        (in ? "not on network " + h.network : std::string("no instance of this topology")),
+                    "name the publishing instance that hands mail to this host (usually the back-end)");
+        }
+
     // Public names must land on a leg on External.
     for (auto& [name, node] : t.names) {
         auto* in = t.find_instance(node);

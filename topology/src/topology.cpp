@@ -191,7 +191,7 @@ private:
                 r_.error("CFG003", r_.at(v), path, "'" + path + "' must be a table");
                 continue;
             }
-            r_.only_keys(*tt, path, {"network", "address", "names", "accepted_domains", "services", "description"});
+            r_.only_keys(*tt, path, {"network", "address", "names", "accepted_domains", "xclient_from", "services", "description"});
             r_.str(*tt, "description", path);
             claim_node(t, h.name, h.where, path);
             h.network = r_.str(*tt, "network", path, true).value_or("");
@@ -204,6 +204,8 @@ private:
             }
             for (auto& n : r_.strings(*tt, "names", path)) h.names.push_back(rules::to_lower(n));
             for (auto& d : r_.strings(*tt, "accepted_domains", path)) h.accepted_domains.push_back(rules::to_lower(d));
+            h.xclient_from = r_.strings(*tt, "xclient_from", path);
+            h.xclient_from_where = tt->contains("xclient_from") ? r_.at_key(*tt, "xclient_from") : h.where;
             if (auto* arr = r_.array(*tt, "services", path)) {
                 std::size_t idx = 0;
                 for (auto& el : *arr) {
@@ -356,7 +358,10 @@ private:
         bool map = settings_.map_privileged_ports;
         auto pki = settings_.state_dir.empty() ? std::string() : settings_.state_dir + "/pki";
         // A lab's instances share one user store in the lab state folder.
-        if (c.user_store.empty()) c.user_store = (settings_.state_dir.empty() ? std::string("lab-state") : settings_.state_dir) + "/users.toml";
+        auto state = settings_.state_dir.empty() ? std::string("lab-state") : settings_.state_dir;
+        if (c.user_store.empty()) c.user_store = state + "/users.toml";
+        // ... and one session key, so every front-end of the lab accepts every forms session.
+        if (c.session_key.empty()) c.session_key = state + "/session.key";
         for (auto& l : c.listeners) {
             l.port = mapped_port(l.port, map);
             for (auto& b : l.bind) b.port = mapped_port(b.port, map);

@@ -306,4 +306,54 @@ std::string queue_id(const reply& r) {
     return sp == std::string::npos ? "" : t.substr(sp + 1);
 }
 
+std::string xtext_encode(std::string_view in) {
+    static const char* hex = "0123456789ABCDEF";
+    std::string out;
+    for (unsigned char c : in) {
+        if (c < 33 || c > 126 || c == '+' || c == '=') {
+            out += '+';
+            out += hex[c >> 4];
+            out += hex[c & 15];
+        } else {
+            out += static_cast<char>(c);
+        }
+    }
+    return out;
+}
+
+std::optional<std::string> xtext_decode(std::string_view in) {
+    auto nibble = [](char c) -> int {
+        if (c >= '0' && c <= '9') return c - '0';
+        if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+        return -1;
+    };
+    std::string out;
+    for (std::size_t i = 0; i < in.size(); ++i) {
+        unsigned char c = static_cast<unsigned char>(in[i]);
+        if (c == '+') {
+            if (i + 2 >= in.size()) return std::nullopt;
+            int hi = nibble(in[i + 1]), lo = nibble(in[i + 2]);
+            if (hi < 0 || lo < 0) return std::nullopt;
+            out += static_cast<char>(hi * 16 + lo);
+            i += 2;
+        } else if (c < 33 || c > 126 || c == '=') {
+            return std::nullopt;
+        } else {
+            out += static_cast<char>(c);
+        }
+    }
+    return out;
+}
+
+std::optional<plain_credentials> parse_sasl_plain(std::string_view d) {
+    auto a = d.find('\0');
+    if (a == std::string_view::npos) return std::nullopt;
+    auto b = d.find('\0', a + 1);
+    if (b == std::string_view::npos || d.find('\0', b + 1) != std::string_view::npos) return std::nullopt;
+    plain_credentials c{std::string(d.substr(a + 1, b - a - 1)), std::string(d.substr(b + 1))};
+    auto authzid = d.substr(0, a);
+    if (c.user.empty() || (!authzid.empty() && authzid != c.user)) return std::nullopt;
+    return c;
+}
+
 }  // namespace dmz::smtp

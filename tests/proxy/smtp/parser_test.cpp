@@ -146,4 +146,30 @@ TEST(ProxyV2, RefusesWhatIsNotAHeader) {
     EXPECT_EQ(parse_proxy_v2(wire, h, err), -1);
 }
 
+TEST(Xtext, RoundTripAndRefusals) {
+    for (std::string s : {"alice", "a+b=c", "caf\xc3\xa9", "with space", ""}) {
+        auto e = xtext_encode(s);
+        for (unsigned char c : e) EXPECT_TRUE(c >= 33 && c <= 126 && c != '=') << e;
+        EXPECT_EQ(xtext_decode(e), s);
+    }
+    EXPECT_EQ(xtext_encode("a+b"), "a+2Bb");
+    EXPECT_FALSE(xtext_decode("a+2"));
+    EXPECT_FALSE(xtext_decode("a+zz"));
+    EXPECT_FALSE(xtext_decode("a=b"));
+    EXPECT_FALSE(xtext_decode("a b"));
+}
+
+TEST(SaslPlain, Parses) {
+    using namespace std::string_literals;
+    auto c = parse_sasl_plain("\0alice\0pw"s);
+    ASSERT_TRUE(c);
+    EXPECT_EQ(c->user, "alice");
+    EXPECT_EQ(c->password, "pw");
+    EXPECT_TRUE(parse_sasl_plain("alice\0alice\0pw"s));
+    EXPECT_FALSE(parse_sasl_plain("bob\0alice\0pw"s));  // no acting as someone else
+    EXPECT_FALSE(parse_sasl_plain("\0\0pw"s));
+    EXPECT_FALSE(parse_sasl_plain("alice pw"s));
+    EXPECT_FALSE(parse_sasl_plain("\0alice\0pw\0x"s));
+}
+
 }  // namespace

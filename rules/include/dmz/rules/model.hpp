@@ -74,6 +74,16 @@ struct lockout_policy {
     millis window{std::chrono::minutes(15)};
 };
 
+/// Forms sessions (TMG's cookie-based forms authentication): a cookie signed with HMAC
+/// under the instance's session key, valid until `idle` passes without a request or
+/// `lifetime` passes since the login, whichever comes first.
+struct session_policy {
+    millis idle{std::chrono::minutes(15)};
+    millis lifetime{std::chrono::hours(8)};
+    std::string cookie = "DmzSession";
+    std::string same_site = "Lax";  ///< Lax, Strict (None is refused: it needs cross-site use)
+};
+
 struct listener {
     std::string name;
     protocol proto = protocol::https;
@@ -89,6 +99,7 @@ struct listener {
     listener_limits limits;
     listener_timeouts timeouts;
     lockout_policy lockout;
+    session_policy session;  ///< forms listeners
     source_location where;
 };
 
@@ -186,7 +197,10 @@ struct instance_config {
     std::string role;  ///< "front-end", "back-end" or ""
     std::vector<std::string> trust_forwarded_from;
     source_location trust_forwarded_from_where;
-    std::string user_store;  ///< the user store file (dmzproxy users), "" for none  ///< where the list is written, for findings
+    std::string user_store;  ///< the user store file (dmzproxy users), "" for none
+    /// Forms sessions: the key file (created on first use, 0600). Front-ends that share it
+    /// accept each other's sessions. "": session.key beside the user store.
+    std::string session_key;
     std::vector<network> networks;  ///< without External, which is implicit
     std::vector<address_set> address_sets;
     std::vector<listener> listeners;

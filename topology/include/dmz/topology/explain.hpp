@@ -15,6 +15,7 @@ struct probe {
     std::string smtp_server; ///< name[:port] (SMTP); the topology's mx when empty
     std::string method = "GET";
     std::string user;        ///< empty: anonymous
+    std::string password;    ///< diagnose: sent as Basic credentials with `user`
     /// The user's groups from the user store; unset: from the instance config's [users].
     std::optional<std::vector<std::string>> groups;
     std::string mail_from;

@@ -1,7 +1,9 @@
 #pragma once
 /// @file The lab: a topology's instances and simulated hosts as real processes on their
 /// 127.x addresses, started, watched and stopped by pid.
+#include <functional>
 #include <string>
+#include <vector>
 
 namespace dmz::topology {
 
@@ -12,6 +14,11 @@ struct lab_options {
     std::string dmzproxy;        ///< this executable, to start instances with
     std::string hosts_program;   ///< the simulated Exchange host (topology/hosts/exchange_host.py)
     int ready_timeout_s = 20;
+    /// Sets a user's password and groups in a user store file (the composition root passes
+    /// the proxy's user store; the lab puts its demo user in every instance's store).
+    std::function<void(const std::string& store, const std::string& user, const std::string& password,
+                       const std::vector<std::string>& groups)>
+        set_user;
 };
 
 /// Starts the lab. Returns the exit code; throws std::runtime_error with a clear message

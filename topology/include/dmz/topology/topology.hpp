@@ -43,6 +43,10 @@ struct host {
     ip_address address;
     std::vector<std::string> names;  ///< DNS names, and the names on its certificate
     std::vector<std::string> accepted_domains;
+    /// Instances whose XCLIENT LOGIN the host believes: mail from a sender they
+    /// authenticated may relay (Exchange: a connector with Externally Secured permissions).
+    std::vector<std::string> xclient_from;
+    source_location xclient_from_where;
     std::vector<host_service> services;
     source_location where;
     const host_service* service_at(std::uint16_t port) const;

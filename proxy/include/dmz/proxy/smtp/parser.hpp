@@ -89,4 +89,16 @@ std::string make_proxy_v2(const std::string& src, std::uint16_t src_port, const 
 /// "250 2.6.0 <id@host> Queued mail for delivery"), or "".
 std::string queue_id(const reply& r);
 
+/// xtext (RFC 3461 4): "+XX" for octets outside 33..126 and for '+' and '='.
+std::string xtext_encode(std::string_view in);
+/// nullopt on a malformed "+XX" or an octet xtext never carries.
+std::optional<std::string> xtext_decode(std::string_view in);
+
+/// The decoded SASL PLAIN message "authzid NUL authcid NUL passwd" (RFC 4616). nullopt when
+/// malformed, or when authzid names someone other than authcid (no proxy authorization).
+struct plain_credentials {
+    std::string user, password;
+};
+std::optional<plain_credentials> parse_sasl_plain(std::string_view decoded);
+
 }  // namespace dmz::smtp
