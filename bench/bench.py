@@ -1,0 +1,637 @@
+#!/usr/bin/env python3
+"""dmzproxy against nginx and HAProxy, each as a two-tier chain, in one run.
+
+Run through bench/run (it installs the peers and builds Release). Every contender is
+front-end -> back-end -> the same origin, one worker per tier, keep-alive to the next hop,
+no access log, on 127.40.0.0/16:
+
+    client (wrk, python) -> FE 127.40.1.1:8081 (plain) / :8443 (TLS) -> BE 127.40.2.1:8082
+                         -> origin 127.40.0.1:8080 (nginx, 1 KiB at /owa/)
+                                   127.40.0.1:8090 (holds requests: the ActiveSync Ping shape)
+                                   127.40.0.1:8091 (discards an upload, notes its first byte)
+
+Prints a Markdown table: medians of --runs runs, with the ratio to nginx in brackets.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+ORIGIN = "127.40.0.1"
+FE = "127.40.1.1"
+BE = "127.40.2.1"
+P_ORIGIN, P_HOLD, P_SINK = 8080, 8090, 8091
+P_FE, P_FE_TLS, P_BE = 8081, 8443, 8082
+HERE = os.path.dirname(os.path.abspath(__file__))
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+class Proc:
+    def __init__(self, name, argv, cwd):
+        self.name = name
+        self.out = open(os.path.join(cwd, name + ".out"), "w")
+        self.p = subprocess.Popen(argv, cwd=cwd, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def pids(self):
+        """The process and its descendants (nginx and haproxy masters fork workers)."""
+        out = {self.p.pid}
+        changed = True
+        while changed:
+            changed = False
+            for d in os.listdir("/proc"):
+                if not d.isdigit() or int(d) in out:
+                    continue
+                try:
+                    with open("/proc/%s/stat" % d) as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid in out:
+                    out.add(int(d))
+                    changed = True
+        return sorted(out)
+
+    def cpu_seconds(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])   # utime, stime
+            except (OSError, IndexError):
+                pass
+        return total / TICK
+
+    def rss_kib(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                with open("/proc/%d/statm" % pid) as f:
+                    total += int(f.read().split()[1]) * PAGE // 1024
+            except OSError:
+                pass
+        return total
+
+    def hwm_kib(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                with open("/proc/%d/status" % pid) as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+        return total
+
+    def stop(self):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(5)
+        self.out.close()
+
+
+def wait_listening(host, port, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nothing listens on %s:%d after %d s" % (host, port, timeout))
+
+
+# ---------------------------------------------------------------- origins (python parts)
+
+HOLD_AND_SINK = r'''
+import asyncio, json, sys, time
+ADDR = sys.argv[1]; HOLD = int(sys.argv[2]); SINK = int(sys.argv[3])
+held = 0
+async def hold(r, w):
+    global held
+    try:
+        await r.readuntil(b"\r\n\r\n")
+        held += 1
+        await r.read(1)            # until the client side goes away
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def sink(r, w):
+    # One request per connection: read the head, time the first body byte, discard.
+    try:
+        while True:
+            head = await r.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET /held"):
+                body = str(held).encode()
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)); await w.drain(); continue
+            n = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    n = int(line.split(b":")[1])
+            first = None; left = n
+            while left:
+                chunk = await r.read(min(left, 1 << 20))
+                if not chunk: return
+                if first is None: first = time.time()
+                left -= len(chunk)
+            body = json.dumps({"first_byte": first, "done": time.time(), "bytes": n}).encode()
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def main():
+    a = await asyncio.start_server(hold, ADDR, HOLD, backlog=8192)
+    b = await asyncio.start_server(sink, ADDR, SINK, backlog=1024, limit=1 << 20)
+    await asyncio.gather(a.serve_forever(), b.serve_forever())
+asyncio.run(main())
+'''
+
+
+# ---------------------------------------------------------------- contenders
+
+def cert_files(tmp):
+    crt, key = os.path.join(tmp, "fe.crt"), os.path.join(tmp, "fe.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                    "-subj", "/CN=mail.contoso.com", "-addext", "subjectAltName=DNS:mail.contoso.com",
+                    "-keyout", key, "-out", crt], check=True, capture_output=True)
+    with open(os.path.join(tmp, "fe.pem"), "w") as f:
+        f.write(open(crt).read() + open(key).read())
+    return crt, key
+
+
+class Contender:
+    name = "?"
+
+    def __init__(self, tmp, binary=None):
+        self.tmp = os.path.join(tmp, self.name)
+        os.makedirs(self.tmp, exist_ok=True)
+        self.binary = binary
+        self.fe = self.be = None
+
+    def start(self):
+        self.be = Proc("be", self.argv("be"), self.tmp)
+        wait_listening(BE, P_BE)
+        self.fe = Proc("fe", self.argv("fe"), self.tmp)
+        wait_listening(FE, P_FE)
+        wait_listening(FE, P_FE_TLS)
+
+    def stop(self):
+        for p in (self.fe, self.be):
+            if p:
+                p.stop()
+
+    def tiers(self):
+        return {"front-end": self.fe, "back-end": self.be}
+
+
+class Dmzproxy(Contender):
+    name = "dmzproxy"
+
+    def argv(self, tier):
+        crt, key = os.path.join(os.path.dirname(self.tmp), "fe.crt"), os.path.join(os.path.dirname(self.tmp), "fe.key")
+        if tier == "be":
+            cfg = textwrap.dedent('''
+                [instance]
+                name = "back-end"
+                trust_forwarded_from = ["fe"]
+                [address_sets.fe]
+                ranges = ["%s/32"]
+                [listeners.web]
+                protocol = "http"
+                bind = ["%s:%d"]
+                [[rules]]
+                name = "hold"
+                action = "allow"
+                paths = ["/hold"]
+                target = { address = "%s", port = %d, timeouts = { read = "10m" } }
+                [[rules]]
+                name = "upload"
+                action = "allow"
+                paths = ["/rpc"]
+                target = { address = "%s", port = %d, timeouts = { read = "10m" } }
+                [[rules]]
+                name = "origin"
+                action = "allow"
+                target = { address = "%s", port = %d }
+                ''') % (FE, BE, P_BE, ORIGIN, P_HOLD, ORIGIN, P_SINK, ORIGIN, P_ORIGIN)
+        else:
+            cfg = textwrap.dedent('''
+                [instance]
+                name = "front-end"
+                [listeners.web]
+                protocol = "http"
+                bind = ["%s:%d"]
+                [listeners.tls]
+                protocol = "https"
+                bind = ["%s:%d"]
+                certificates = [{ names = ["mail.contoso.com"], cert = "%s", key = "%s" }]
+                [[rules]]
+                name = "back-end"
+                action = "allow"
+                target = { address = "%s", port = %d, timeouts = { read = "10m" } }
+                ''') % (FE, P_FE, FE, P_FE_TLS, crt, key, BE, P_BE)
+        path = os.path.join(self.tmp, tier + ".toml")
+        with open(path, "w") as f:
+            f.write(cfg)
+        return [self.binary, "run", "-c", path, "--threads", "1"]
+
+
+class Nginx(Contender):
+    name = "nginx"
+
+    def argv(self, tier):
+        crt, key = os.path.join(os.path.dirname(self.tmp), "fe.crt"), os.path.join(os.path.dirname(self.tmp), "fe.key")
+        nxt = (BE, P_BE) if tier == "fe" else None
+        common = textwrap.dedent('''
+            worker_processes 1;
+            daemon off;
+            pid %(dir)s/%(tier)s.pid;
+            error_log %(dir)s/%(tier)s.err warn;
+            worker_rlimit_nofile 20000;
+            events { worker_connections 16000; }
+            http {
+              access_log off;
+              client_body_temp_path %(dir)s/%(tier)s-body;
+              proxy_temp_path %(dir)s/%(tier)s-proxy;
+              fastcgi_temp_path %(dir)s/%(tier)s-f; uwsgi_temp_path %(dir)s/%(tier)s-u; scgi_temp_path %(dir)s/%(tier)s-s;
+              keepalive_requests 100000;
+              keepalive_timeout 20m;
+              client_max_body_size 0;
+              proxy_http_version 1.1;
+              proxy_request_buffering off;
+              proxy_buffering off;
+              proxy_read_timeout 10m;
+              proxy_set_header Connection "";
+              proxy_set_header Host $host;
+              proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+              %(upstreams)s
+              server {
+                listen %(addr)s;
+                %(tls)s
+                location / { proxy_pass http://%(up)s; }
+                location /hold { proxy_pass http://%(uphold)s; }
+                location /rpc { proxy_pass http://%(upsink)s; }
+              }
+            }
+            ''')
+        if tier == "fe":
+            ups = "upstream be { server %s:%d; keepalive 64; }" % (BE, P_BE)
+            addr = "%s:%d" % (FE, P_FE)
+            tls = "listen %s:%d ssl; ssl_certificate %s; ssl_certificate_key %s;" % (FE, P_FE_TLS, crt, key)
+            up = uphold = upsink = "be"
+        else:
+            ups = ("upstream origin { server %s:%d; keepalive 64; } upstream hold { server %s:%d; keepalive 64; }"
+                   " upstream sink { server %s:%d; keepalive 64; }") % (ORIGIN, P_ORIGIN, ORIGIN, P_HOLD, ORIGIN, P_SINK)
+            addr = "%s:%d" % (BE, P_BE)
+            tls = ""
+            up, uphold, upsink = "origin", "hold", "sink"
+        cfg = common % {"dir": self.tmp, "tier": tier, "upstreams": ups, "addr": addr, "tls": tls, "up": up,
+                        "uphold": uphold, "upsink": upsink}
+        del nxt
+        path = os.path.join(self.tmp, tier + ".conf")
+        with open(path, "w") as f:
+            f.write(cfg)
+        return ["nginx", "-c", path, "-e", os.path.join(self.tmp, tier + ".err")]
+
+
+class Haproxy(Contender):
+    name = "haproxy"
+
+    def argv(self, tier):
+        pem = os.path.join(os.path.dirname(self.tmp), "fe.pem")
+        if tier == "fe":
+            binds = "bind %s:%d\n  bind %s:%d ssl crt %s" % (FE, P_FE, FE, P_FE_TLS, pem)
+            backends = "backend next\n  server be %s:%d\n" % (BE, P_BE)
+            routes = "default_backend next"
+        else:
+            binds = "bind %s:%d" % (BE, P_BE)
+            backends = ("backend origin\n  server o %s:%d\nbackend hold\n  server h %s:%d\nbackend sink\n  server s %s:%d\n") % (
+                ORIGIN, P_ORIGIN, ORIGIN, P_HOLD, ORIGIN, P_SINK)
+            routes = ("use_backend hold if { path_beg /hold }\n  use_backend sink if { path_beg /rpc }\n"
+                      "  default_backend origin")
+        cfg = textwrap.dedent('''
+            global
+              nbthread 1
+              maxconn 9000
+            defaults
+              mode http
+              timeout connect 10s
+              timeout client 20m
+              timeout server 10m
+              timeout http-request 30s
+              option forwardfor
+              http-reuse safe
+            frontend web
+              %s
+              %s
+            %s
+            ''') % (binds, routes, backends)
+        path = os.path.join(self.tmp, tier + ".cfg")
+        with open(path, "w") as f:
+            f.write(cfg)
+        return ["haproxy", "-db", "-f", path]
+
+
+# ---------------------------------------------------------------- measurements
+
+def wrk(url, seconds, conns=50):
+    res = subprocess.run(["wrk", "-t1", "-c%d" % conns, "-d%ds" % seconds, "--latency", url], capture_output=True, text=True,
+                         timeout=seconds + 30)
+    out = res.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock_err = re.search(r"Socket errors: (.*)", out)
+
+    def ms(label):
+        m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)\s*$" % label, out, re.M)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+    return {"rps": rps, "requests": reqs, "p50": ms("50"), "p99": ms("99"),
+            "errors": int(errors.group(1)) if errors else 0, "socket_errors": sock_err.group(1) if sock_err else ""}
+
+
+def throughput(c, seconds, tls):
+    url = ("https://%s:%d/owa/" if tls else "http://%s:%d/owa/") % (FE, P_FE_TLS if tls else P_FE)
+    wrk(url, 2)  # warm-up: pools, TLS session caches, page cache
+    cpu0 = {k: p.cpu_seconds() for k, p in c.tiers().items()}
+    r = wrk(url, seconds)
+    cpu1 = {k: p.cpu_seconds() for k, p in c.tiers().items()}
+    for k in cpu0:
+        r["cpu_us_" + k] = (cpu1[k] - cpu0[k]) * 1e6 / max(1, r["requests"])
+    return r
+
+
+def open_idle(n, tls, ctx):
+    """n keep-alive connections, each after one complete request."""
+    socks = []
+    req = b"GET /owa/ HTTP/1.1\r\nHost: mail.contoso.com\r\n\r\n"
+    for _ in range(n):
+        s = socket.create_connection((FE, P_FE_TLS if tls else P_FE), timeout=10)
+        if tls:
+            s = ctx.wrap_socket(s, server_hostname="mail.contoso.com")
+        s.sendall(req)
+        got = b""
+        while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 1024:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise RuntimeError("closed during the idle-connection request")
+            got += chunk
+        if not got.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError("the idle-connection request got: %r" % got[:200])
+        socks.append(s)
+    return socks
+
+
+def idle_memory(c, n, tls):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    open_idle(20, tls, ctx)   # settle allocators
+    time.sleep(0.5)
+    before = c.fe.rss_kib()
+    socks = open_idle(n, tls, ctx)
+    time.sleep(1.0)
+    after = c.fe.rss_kib()
+    for s in socks:
+        s.close()
+    return (after - before) / n
+
+
+def held_memory(c, n, monitor):
+    before = {k: p.rss_kib() for k, p in c.tiers().items()}
+    socks = []
+    for i in range(n):
+        s = socket.create_connection((FE, P_FE), timeout=10)
+        s.sendall(b"GET /hold/%d HTTP/1.1\r\nHost: mail.contoso.com\r\n\r\n" % i)
+        socks.append(s)
+    deadline = time.monotonic() + 60
+    held = 0
+    while time.monotonic() < deadline:
+        held = monitor()
+        if held >= n:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
+    after = {k: p.rss_kib() for k, p in c.tiers().items()}
+    for s in socks:
+        s.close()
+    return {k: (after[k] - before[k]) / n for k in before}, held
+
+
+def upload(c, size):
+    """One RPC_IN_DATA of `size` bytes through the chain (plain): MB/s, first-byte delay."""
+    s = socket.create_connection((FE, P_FE), timeout=60)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    head = ("RPC_IN_DATA /rpc/rpcproxy.dll?ex01:6001 HTTP/1.1\r\nHost: mail.contoso.com\r\nContent-Length: %d\r\n"
+            "Content-Type: application/rpc\r\n\r\n" % size).encode()
+    buf = memoryview(bytearray(b"x" * (1 << 20)))
+    hwm0 = {k: p.rss_kib() for k, p in c.tiers().items()}
+    t0 = time.time()
+    s.sendall(head)
+    left = size
+    peak = dict(hwm0)
+    while left:
+        n = s.send(buf[:min(left, len(buf))])
+        left -= n
+        if left % (64 << 20) < n:
+            for k, p in c.tiers().items():
+                peak[k] = max(peak[k], p.rss_kib())
+    got = b""
+    while b"}" not in got:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    t1 = time.time()
+    s.close()
+    body = json.loads(got.split(b"\r\n\r\n", 1)[1])
+    for k, p in c.tiers().items():
+        peak[k] = max(peak[k], p.rss_kib())
+    return {"mb_s": size / 1e6 / (t1 - t0), "first_byte_ms": (body["first_byte"] - t0) * 1000,
+            "peak_rss_mib": {k: v / 1024 for k, v in peak.items()}}
+
+
+# ---------------------------------------------------------------- the run
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dmzproxy", required=True)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=5000)
+    ap.add_argument("--upload-mib", type=int, default=1024)
+    ap.add_argument("--only", default="dmzproxy,nginx,haproxy")
+    ap.add_argument("--skip", default="")
+    ap.add_argument("--json", help="also write the raw results here")
+    a = ap.parse_args()
+    # Every process inherits the hard limit (the proxies need two descriptors per held request).
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < 4 * a.connections + 100:
+        sys.exit("bench: the descriptor limit (%d) is too low for --connections %d" % (hard, a.connections))
+    skip = set(filter(None, a.skip.split(",")))
+    tmp = tempfile.mkdtemp(prefix="dmz-bench-")
+    os.chmod(tmp, 0o755)   # nginx workers run as nobody/www-data when started by root
+    cert_files(tmp)
+    origin_conf = os.path.join(tmp, "origin.conf")
+    os.makedirs(os.path.join(tmp, "www", "owa"))
+    with open(os.path.join(tmp, "www", "owa", "index.html"), "wb") as f:
+        f.write(b"o" * 1024)
+    with open(origin_conf, "w") as f:
+        f.write(textwrap.dedent('''
+            worker_processes 1; daemon off; pid %(d)s/origin.pid; error_log %(d)s/origin.err warn;
+            worker_rlimit_nofile 20000;
+            events { worker_connections 16000; }
+            http { access_log off; keepalive_requests 1000000; keepalive_timeout 20m;
+              client_body_temp_path %(d)s/ob; proxy_temp_path %(d)s/op; fastcgi_temp_path %(d)s/of;
+              uwsgi_temp_path %(d)s/ou; scgi_temp_path %(d)s/os;
+              server { listen %(a)s:%(p)d; root %(d)s/www; } }
+            ''') % {"d": tmp, "a": ORIGIN, "p": P_ORIGIN})
+    procs = [Proc("origin", ["nginx", "-c", origin_conf, "-e", os.path.join(tmp, "origin.err")], tmp),
+             Proc("hold-sink", [sys.executable, "-c", HOLD_AND_SINK, ORIGIN, str(P_HOLD), str(P_SINK)], tmp)]
+    results = {}
+    try:
+        wait_listening(ORIGIN, P_ORIGIN)
+        wait_listening(ORIGIN, P_HOLD)
+        wait_listening(ORIGIN, P_SINK)
+
+        def held_now():
+            s = socket.create_connection((ORIGIN, P_SINK), timeout=5)
+            s.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = s.recv(4096)
+            s.close()
+            return int(got.split(b"\r\n\r\n", 1)[1])
+
+        log("origin direct ...")
+        direct = [wrk("http://%s:%d/owa/" % (ORIGIN, P_ORIGIN), a.duration) for _ in range(a.runs)]
+        results["origin direct"] = {"rps": median([r["rps"] for r in direct]), "p99": median([r["p99"] for r in direct]),
+                                    "p50": median([r["p50"] for r in direct])}
+        classes = {"dmzproxy": Dmzproxy, "nginx": Nginx, "haproxy": Haproxy}
+        for name in a.only.split(","):
+            c = classes[name](tmp, a.dmzproxy if name == "dmzproxy" else None)
+            log("%s: starting the chain" % name)
+            c.start()
+            r = {}
+            try:
+                runs = {"plain": [], "tls": []}
+                for i in range(a.runs):
+                    for mode in ("plain", "tls"):
+                        log("%s: %s throughput, run %d" % (name, mode, i + 1))
+                        runs[mode].append(throughput(c, a.duration, mode == "tls"))
+                for mode in ("plain", "tls"):
+                    rs = runs[mode]
+                    r[mode] = {k: median([x[k] for x in rs]) for k in ("rps", "p50", "p99", "cpu_us_front-end", "cpu_us_back-end")}
+                    r[mode]["errors"] = sum(x["errors"] for x in rs)
+                    r[mode]["socket_errors"] = [x["socket_errors"] for x in rs if x["socket_errors"]]
+                if "memory" not in skip:
+                    log("%s: idle connections" % name)
+                    r["idle_kib_plain"] = median([idle_memory(c, a.connections, False) for _ in range(a.runs)])
+                    r["idle_kib_tls"] = median([idle_memory(c, a.connections, True) for _ in range(a.runs)])
+                    log("%s: held requests" % name)
+                    held, n = held_memory(c, a.connections, held_now)
+                    r["held_kib"] = held
+                    r["held_reached_origin"] = n
+                if "upload" not in skip:
+                    log("%s: upload" % name)
+                    ups = [upload(c, a.upload_mib << 20) for _ in range(a.runs)]
+                    r["upload_mb_s"] = median([u["mb_s"] for u in ups])
+                    r["upload_first_byte_ms"] = median([u["first_byte_ms"] for u in ups])
+                    r["upload_peak_rss_mib"] = {k: max(u["peak_rss_mib"][k] for u in ups) for k in ups[0]["peak_rss_mib"]}
+            finally:
+                c.stop()
+            results[name] = r
+    finally:
+        for p in procs:
+            p.stop()
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=1)
+    report(results, a)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(res, a):
+    ng = res.get("nginx")
+
+    def ratio(v, ref):
+        return " (%.2f×)" % (v / ref) if ref else ""
+
+    print("\n| chain | req/s plain | req/s TLS at front | p50 / p99 ms plain | CPU µs/req FE / BE (plain) |"
+          " idle KiB/conn plain / TLS | held KiB/conn FE / BE | 1 GiB upload MB/s | first byte ms | peak RSS MiB FE / BE |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    d = res.get("origin direct")
+    if d:
+        print("| origin direct | %.0f | | %.2f / %.2f | | | | | | |" % (d["rps"], d["p50"], d["p99"]))
+    for name in ("dmzproxy", "nginx", "haproxy"):
+        r = res.get(name)
+        if not r:
+            continue
+        p, t = r["plain"], r["tls"]
+        ref = ng if ng and name != "nginx" else None
+        cells = [
+            "%.0f%s" % (p["rps"], ratio(p["rps"], ref["plain"]["rps"]) if ref else ""),
+            "%.0f%s" % (t["rps"], ratio(t["rps"], ref["tls"]["rps"]) if ref else ""),
+            "%.2f / %.2f%s" % (p["p50"], p["p99"], ratio(p["p99"], ref["plain"]["p99"]) if ref else ""),
+            "%.1f / %.1f%s" % (p["cpu_us_front-end"], p["cpu_us_back-end"],
+                               ratio(p["cpu_us_front-end"] + p["cpu_us_back-end"],
+                                     ref["plain"]["cpu_us_front-end"] + ref["plain"]["cpu_us_back-end"]) if ref else ""),
+        ]
+        if "idle_kib_plain" in r:
+            cells.append("%.2f / %.2f" % (r["idle_kib_plain"], r["idle_kib_tls"]))
+            cells.append("%.2f / %.2f" % (r["held_kib"]["front-end"], r["held_kib"]["back-end"]))
+        else:
+            cells += ["", ""]
+        if "upload_mb_s" in r:
+            cells.append("%.0f%s" % (r["upload_mb_s"], ratio(r["upload_mb_s"], res["haproxy"]["upload_mb_s"])
+                                     if name != "haproxy" and "haproxy" in res and "upload_mb_s" in res["haproxy"] else ""))
+            cells.append("%.0f" % r["upload_first_byte_ms"])
+            cells.append("%.1f / %.1f" % (r["upload_peak_rss_mib"]["front-end"], r["upload_peak_rss_mib"]["back-end"]))
+        else:
+            cells += ["", "", ""]
+        print("| %s | %s |" % (name, " | ".join(cells)))
+        errs = [m for m in ("plain", "tls") if r[m]["errors"] or r[m]["socket_errors"]]
+        for m in errs:
+            print("\n%s %s: %d non-2xx responses, socket errors %s" % (name, m, r[m]["errors"], r[m]["socket_errors"]))
+    print("\nRatios in brackets: against nginx (throughput, p99, CPU FE+BE), against HAProxy (upload).")
+    print("Medians of %d runs of %d s (wrk -t1 -c50), %d connections for memory, %d MiB upload; %s, %d cores." % (
+        a.runs, a.duration, a.connections, a.upload_mib, os.uname().release, os.cpu_count()))
+
+
+if __name__ == "__main__":
+    main()
