@@ -29,9 +29,10 @@ public:
     }
     void commit(std::size_t n) { end_ += n; }
     std::size_t capacity() const { return cap_; }
-    /// Gives the memory back while the connection idles.
-    void release() {
-        if (empty()) {
+    /// Gives the memory back while the connection idles (only when it is larger than
+    /// `keep`: a small buffer is cheaper to keep than to allocate again per request).
+    void release(std::size_t keep = 0) {
+        if (empty() && cap_ > keep) {
             buf_.reset();
             cap_ = begin_ = end_ = 0;
         }
@@ -42,7 +43,9 @@ private:
         if (n <= cap_) return;
         std::size_t cap = cap_ ? cap_ : 4096;
         while (cap < n) cap *= 2;
-        auto nb = std::make_unique<char[]>(cap);
+        // Not zeroed: a pump writes what it reads, and untouched pages of a large buffer
+        // never become resident.
+        auto nb = std::make_unique_for_overwrite<char[]>(cap);
         if (end_ > begin_) std::memcpy(nb.get(), buf_.get() + begin_, end_ - begin_);
         end_ -= begin_;
         begin_ = 0;

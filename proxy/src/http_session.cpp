@@ -818,7 +818,7 @@ private:
                     log(rec, t0);
                     co_return false;
                 }
-            } else if ((up = w_.pool.take(key, to.timeouts.idle))) {
+            } else if ((up = w_.pool.take(key, to.timeouts.idle, has_body))) {
                 rec.upstream_conn = "reused";
             } else {
                 fault_response f{};
@@ -1022,10 +1022,18 @@ private:
         auto resp_body = resp.body;
         auto resp_length = resp.content_length;
         {
+            // The head, and as much of a length-framed body as already arrived with it, in
+            // one write: a small response costs one send, not two.
+            std::size_t first_body = 0;
+            if (resp_body == http::body_kind::length)
+                first_body = static_cast<std::size_t>(std::min<std::uint64_t>(up->in.size(), resp_length));
+            std::array<asio::const_buffer, 2> bufs{asio::buffer(rh), asio::buffer(up->in.data().data(), first_body)};
             error_code ec;
-            co_await down_.write(asio::buffer(rh), ec);
-            rec.bytes_out += rh.size();
+            co_await down_.write(bufs, ec);
+            rec.bytes_out += rh.size() + first_body;
             if (ec) co_return co_await finish(false, fate::close);
+            up->in.consume(first_body);
+            resp_length -= first_body;
         }
 
         // ---- the response body, flushed as it arrives ----

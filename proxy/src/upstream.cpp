@@ -76,7 +76,7 @@ using namespace net;
 }
 
 
-std::shared_ptr<upstream_conn> upstream_pool::take(const std::string& key, std::chrono::milliseconds idle_timeout) {
+std::shared_ptr<upstream_conn> upstream_pool::take(const std::string& key, std::chrono::milliseconds idle_timeout, bool check) {
     auto it = idle_.find(key);
     if (it == idle_.end()) return nullptr;
     auto& v = it->second;
@@ -84,7 +84,12 @@ std::shared_ptr<upstream_conn> upstream_pool::take(const std::string& key, std::
     while (!v.empty()) {
         auto c = std::move(v.back());
         v.pop_back();
-        if (now - c->idle_since < idle_timeout && still_open(*c)) return c;
+        if (now - c->idle_since >= idle_timeout) {
+            c->stream.close();
+            continue;
+        }
+        // Unchecked only when young and the caller can retry (a bodyless request).
+        if ((!check && now - c->idle_since < std::chrono::seconds(1)) || still_open(*c)) return c;
         c->stream.close();
     }
     return nullptr;
@@ -97,7 +102,7 @@ void upstream_pool::put(std::shared_ptr<upstream_conn> c) {
         v.erase(v.begin());
     }
     c->idle_since = std::chrono::steady_clock::now();
-    c->in.release();
+    c->in.release(16 * 1024);  // a head buffer stays; a body pump's grown one goes
     v.push_back(std::move(c));
 }
 

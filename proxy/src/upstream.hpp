@@ -40,7 +40,9 @@ bool still_open(upstream_conn& c);
 class upstream_pool {
 public:
     /// The most recently used idle connection for `key` that is still open, or null.
-    std::shared_ptr<upstream_conn> take(const std::string& key, std::chrono::milliseconds idle_timeout);
+    /// An idle connection for `key`. `check` peeks at it first (a system call) to weed out
+    /// one the server closed; without it, one idle under a second is taken as it is.
+    std::shared_ptr<upstream_conn> take(const std::string& key, std::chrono::milliseconds idle_timeout, bool check = true);
     void put(std::shared_ptr<upstream_conn> c);
     std::size_t idle_count() const;
 
