@@ -154,9 +154,11 @@ std::optional<forms_session> session_sealer::unseal(std::string_view value) cons
     auto dot = value.rfind('.');
     if (dot <= 3) return std::nullopt;
     auto body = value.substr(0, dot);
-    auto mac = base64url_decode(value.substr(dot + 1));
-    auto want = hmac(mac_key_, body);
-    if (!mac || mac->size() != want.size() || CRYPTO_memcmp(mac->data(), want.data(), want.size()) != 0) return std::nullopt;
+    // Compared as text: base64 has spare bits in its last character, and a cookie that
+    // decodes to the right MAC from another spelling is still not one we wrote.
+    auto want = base64url_encode(hmac(mac_key_, body));
+    auto mac = value.substr(dot + 1);
+    if (mac.size() != want.size() || CRYPTO_memcmp(mac.data(), want.data(), want.size()) != 0) return std::nullopt;
     auto fields = base64url_decode(body.substr(3));
     if (!fields) return std::nullopt;
     std::vector<std::string_view> f;
