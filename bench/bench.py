@@ -35,6 +35,7 @@ FE = "127.40.1.1"
 BE = "127.40.2.1"
 P_ORIGIN, P_HOLD, P_SINK = 8080, 8090, 8091
 P_FE, P_FE_TLS, P_BE = 8081, 8443, 8082
+P_SMTP_FE, P_SMTP_BE, P_SMTP_SINK = 2525, 2526, 2527
 HERE = os.path.dirname(os.path.abspath(__file__))
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -181,6 +182,43 @@ asyncio.run(main())
 '''
 
 
+SMTP_SINK = r'''
+import asyncio, sys
+n = 0
+async def session(r, w):
+    global n
+    w.write(b"220 sink ESMTP\r\n")
+    try:
+        while True:
+            line = await r.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                w.write(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 52428800\r\n")
+            elif verb == b"DATA":
+                w.write(b"354 go\r\n")
+                await r.readuntil(b"\r\n.\r\n")
+                n += 1
+                w.write(b"250 2.0.0 Ok: queued as %d\r\n" % n)
+            elif verb == b"QUIT":
+                w.write(b"221 bye\r\n")
+                await w.drain()
+                return
+            else:
+                w.write(b"250 ok\r\n")
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def main():
+    s = await asyncio.start_server(session, sys.argv[1], int(sys.argv[2]), backlog=1024)
+    await s.serve_forever()
+asyncio.run(main())
+'''
+
+
 # ---------------------------------------------------------------- contenders
 
 def cert_files(tmp):
@@ -195,6 +233,7 @@ def cert_files(tmp):
 
 class Contender:
     name = "?"
+    smtp = True   # publishes SMTP (nginx-light has no mail or stream module)
 
     def __init__(self, tmp, binary=None):
         self.tmp = os.path.join(tmp, self.name)
@@ -208,6 +247,8 @@ class Contender:
         self.fe = Proc("fe", self.argv("fe"), self.tmp)
         wait_listening(FE, P_FE)
         wait_listening(FE, P_FE_TLS)
+        if self.smtp:
+            wait_listening(FE, P_SMTP_FE)
 
     def stop(self):
         for p in (self.fe, self.be):
@@ -233,21 +274,34 @@ class Dmzproxy(Contender):
                 [listeners.web]
                 protocol = "http"
                 bind = ["%s:%d"]
+                [listeners.smtp]
+                protocol = "smtp"
+                bind = ["%s:%d"]
+                [[rules]]
+                name = "mail"
+                kind = "server"
+                action = "allow"
+                listeners = ["smtp"]
+                accepted_domains = ["contoso.com"]
+                target = { address = "%s", port = %d }
                 [[rules]]
                 name = "hold"
                 action = "allow"
+                listeners = ["web"]
                 paths = ["/hold"]
                 target = { address = "%s", port = %d, timeouts = { read = "10m" } }
                 [[rules]]
                 name = "upload"
                 action = "allow"
+                listeners = ["web"]
                 paths = ["/rpc"]
                 target = { address = "%s", port = %d, timeouts = { read = "10m" } }
                 [[rules]]
                 name = "origin"
                 action = "allow"
+                listeners = ["web"]
                 target = { address = "%s", port = %d }
-                ''') % (FE, BE, P_BE, ORIGIN, P_HOLD, ORIGIN, P_SINK, ORIGIN, P_ORIGIN)
+                ''') % (FE, BE, P_BE, BE, P_SMTP_BE, ORIGIN, P_SMTP_SINK, ORIGIN, P_HOLD, ORIGIN, P_SINK, ORIGIN, P_ORIGIN)
         else:
             cfg = textwrap.dedent('''
                 [instance]
@@ -259,11 +313,22 @@ class Dmzproxy(Contender):
                 protocol = "https"
                 bind = ["%s:%d"]
                 certificates = [{ names = ["mail.contoso.com"], cert = "%s", key = "%s" }]
+                [listeners.smtp]
+                protocol = "smtp"
+                bind = ["%s:%d"]
+                [[rules]]
+                name = "mail"
+                kind = "server"
+                action = "allow"
+                listeners = ["smtp"]
+                accepted_domains = ["contoso.com"]
+                target = { address = "%s", port = %d, proxy_protocol = true, source = "%s" }
                 [[rules]]
                 name = "back-end"
                 action = "allow"
-                target = { address = "%s", port = %d, timeouts = { read = "10m" } }
-                ''') % (FE, P_FE, FE, P_FE_TLS, crt, key, BE, P_BE)
+                listeners = ["web", "tls"]
+                target = { address = "%s", port = %d, source = "%s", timeouts = { read = "10m" } }
+                ''') % (FE, P_FE, FE, P_FE_TLS, crt, key, FE, P_SMTP_FE, BE, P_SMTP_BE, FE, BE, P_BE, FE)
         path = os.path.join(self.tmp, tier + ".toml")
         with open(path, "w") as f:
             f.write(cfg)
@@ -272,6 +337,7 @@ class Dmzproxy(Contender):
 
 class Nginx(Contender):
     name = "nginx"
+    smtp = False
 
     def argv(self, tier):
         crt, key = os.path.join(os.path.dirname(self.tmp), "fe.crt"), os.path.join(os.path.dirname(self.tmp), "fe.key")
@@ -336,6 +402,8 @@ class Haproxy(Contender):
         if tier == "fe":
             binds = "bind %s:%d\n  bind %s:%d ssl crt %s" % (FE, P_FE, FE, P_FE_TLS, pem)
             backends = "backend next\n  server be %s:%d\n" % (BE, P_BE)
+            smtp = ("frontend smtp\n  mode tcp\n  bind %s:%d\n  default_backend smtp_next\n"
+                    "backend smtp_next\n  mode tcp\n  server be %s:%d send-proxy-v2\n") % (FE, P_SMTP_FE, BE, P_SMTP_BE)
             routes = "default_backend next"
         else:
             binds = "bind %s:%d" % (BE, P_BE)
@@ -343,6 +411,8 @@ class Haproxy(Contender):
                 ORIGIN, P_ORIGIN, ORIGIN, P_HOLD, ORIGIN, P_SINK)
             routes = ("use_backend hold if { path_beg /hold }\n  use_backend sink if { path_beg /rpc }\n"
                       "  default_backend origin")
+            smtp = ("frontend smtp\n  mode tcp\n  bind %s:%d accept-proxy\n  default_backend smtp_sink\n"
+                    "backend smtp_sink\n  mode tcp\n  server s %s:%d\n") % (BE, P_SMTP_BE, ORIGIN, P_SMTP_SINK)
         cfg = textwrap.dedent('''
             global
               nbthread 1
@@ -359,7 +429,7 @@ class Haproxy(Contender):
               %s
               %s
             %s
-            ''') % (binds, routes, backends)
+            ''') % (binds, routes, backends) + smtp
         path = os.path.join(self.tmp, tier + ".cfg")
         with open(path, "w") as f:
             f.write(cfg)
@@ -487,6 +557,56 @@ def upload(c, size):
             "peak_rss_mib": {k: v / 1024 for k, v in peak.items()}}
 
 
+def smtp_rate(conns=4, per_conn=500, size=2048):
+    """Messages per second through the chain: `conns` clients, each sending `per_conn`
+    messages of `size` bytes one after another on one session."""
+    body = (b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * (size // 78)) + b".\r\n"
+    done = [0] * conns
+    errors = []
+
+    def client(i):
+        try:
+            s = socket.create_connection((FE, P_SMTP_FE), timeout=30)
+            f = s.makefile("rb")
+
+            def reply():
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise EOFError("closed")
+                    if line[3:4] != b"-":
+                        return line
+            reply()
+            s.sendall(b"EHLO bench.example\r\n")
+            reply()
+            for _ in range(per_conn):
+                s.sendall(b"MAIL FROM:<a@example.net>\r\n")
+                if not reply().startswith(b"250"):
+                    raise RuntimeError("MAIL refused")
+                s.sendall(b"RCPT TO:<b@contoso.com>\r\n")
+                if not reply().startswith(b"250"):
+                    raise RuntimeError("RCPT refused")
+                s.sendall(b"DATA\r\n")
+                if not reply().startswith(b"354"):
+                    raise RuntimeError("DATA refused")
+                s.sendall(body)
+                if not reply().startswith(b"250"):
+                    raise RuntimeError("message refused")
+                done[i] += 1
+            s.sendall(b"QUIT\r\n")
+            s.close()
+        except Exception as e:   # reported with the result
+            errors.append(repr(e))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(conns)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    elapsed = time.monotonic() - t0
+    return {"msgs_s": sum(done) / elapsed, "messages": sum(done), "errors": errors}
+
+
 # ---------------------------------------------------------------- the run
 
 def median(xs):
@@ -528,12 +648,14 @@ def main():
               server { listen %(a)s:%(p)d; root %(d)s/www; } }
             ''') % {"d": tmp, "a": ORIGIN, "p": P_ORIGIN})
     procs = [Proc("origin", ["nginx", "-c", origin_conf, "-e", os.path.join(tmp, "origin.err")], tmp),
-             Proc("hold-sink", [sys.executable, "-c", HOLD_AND_SINK, ORIGIN, str(P_HOLD), str(P_SINK)], tmp)]
+             Proc("hold-sink", [sys.executable, "-c", HOLD_AND_SINK, ORIGIN, str(P_HOLD), str(P_SINK)], tmp),
+             Proc("smtp-sink", [sys.executable, "-c", SMTP_SINK, ORIGIN, str(P_SMTP_SINK)], tmp)]
     results = {}
     try:
         wait_listening(ORIGIN, P_ORIGIN)
         wait_listening(ORIGIN, P_HOLD)
         wait_listening(ORIGIN, P_SINK)
+        wait_listening(ORIGIN, P_SMTP_SINK)
 
         def held_now():
             s = socket.create_connection((ORIGIN, P_SINK), timeout=5)
@@ -586,6 +708,12 @@ def main():
                             log("%s: only %d of %d held requests reached the origin" % (name, n, a.connections))
                         helds.append(held)
                     r["held_kib"] = {k: median([x[k] for x in helds]) for k in helds[0]}
+                if "smtp" not in skip and c.smtp:
+                    log("%s: smtp" % name)
+                    fresh()
+                    sm = [smtp_rate() for _ in range(a.runs)]
+                    r["smtp_msgs_s"] = median([x["msgs_s"] for x in sm])
+                    r["smtp_errors"] = [e for x in sm for e in x["errors"]]
                 if "upload" not in skip:
                     log("%s: upload" % name)
                     ups = []
@@ -615,11 +743,12 @@ def report(res, a):
         return " (%.2f×)" % (v / ref) if ref else ""
 
     print("\n| chain | req/s plain | req/s TLS at front | p50 / p99 ms plain | CPU µs/req FE / BE (plain) |"
-          " idle KiB/conn plain / TLS | held KiB/conn FE / BE | 1 GiB upload MB/s | first byte ms | peak RSS MiB FE / BE |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          " idle KiB/conn plain / TLS | held KiB/conn FE / BE | 1 GiB upload MB/s | first byte ms | peak RSS MiB FE / BE |"
+          " SMTP msg/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     d = res.get("origin direct")
     if d:
-        print("| origin direct | %.0f | | %.2f / %.2f | | | | | | |" % (d["rps"], d["p50"], d["p99"]))
+        print("| origin direct | %.0f | | %.2f / %.2f | | | | | | | |" % (d["rps"], d["p50"], d["p99"]))
     for name in ("dmzproxy", "nginx", "haproxy"):
         r = res.get(name)
         if not r:
@@ -646,11 +775,19 @@ def report(res, a):
             cells.append("%.1f / %.1f" % (r["upload_peak_rss_mib"]["front-end"], r["upload_peak_rss_mib"]["back-end"]))
         else:
             cells += ["", "", ""]
+        if "smtp_msgs_s" in r:
+            hp = res.get("haproxy", {}).get("smtp_msgs_s")
+            cells.append("%.0f%s" % (r["smtp_msgs_s"], ratio(r["smtp_msgs_s"], hp) if hp and name != "haproxy" else "") +
+                         (" (TCP mode)" if name == "haproxy" else ""))
+        else:
+            cells.append("")
         print("| %s | %s |" % (name, " | ".join(cells)))
+        if r.get("smtp_errors"):
+            print("\n%s smtp errors: %s" % (name, r["smtp_errors"][:3]))
         errs = [m for m in ("plain", "tls") if r[m]["errors"] or r[m]["socket_errors"]]
         for m in errs:
             print("\n%s %s: %d non-2xx responses, socket errors %s" % (name, m, r[m]["errors"], r[m]["socket_errors"]))
-    print("\nRatios in brackets: against nginx (throughput, p99, CPU FE+BE), against HAProxy (upload).")
+    print("\nRatios in brackets: against nginx (throughput, p99, CPU FE+BE), against HAProxy (upload, SMTP).")
     print("Medians of %d runs of %d s (wrk -t1 -c50), %d connections for memory, %d MiB upload; %s, %d cores." % (
         a.runs, a.duration, a.connections, a.upload_mib, os.uname().release, os.cpu_count()))
 

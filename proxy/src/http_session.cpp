@@ -199,7 +199,18 @@ private:
             sni_ = server_name(down_.native_tls());
         }
         bool first = true;
-        while (co_await transaction(first)) first = false;
+        while (true) {
+            // Between requests only this small frame waits, with no buffer: a transaction's
+            // frame (its record, head and limits) exists only while a request is in hand.
+            if (in_.empty() && !down_.is_tls()) {
+                in_.release();
+                down_dog_.arm(first ? lcfg().timeouts.head : lcfg().timeouts.idle);
+                co_await down_.wait_readable(ec);
+                if (ec) break;
+            }
+            if (!co_await transaction(first)) break;
+            first = false;
+        }
         down_dog_.stop();
         if (pinned_) pinned_->stream.close();
         down_.close();
@@ -443,10 +454,18 @@ private:
                     }
                 }
             }
-            std::size_t room = 0;
-            char* p = in_.prepare(in_.size() < 4096 ? 4096 : in_.size(), room);
             error_code ec;
-            auto n = co_await down_.read_some(asio::buffer(p, room), ec);
+            std::size_t n = 0;
+            char* p = nullptr;
+            if (in_.empty() && !down_.is_tls()) {
+                in_.release();  // idle between requests: no buffer until bytes arrive
+                co_await down_.wait_readable(ec);
+            }
+            if (!ec) {
+                std::size_t room = 0;
+                p = in_.prepare(in_.size() < 4096 ? 4096 : in_.size(), room);
+                n = co_await down_.read_some(asio::buffer(p, room), ec);
+            }
             if (ec) {
                 if (down_dog_.expired() && got_bytes) {
                     rec.method = "-";
@@ -940,12 +959,17 @@ private:
                     break;
                 }
             }
-            std::size_t room = 0;
-            char* p = up->in.prepare(16 * 1024, room);
             error_code ec;
+            std::size_t n = 0;
             up_dog.arm(to.timeouts.read);
             maybe_watch(up, *sig);
-            auto n = co_await up->stream.read_some(asio::buffer(p, room), ec);
+            // A held request (an ActiveSync Ping, an RPC channel) waits without a buffer.
+            if (up->in.empty() && !up->stream.is_tls()) co_await up->stream.wait_readable(ec);
+            if (!ec) {
+                std::size_t room = 0;
+                char* p = up->in.prepare(4096, room);
+                n = co_await up->stream.read_some(asio::buffer(p, room), ec);
+            }
             if (ec) {
                 if (client_gone_) {
                     co_return co_await finish(false, fate::close);

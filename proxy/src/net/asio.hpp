@@ -45,6 +45,12 @@ public:
         if (tls_) co_return co_await tls_->async_read_some(b, redirect(ec));
         co_return co_await plain_.async_read_some(b, redirect(ec));
     }
+    /// Waits until the peer has sent something, holding no buffer meanwhile (an idle
+    /// keep-alive connection then costs no buffer). Plain streams only: a TLS stream may
+    /// hold bytes already read, which readiness of the socket would not show.
+    task<void> wait_readable(error_code& ec) {
+        co_await plain_.async_wait(tcp::socket::wait_read, redirect(ec));
+    }
     template <class Buffers>
     task<std::size_t> write(const Buffers& b, error_code& ec) {
         if (tls_) co_return co_await asio::async_write(*tls_, b, redirect(ec));
