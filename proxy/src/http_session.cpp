@@ -190,7 +190,7 @@ private:
         error_code ec;
         if (down_.is_tls()) {
             down_dog_.arm(lcfg().timeouts.head);
-            co_await down_.tls()->async_handshake(ssl::stream_base::server, redirect(ec));
+            co_await down_.handshake(true, ec);
             if (ec) {
                 down_dog_.stop();
                 down_.close();
@@ -202,7 +202,7 @@ private:
         while (true) {
             // Between requests only this small frame waits, with no buffer: a transaction's
             // frame (its record, head and limits) exists only while a request is in hand.
-            if (in_.empty() && !down_.is_tls()) {
+            if (in_.empty()) {
                 in_.release();
                 down_dog_.arm(first ? lcfg().timeouts.head : lcfg().timeouts.idle);
                 co_await down_.wait_readable(ec);
@@ -457,7 +457,7 @@ private:
             error_code ec;
             std::size_t n = 0;
             char* p = nullptr;
-            if (in_.empty() && !down_.is_tls()) {
+            if (in_.empty()) {
                 in_.release();  // idle between requests: no buffer until bytes arrive
                 co_await down_.wait_readable(ec);
             }
@@ -964,7 +964,7 @@ private:
             up_dog.arm(to.timeouts.read);
             maybe_watch(up, *sig);
             // A held request (an ActiveSync Ping, an RPC channel) waits without a buffer.
-            if (up->in.empty() && !up->stream.is_tls()) co_await up->stream.wait_readable(ec);
+            if (up->in.empty()) co_await up->stream.wait_readable(ec);
             if (!ec) {
                 std::size_t room = 0;
                 char* p = up->in.prepare(4096, room);

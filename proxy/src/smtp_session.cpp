@@ -565,7 +565,7 @@ private:
         down_.start_tls(l_.tls->default_context());
         dog_.arm(lcfg().timeouts.head);
         error_code ec;
-        co_await down_.tls()->async_handshake(ssl::stream_base::server, redirect(ec));
+        co_await down_.handshake(true, ec);
         if (ec) co_return -1;
         // RFC 3207: the client starts over with EHLO.
         if (in_transaction_) close_transaction("", "");

@@ -64,7 +64,7 @@ using namespace net;
     }
     s->socket().set_option(tcp::no_delay(true), ec);
     if (to.tls) {
-        co_await s->tls()->async_handshake(ssl::stream_base::client, redirect(ec));
+        co_await s->handshake(false, ec);
         if (ec) {
             f = {502, dog.expired() ? fault_class::upstream_timeout : fault_class::upstream_tls,
                  dog.expired() ? std::string("TLS handshake timed out") : describe_client_failure(s->native_tls(), ec, to.name), ""};

@@ -28,53 +28,78 @@ using task = asio::awaitable<T>;
 inline auto redirect(error_code& ec) { return asio::redirect_error(asio::use_awaitable, ec); }
 
 /// A connection, plain or TLS: one code path for both (CONVENTIONS 3).
+///
+/// TLS runs OpenSSL directly on the socket (SSL_set_fd, non-blocking, waiting for
+/// readiness on WANT_READ/WANT_WRITE) rather than through asio::ssl::stream, whose two
+/// 17 KiB record buffers and 17 KiB BIO pair live as long as the connection: here an idle
+/// TLS connection keeps only OpenSSL's session state (SSL_MODE_RELEASE_BUFFERS).
 class stream {
 public:
     explicit stream(tcp::socket s) : plain_(std::move(s)) {}
-    stream(tcp::socket s, ssl::context& ctx)
-        : plain_(s.get_executor()), tls_(std::make_unique<ssl::stream<tcp::socket>>(std::move(s), ctx)) {}
+    stream(tcp::socket s, ssl::context& ctx) : plain_(std::move(s)) { attach(ctx); }
 
-    bool is_tls() const { return tls_ != nullptr; }
+    bool is_tls() const { return ssl_ != nullptr; }
     /// STARTTLS: the same connection continues under TLS (the handshake is the caller's).
-    void start_tls(ssl::context& ctx) { tls_ = std::make_unique<ssl::stream<tcp::socket>>(std::move(plain_), ctx); }
-    tcp::socket& socket() { return tls_ ? tls_->next_layer() : plain_; }
-    ssl::stream<tcp::socket>* tls() { return tls_.get(); }
-    SSL* native_tls() { return tls_ ? tls_->native_handle() : nullptr; }
+    void start_tls(ssl::context& ctx) { attach(ctx); }
+    tcp::socket& socket() { return plain_; }
+    SSL* native_tls() { return ssl_.get(); }
+
+    /// The TLS handshake, as server or client (the socket must be connected).
+    task<void> handshake(bool server, error_code& ec);
 
     task<std::size_t> read_some(asio::mutable_buffer b, error_code& ec) {
-        if (tls_) co_return co_await tls_->async_read_some(b, redirect(ec));
+        if (ssl_) co_return co_await tls_read(b, ec);
         co_return co_await plain_.async_read_some(b, redirect(ec));
     }
     /// Waits until the peer has sent something, holding no buffer meanwhile (an idle
-    /// keep-alive connection then costs no buffer). Plain streams only: a TLS stream may
-    /// hold bytes already read, which readiness of the socket would not show.
+    /// keep-alive connection then costs no buffer). Returns at once when OpenSSL already
+    /// holds bytes the socket's readiness would not show.
     task<void> wait_readable(error_code& ec) {
+        if (ssl_ && SSL_has_pending(ssl_.get())) co_return;
         co_await plain_.async_wait(tcp::socket::wait_read, redirect(ec));
     }
     template <class Buffers>
     task<std::size_t> write(const Buffers& b, error_code& ec) {
-        if (tls_) co_return co_await asio::async_write(*tls_, b, redirect(ec));
-        co_return co_await asio::async_write(plain_, b, redirect(ec));
+        if (!ssl_) co_return co_await asio::async_write(plain_, b, redirect(ec));
+        // Small gathers (a head and a short body) become one TLS record and one send.
+        std::size_t total = asio::buffer_size(b), done = 0;
+        auto first = asio::buffer_sequence_begin(b), last = asio::buffer_sequence_end(b);
+        if (total <= 16 * 1024 && std::distance(first, last) > 1) {
+            std::string one(total, '\0');
+            asio::buffer_copy(asio::buffer(one), b);
+            co_return co_await tls_write(asio::const_buffer(one.data(), one.size()), ec);
+        }
+        for (auto it = first; it != last && !ec; ++it) done += co_await tls_write(asio::const_buffer(*it), ec);
+        co_return done;
     }
     /// Cancels pending operations (a deadline fired).
     void cancel() {
         error_code ec;
-        socket().cancel(ec);
+        plain_.cancel(ec);
     }
     void close() {
         error_code ec;
-        socket().shutdown(tcp::socket::shutdown_both, ec);
-        socket().close(ec);
+        plain_.shutdown(tcp::socket::shutdown_both, ec);
+        plain_.close(ec);
     }
-    /// Half-close the write side (plain streams only; TLS sends close_notify on shutdown).
+    /// Half-close the write side.
     void shutdown_send() {
         error_code ec;
-        socket().shutdown(tcp::socket::shutdown_send, ec);
+        plain_.shutdown(tcp::socket::shutdown_send, ec);
     }
 
 private:
+    void attach(ssl::context& ctx);
+    task<std::size_t> tls_read(asio::mutable_buffer b, error_code& ec);
+    task<std::size_t> tls_write(asio::const_buffer b, error_code& ec);
+    /// One OpenSSL call, repeated after waiting for the socket while it wants to read or
+    /// write. Returns its positive result, or 0 with `ec` set.
+    task<int> tls_call(int (*fn)(SSL*, void*, int), void* p, int n, error_code& ec);
+    struct ssl_free {
+        void operator()(SSL* s) const;
+    };
     tcp::socket plain_;
-    std::unique_ptr<ssl::stream<tcp::socket>> tls_;
+    std::unique_ptr<SSL, ssl_free> ssl_;
 };
 
 /// Cancels a stream's operations when its deadline passes. One timer per direction, re-armed

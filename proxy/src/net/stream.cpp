@@ -1,0 +1,76 @@
+// TLS on the socket itself: OpenSSL reads and writes the descriptor (non-blocking), and
+// the coroutine waits for readiness whenever OpenSSL says it wants to read or write.
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include <cerrno>
+#include <climits>
+#include <stdexcept>
+
+#include "asio.hpp"
+
+namespace dmz::net {
+
+void stream::ssl_free::operator()(SSL* s) const { SSL_free(s); }
+
+void stream::attach(ssl::context& ctx) {
+    ssl_.reset(SSL_new(ctx.native_handle()));
+    if (!ssl_) throw std::runtime_error("SSL_new failed");
+    SSL_set_mode(ssl_.get(), SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+}
+
+task<int> stream::tls_call(int (*fn)(SSL*, void*, int), void* p, int n, error_code& ec) {
+    while (true) {
+        ERR_clear_error();
+        errno = 0;
+        int r = fn(ssl_.get(), p, n);
+        if (r > 0) co_return r;
+        int e = SSL_get_error(ssl_.get(), r);
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+            co_await plain_.async_wait(e == SSL_ERROR_WANT_READ ? tcp::socket::wait_read : tcp::socket::wait_write, redirect(ec));
+            if (ec) co_return 0;
+            continue;
+        }
+        if (e == SSL_ERROR_ZERO_RETURN) {
+            ec = asio::error::eof;  // close_notify
+        } else if (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
+            // The peer closed without close_notify (or the socket failed).
+            ec = errno ? error_code(errno, asio::error::get_system_category()) : error_code(ssl::error::stream_truncated);
+        } else {
+            ec = error_code(static_cast<int>(ERR_get_error()), asio::error::get_ssl_category());
+        }
+        co_return 0;
+    }
+}
+
+task<void> stream::handshake(bool server, error_code& ec) {
+    plain_.non_blocking(true, ec);
+    if (ec) co_return;
+    if (SSL_set_fd(ssl_.get(), static_cast<int>(plain_.native_handle())) != 1) {
+        ec = error_code(static_cast<int>(ERR_get_error()), asio::error::get_ssl_category());
+        co_return;
+    }
+    if (server) SSL_set_accept_state(ssl_.get());
+    else SSL_set_connect_state(ssl_.get());
+    co_await tls_call([](SSL* s, void*, int) { return SSL_do_handshake(s); }, nullptr, 0, ec);
+}
+
+task<std::size_t> stream::tls_read(asio::mutable_buffer b, error_code& ec) {
+    if (b.size() == 0) co_return 0;
+    int n = co_await tls_call([](SSL* s, void* p, int len) { return SSL_read(s, p, len); }, b.data(),
+                              static_cast<int>(std::min<std::size_t>(b.size(), INT_MAX)), ec);
+    co_return static_cast<std::size_t>(n);
+}
+
+task<std::size_t> stream::tls_write(asio::const_buffer b, error_code& ec) {
+    std::size_t done = 0;
+    while (done < b.size() && !ec) {
+        auto* p = const_cast<char*>(static_cast<const char*>(b.data())) + done;
+        int n = co_await tls_call([](SSL* s, void* q, int len) { return SSL_write(s, q, len); }, p,
+                                  static_cast<int>(std::min<std::size_t>(b.size() - done, INT_MAX)), ec);
+        done += static_cast<std::size_t>(n);
+    }
+    co_return done;
+}
+
+}  // namespace dmz::net
