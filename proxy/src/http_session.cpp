@@ -1096,13 +1096,19 @@ private:
     }
 
     task<> watch(std::shared_ptr<upstream_conn> up, std::shared_ptr<pump_signal> sig) {
-        std::size_t room = 0;
-        char* p = in_.prepare(4096, room);
         error_code ec;
-        auto n = co_await down_.read_some(asio::buffer(p, room), ec);
+        // A held request (an ActiveSync Ping) waits for its answer without a client buffer.
+        if (in_.empty()) {
+            in_.release();
+            co_await down_.wait_readable(ec);
+        }
         if (!ec) {
-            in_.commit(n);  // a pipelined request: it waits its turn in the buffer
-        } else if (ec != asio::error::operation_aborted) {
+            std::size_t room = 0;
+            char* p = in_.prepare(4096, room);
+            auto n = co_await down_.read_some(asio::buffer(p, room), ec);
+            if (!ec) in_.commit(n);  // a pipelined request: it waits its turn in the buffer
+        }
+        if (ec && ec != asio::error::operation_aborted) {
             client_gone_ = true;
             up->stream.close();  // whoever waits on the upstream wakes now
         }
