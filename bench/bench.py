@@ -8,7 +8,8 @@ no access log, on 127.40.0.0/16:
     client (wrk, python) -> FE 127.40.1.1:8081 (plain) / :8443 (TLS) -> BE 127.40.2.1:8082
                          -> origin 127.40.0.1:8080 (nginx, 1 KiB at /owa/)
                                    127.40.0.1:8090 (holds requests: the ActiveSync Ping shape)
-                                   127.40.0.1:8091 (discards an upload, notes its first byte)
+                                   127.40.0.1:8091 (discards an upload, notes its first byte:
+                                                    bench/upload.c, native)
 
 Prints a Markdown table: medians of --runs runs, with the ratio to nginx in brackets.
 """
@@ -33,7 +34,7 @@ import time
 ORIGIN = "127.40.0.1"
 FE = "127.40.1.1"
 BE = "127.40.2.1"
-P_ORIGIN, P_HOLD, P_SINK = 8080, 8090, 8091
+P_ORIGIN, P_HOLD, P_SINK, P_HELD = 8080, 8090, 8091, 8092
 P_FE, P_FE_TLS, P_BE = 8081, 8443, 8082
 P_SMTP_FE, P_SMTP_BE, P_SMTP_SINK = 2525, 2526, 2527
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -133,8 +134,8 @@ def wait_listening(host, port, timeout=15):
 # ---------------------------------------------------------------- origins (python parts)
 
 HOLD_AND_SINK = r'''
-import asyncio, json, sys, time
-ADDR = sys.argv[1]; HOLD = int(sys.argv[2]); SINK = int(sys.argv[3])
+import asyncio, sys
+ADDR = sys.argv[1]; HOLD = int(sys.argv[2]); HELD = int(sys.argv[3])
 held = 0
 async def hold(r, w):
     global held
@@ -149,34 +150,19 @@ async def hold(r, w):
         pass
     finally:
         w.close()
-async def sink(r, w):
-    # One request per connection: read the head, time the first body byte, discard.
+async def count(r, w):
     try:
-        while True:
-            head = await r.readuntil(b"\r\n\r\n")
-            if head.startswith(b"GET /held"):
-                body = str(held).encode()
-                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)); await w.drain(); continue
-            n = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    n = int(line.split(b":")[1])
-            first = None; left = n
-            while left:
-                chunk = await r.read(min(left, 1 << 20))
-                if not chunk: return
-                if first is None: first = time.time()
-                left -= len(chunk)
-            body = json.dumps({"first_byte": first, "done": time.time(), "bytes": n}).encode()
-            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            await w.drain()
+        await r.readuntil(b"\r\n\r\n")
+        body = str(held).encode()
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await w.drain()
     except Exception:
         pass
     finally:
         w.close()
 async def main():
     a = await asyncio.start_server(hold, ADDR, HOLD, backlog=8192)
-    b = await asyncio.start_server(sink, ADDR, SINK, backlog=1024, limit=1 << 20)
+    b = await asyncio.start_server(count, ADDR, HELD, backlog=64)
     await asyncio.gather(a.serve_forever(), b.serve_forever())
 asyncio.run(main())
 '''
@@ -524,87 +510,24 @@ def held_memory(c, n, monitor):
     return {k: (after[k] - before[k]) / n for k in before}, held
 
 
-def upload(c, size):
-    """One RPC_IN_DATA of `size` bytes through the chain (plain): MB/s, first-byte delay."""
-    s = socket.create_connection((FE, P_FE), timeout=60)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    head = ("RPC_IN_DATA /rpc/rpcproxy.dll?ex01:6001 HTTP/1.1\r\nHost: mail.contoso.com\r\nContent-Length: %d\r\n"
-            "Content-Type: application/rpc\r\n\r\n" % size).encode()
-    buf = memoryview(bytearray(b"x" * (1 << 20)))
-    hwm0 = {k: p.rss_kib() for k, p in c.tiers().items()}
-    t0 = time.time()
-    s.sendall(head)
-    left = size
-    peak = dict(hwm0)
-    while left:
-        n = s.send(buf[:min(left, len(buf))])
-        left -= n
-        if left % (64 << 20) < n:
-            for k, p in c.tiers().items():
-                peak[k] = max(peak[k], p.rss_kib())
-    got = b""
-    while b"}" not in got:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-    t1 = time.time()
-    s.close()
-    body = json.loads(got.split(b"\r\n\r\n", 1)[1])
-    for k, p in c.tiers().items():
-        peak[k] = max(peak[k], p.rss_kib())
-    return {"mb_s": size / 1e6 / (t1 - t0), "first_byte_ms": (body["first_byte"] - t0) * 1000,
+def upload(c, size, tool):
+    """One RPC_IN_DATA of `size` bytes through the chain (plain), sent by the native tool:
+    MB/s, first-byte delay at the origin, peak RSS per tier (sampled every 50 ms)."""
+    peak = {k: p.rss_kib() for k, p in c.tiers().items()}
+    sender = subprocess.Popen([tool, "send", FE, str(P_FE), str(size)], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while sender.poll() is None and time.monotonic() < deadline:
+        for k, p in c.tiers().items():
+            peak[k] = max(peak[k], p.rss_kib())
+        time.sleep(0.05)
+    if sender.poll() is None:
+        sender.kill()
+    out, _ = sender.communicate()
+    if sender.returncode != 0:
+        raise RuntimeError("the upload failed: %r" % out)
+    r = json.loads(out)
+    return {"mb_s": size / 1e6 / (r["end"] - r["start"]), "first_byte_ms": (r["response"]["first_byte"] - r["start"]) * 1000,
             "peak_rss_mib": {k: v / 1024 for k, v in peak.items()}}
-
-
-def smtp_rate(conns=4, per_conn=500, size=2048):
-    """Messages per second through the chain: `conns` clients, each sending `per_conn`
-    messages of `size` bytes one after another on one session."""
-    body = (b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * (size // 78)) + b".\r\n"
-    done = [0] * conns
-    errors = []
-
-    def client(i):
-        try:
-            s = socket.create_connection((FE, P_SMTP_FE), timeout=30)
-            f = s.makefile("rb")
-
-            def reply():
-                while True:
-                    line = f.readline()
-                    if not line:
-                        raise EOFError("closed")
-                    if line[3:4] != b"-":
-                        return line
-            reply()
-            s.sendall(b"EHLO bench.example\r\n")
-            reply()
-            for _ in range(per_conn):
-                s.sendall(b"MAIL FROM:<a@example.net>\r\n")
-                if not reply().startswith(b"250"):
-                    raise RuntimeError("MAIL refused")
-                s.sendall(b"RCPT TO:<b@contoso.com>\r\n")
-                if not reply().startswith(b"250"):
-                    raise RuntimeError("RCPT refused")
-                s.sendall(b"DATA\r\n")
-                if not reply().startswith(b"354"):
-                    raise RuntimeError("DATA refused")
-                s.sendall(body)
-                if not reply().startswith(b"250"):
-                    raise RuntimeError("message refused")
-                done[i] += 1
-            s.sendall(b"QUIT\r\n")
-            s.close()
-        except Exception as e:   # reported with the result
-            errors.append(repr(e))
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(conns)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    elapsed = time.monotonic() - t0
-    return {"msgs_s": sum(done) / elapsed, "messages": sum(done), "errors": errors}
 
 
 # ---------------------------------------------------------------- the run
@@ -616,6 +539,7 @@ def median(xs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dmzproxy", required=True)
+    ap.add_argument("--upload-tool", required=True, help="bench/upload.c, built")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=5000)
@@ -648,19 +572,26 @@ def main():
               server { listen %(a)s:%(p)d; root %(d)s/www; } }
             ''') % {"d": tmp, "a": ORIGIN, "p": P_ORIGIN})
     procs = [Proc("origin", ["nginx", "-c", origin_conf, "-e", os.path.join(tmp, "origin.err")], tmp),
-             Proc("hold-sink", [sys.executable, "-c", HOLD_AND_SINK, ORIGIN, str(P_HOLD), str(P_SINK)], tmp),
+             Proc("hold", [sys.executable, "-c", HOLD_AND_SINK, ORIGIN, str(P_HOLD), str(P_HELD)], tmp),
+             Proc("upload-sink", [a.upload_tool, "sink", ORIGIN, str(P_SINK)], tmp),
              Proc("smtp-sink", [sys.executable, "-c", SMTP_SINK, ORIGIN, str(P_SMTP_SINK)], tmp)]
     results = {}
     try:
         wait_listening(ORIGIN, P_ORIGIN)
         wait_listening(ORIGIN, P_HOLD)
         wait_listening(ORIGIN, P_SINK)
+        wait_listening(ORIGIN, P_HELD)
         wait_listening(ORIGIN, P_SMTP_SINK)
 
         def held_now():
-            s = socket.create_connection((ORIGIN, P_SINK), timeout=5)
+            s = socket.create_connection((ORIGIN, P_HELD), timeout=5)
             s.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
-            got = s.recv(4096)
+            got = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
             s.close()
             return int(got.split(b"\r\n\r\n", 1)[1])
 
@@ -668,6 +599,14 @@ def main():
         direct = [wrk("http://%s:%d/owa/" % (ORIGIN, P_ORIGIN), a.duration) for _ in range(a.runs)]
         results["origin direct"] = {"rps": median([r["rps"] for r in direct]), "p99": median([r["p99"] for r in direct]),
                                     "p50": median([r["p50"] for r in direct])}
+        if "upload" not in skip:
+            rates = []
+            for _ in range(a.runs):
+                out = subprocess.run([a.upload_tool, "send", ORIGIN, str(P_SINK), str(a.upload_mib << 20)], capture_output=True,
+                                     text=True, timeout=300, check=True).stdout
+                u = json.loads(out)
+                rates.append((a.upload_mib << 20) / 1e6 / (u["end"] - u["start"]))
+            results["origin direct"]["upload_mb_s"] = median(rates)
         classes = {"dmzproxy": Dmzproxy, "nginx": Nginx, "haproxy": Haproxy}
         for name in a.only.split(","):
             c = classes[name](tmp, a.dmzproxy if name == "dmzproxy" else None)
@@ -719,7 +658,7 @@ def main():
                     ups = []
                     for _ in range(a.runs):
                         fresh()
-                        ups.append(upload(c, a.upload_mib << 20))
+                        ups.append(upload(c, a.upload_mib << 20, a.upload_tool))
                     r["upload_mb_s"] = median([u["mb_s"] for u in ups])
                     r["upload_first_byte_ms"] = median([u["first_byte_ms"] for u in ups])
                     r["upload_peak_rss_mib"] = {k: max(u["peak_rss_mib"][k] for u in ups) for k in ups[0]["peak_rss_mib"]}
@@ -748,7 +687,8 @@ def report(res, a):
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     d = res.get("origin direct")
     if d:
-        print("| origin direct | %.0f | | %.2f / %.2f | | | | | | | |" % (d["rps"], d["p50"], d["p99"]))
+        print("| origin direct | %.0f | | %.2f / %.2f | | | | %s | | | |" % (
+            d["rps"], d["p50"], d["p99"], "%.0f" % d["upload_mb_s"] if "upload_mb_s" in d else ""))
     for name in ("dmzproxy", "nginx", "haproxy"):
         r = res.get(name)
         if not r:
