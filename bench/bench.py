@@ -530,6 +530,56 @@ def upload(c, size, tool):
             "peak_rss_mib": {k: v / 1024 for k, v in peak.items()}}
 
 
+def smtp_rate(conns=4, per_conn=500, size=2048):
+    """Messages per second through the chain: `conns` clients, each sending `per_conn`
+    messages of `size` bytes one after another on one session."""
+    body = (b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * (size // 78)) + b".\r\n"
+    done = [0] * conns
+    errors = []
+
+    def client(i):
+        try:
+            s = socket.create_connection((FE, P_SMTP_FE), timeout=30)
+            f = s.makefile("rb")
+
+            def reply():
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise EOFError("closed")
+                    if line[3:4] != b"-":
+                        return line
+            reply()
+            s.sendall(b"EHLO bench.example\r\n")
+            reply()
+            for _ in range(per_conn):
+                s.sendall(b"MAIL FROM:<a@example.net>\r\n")
+                if not reply().startswith(b"250"):
+                    raise RuntimeError("MAIL refused")
+                s.sendall(b"RCPT TO:<b@contoso.com>\r\n")
+                if not reply().startswith(b"250"):
+                    raise RuntimeError("RCPT refused")
+                s.sendall(b"DATA\r\n")
+                if not reply().startswith(b"354"):
+                    raise RuntimeError("DATA refused")
+                s.sendall(body)
+                if not reply().startswith(b"250"):
+                    raise RuntimeError("message refused")
+                done[i] += 1
+            s.sendall(b"QUIT\r\n")
+            s.close()
+        except Exception as e:   # reported with the result
+            errors.append(repr(e))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(conns)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    elapsed = time.monotonic() - t0
+    return {"msgs_s": sum(done) / elapsed, "messages": sum(done), "errors": errors}
+
+
 # ---------------------------------------------------------------- the run
 
 def median(xs):
