@@ -2,6 +2,7 @@
 // Responses the proxy makes itself: status, X-Dmz-Error and a short page naming the tier,
 // the fault class and the rule.
 #include <string>
+#include <string_view>
 
 namespace dmz::proxy {
 
@@ -31,5 +32,11 @@ std::string render_fault(const fault_response& f, const std::string& instance, c
                          bool keep_alive, bool http10, const std::string& realm = {});
 
 const char* reason_phrase(int status);
+
+/// Text made safe inside HTML and attribute values (control characters become '?').
+std::string html_escape(std::string_view s);
+
+/// The Connection field a generated response needs: close, keep-alive for HTTP/1.0, or none.
+const char* connection_field(bool keep_alive, bool http10);
 
 }  // namespace dmz::proxy

@@ -32,21 +32,6 @@ constexpr const char* login_path = "/dmzproxy/auth/login";
 constexpr const char* logout_path = "/dmzproxy/auth/logout";
 constexpr std::size_t max_login_body = 8 * 1024;
 
-std::string html_escape(std::string_view s) {
-    std::string out;
-    for (char c : s) {
-        switch (c) {
-        case '<': out += "&lt;"; break;
-        case '>': out += "&gt;"; break;
-        case '&': out += "&amp;"; break;
-        case '"': out += "&quot;"; break;
-        case '\'': out += "&#39;"; break;
-        default: out.push_back(static_cast<unsigned char>(c) >= 0x20 ? c : '?');
-        }
-    }
-    return out;
-}
-
 /// Where a login may send the browser afterwards: a path on this site, nothing else (no
 /// "//evil.example", no scheme, no control characters).
 std::string safe_return_path(std::string_view url) {
@@ -278,9 +263,10 @@ private:
     std::string session_cookie(const forms_session& s) const { return lcfg().session.cookie + "=" + rt_->sessions->seal(s) + cookie_attributes(); }
     std::string expired_cookie() const { return lcfg().session.cookie + "=" + cookie_attributes() + "; Max-Age=0"; }
 
-    /// "" when the session cookie is good (and `s` holds it); else why not. Schedules a
+    /// "" when the session cookie is good (and `s` holds it, `groups` the user's groups);
+    /// else why not. Schedules a
     /// refreshed cookie when the last one is older than a quarter of the idle timeout.
-    std::string check_session(const std::string& value, forms_session& s) {
+    std::string check_session(const std::string& value, forms_session& s, std::vector<std::string>* groups = nullptr) {
         auto got = rt_->sessions->unseal(value);
         if (!got) return "not a valid session cookie";
         s = std::move(*got);
@@ -292,6 +278,7 @@ private:
         if (rt_->revoked->revoked(s.id)) return "session was logged out";
         auto* u = w_.auth.lookup(s.user);
         if (!u || hash_generation(u->hash) != s.generation) return "user removed or password changed";
+        if (groups) *groups = u->groups;
         if (now - s.last >= std::min<std::int64_t>(60, std::max<std::int64_t>(1, secs(p.idle) / 4))) {
             forms_session fresh = s;
             fresh.last = now;
@@ -320,7 +307,13 @@ private:
                "\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\nX-Frame-Options: DENY\r\n"
                "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'\r\n"
                "Content-Length: " + std::to_string(body.size()) + "\r\n" + extra_fields +
-               (keep ? (http10 ? "Connection: keep-alive\r\n" : "") : "Connection: close\r\n") + "\r\n" + body;
+               connection_field(keep, http10) + "\r\n" + body;
+    }
+
+    /// A 302 this tier makes (login page, after a login), with any extra fields.
+    static std::string found_response(const std::string& location, const std::string& extra_fields, bool keep, bool http10) {
+        return std::string(http10 ? "HTTP/1.0" : "HTTP/1.1") + " 302 Found\r\nLocation: " + location +
+               "\r\nCache-Control: no-store\r\nContent-Length: 0\r\n" + extra_fields + connection_field(keep, http10) + "\r\n";
     }
 
     std::string login_form(const std::string& back, const std::string& message) const {
@@ -417,9 +410,7 @@ private:
         // Basic delegation needs the password at every request: it travels sealed in the cookie.
         s.password = password;
         rec.detail = "forms login";
-        std::string resp = std::string(http10 ? "HTTP/1.0" : "HTTP/1.1") + " 302 Found\r\nLocation: " + back +
-                           "\r\nSet-Cookie: " + session_cookie(s) + "\r\nCache-Control: no-store\r\nContent-Length: 0\r\n" +
-                           (keep ? (http10 ? "Connection: keep-alive\r\n" : "") : "Connection: close\r\n") + "\r\n";
+        auto resp = found_response(back, "Set-Cookie: " + session_cookie(s) + "\r\n", keep, http10);
         co_return co_await answer(resp, 302, keep, rec, t0);
     }
 
@@ -560,12 +551,9 @@ private:
                 co_return co_await forms_page(path == login_path, head, rec, t0, client);
             auto value = cookie_value(head, lcfg().session.cookie);
             if (!value.empty()) {
-                session_problem = check_session(value, session);
+                session_problem = check_session(value, session, &groups);
                 have_session = session_problem.empty();
-                if (have_session) {
-                    user = session.user;
-                    groups = w_.auth.lookup(user)->groups;
-                }
+                if (have_session) user = session.user;
             }
         }
 
@@ -626,11 +614,10 @@ private:
             rec.action = "login-page";
             rec.fault = "auth-required";
             rec.detail = session_problem.empty() ? "no session" : "session refused: " + session_problem;
-            std::string resp = std::string(http10 ? "HTTP/1.0" : "HTTP/1.1") + " 302 Found\r\nLocation: " + login_path +
-                               "?url=" + url_encode(back) + (session_problem.empty() ? "" : "&reason=expired") +
-                               "\r\nCache-Control: no-store\r\nContent-Length: 0\r\n" +
-                               (keep_if_refused ? (http10 ? "Connection: keep-alive\r\n" : "") : "Connection: close\r\n") +
-                               (session_problem.empty() ? "" : "Set-Cookie: " + expired_cookie() + "\r\n") + "\r\n";
+            auto resp = found_response(std::string(login_path) + "?url=" + url_encode(back) +
+                                           (session_problem.empty() ? "" : "&reason=expired"),
+                                       session_problem.empty() ? "" : "Set-Cookie: " + expired_cookie() + "\r\n", keep_if_refused,
+                                       http10);
             co_return co_await answer(resp, 302, keep_if_refused, rec, t0);
         }
         if (d.result != rules::verdict::allow) {

@@ -15,6 +15,11 @@ import unittest
 import harness as h
 
 
+def add_user(store, name, password):
+    subprocess.run([h.DMZPROXY, "users", "--file", store, "add", name, "--password-stdin"], input=password + "\n",
+                   capture_output=True, text=True, timeout=60, check=True)
+
+
 def basic(user, password):
     return ("Authorization", "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode())
 
@@ -209,9 +214,7 @@ class FormsSessions(unittest.TestCase):
         self.lab = h.Lab(prefix="dmz-forms-")
         self.addCleanup(self.lab.close)
         self.store = self.lab.path("users.toml")
-        for name, pw in (("alice", "alice-pw"),):
-            subprocess.run([h.DMZPROXY, "users", "--file", self.store, "add", name, "--password-stdin"], input=pw + "\n",
-                           capture_output=True, text=True, timeout=60, check=True)
+        add_user(self.store, "alice", "alice-pw")
         self.origin = self.lab.start_origin("origin", h.ORIGIN)
         shared = self.lab.path("shared-session.key")
         self.fes = []
@@ -295,8 +298,7 @@ class Lockout(unittest.TestCase):
         self.addCleanup(self.lab.close)
         store = self.lab.path("users.toml")
         for name, pw in (("alice", "alice-pw"), ("bob", "bob-pw")):
-            subprocess.run([h.DMZPROXY, "users", "--file", store, "add", name, "--password-stdin"], input=pw + "\n",
-                           capture_output=True, text=True, timeout=60, check=True)
+            add_user(store, name, pw)
         self.origin = self.lab.start_origin("origin", h.ORIGIN)
         self.port = h.free_port(h.FE_EXTERNAL)
         cfg = """
