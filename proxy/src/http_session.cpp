@@ -148,7 +148,7 @@ struct pump_signal {
 class http_session : public std::enable_shared_from_this<http_session> {
 public:
     http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s)
-        : w_(w), rt_(std::move(rt)), l_(l), down_(make_stream(std::move(s), l)), down_dog_(w.io.get_executor(), down_),
+        : w_(w), rt_(std::move(rt)), l_(l), down_(make_stream(std::move(s), l)), down_dog_(w.io, down_),
           id_(next_connection_id()) {
         error_code ec;
         auto ep = down_.socket().remote_endpoint(ec);
@@ -187,13 +187,17 @@ private:
         while (true) {
             // Between requests only this small frame waits, with no buffer: a transaction's
             // frame (its record, head and limits) exists only while a request is in hand.
+            bool readable = false;
             if (in_.empty()) {
                 in_.release();
                 down_dog_.arm(first ? lcfg().timeouts.head : lcfg().timeouts.idle);
                 co_await down_.wait_readable(ec);
                 if (ec) break;
+                readable = true;
             }
-            if (!co_await transaction(first)) break;
+            bool keep = co_await transaction(first, readable);
+            watch_later_.disarm();
+            if (!keep) break;
             first = false;
         }
         down_dog_.stop();
@@ -415,7 +419,8 @@ private:
     }
 
     // ---- phase 1: read the head -------------------------------------------------------
-    task<bool> transaction(bool first) {
+    /// `readable`: the client's socket has just shown bytes (read them, do not wait again).
+    task<bool> transaction(bool first, bool readable) {
         auto rec = new_record();
         auto t0 = clock_type::now();
         http::limits hl{lcfg().limits.max_request_line, lcfg().limits.max_header_bytes, lcfg().limits.max_headers};
@@ -448,10 +453,11 @@ private:
             error_code ec;
             std::size_t n = 0;
             char* p = nullptr;
-            if (in_.empty()) {
+            if (in_.empty() && !readable) {
                 in_.release();  // idle between requests: no buffer until bytes arrive
                 co_await down_.wait_readable(ec);
             }
+            readable = false;
             if (!ec) {
                 std::size_t room = 0;
                 p = in_.prepare(in_.size() < 4096 ? 4096 : in_.size(), room);
@@ -521,7 +527,7 @@ private:
             while (!last.empty() && last.front() == ' ') last.remove_prefix(1);
             if (auto a = rules::ip_address::parse(last)) client = *a;
         }
-        rec.original_client = client.to_string();
+        rec.original_client = client == peer_ ? peer_text_ : client.to_string();
 
         if (lcfg().redirect_to_https) {
             std::string loc = "https://" + std::string(head.host) + std::string(head.target);
@@ -638,7 +644,12 @@ private:
         const rules::rule& rule = *d.matched;
         const rules::target& to = *rule.to;
         rec.action = "allow";
-        rec.target = endpoint_text(*to.address, to.port);
+        if (key_of_ != &to) {  // the snapshot this session holds keeps `to` where it is
+            key_ = pool_key(to);
+            target_text_ = endpoint_text(*to.address, to.port);
+            key_of_ = &to;
+        }
+        rec.target = target_text_;
 
         // ---- the Exchange template's guards on headers ----
         bool rewrite_cookie = false;
@@ -738,7 +749,7 @@ private:
         via += (via.empty() ? "" : ", ") + std::string(http10 ? "1.0 " : "1.1 ") + rt_->name;
         append_field(out, "Via", via);
         if (to.client_policy == rules::client_address::forwarded) {
-            auto c = client.to_string();
+            const auto& c = rec.original_client;
             append_field(out, "X-Forwarded-For", c);
             append_field(out, "X-Forwarded-Proto", down_.is_tls() ? "https" : "http");
             append_field(out, "X-Forwarded-Host", head.host);
@@ -810,7 +821,7 @@ private:
                      http::body_kind body, std::uint64_t content_length, bool expect_continue, bool auth_on_connection,
                      bool client_keep_alive, bool http10, access_record& rec, clock_type::time_point t0) {
         bool has_body = body != http::body_kind::none;
-        auto key = pool_key(to);
+        const std::string& key = key_;  // set with target_text_ for this `to`
         std::shared_ptr<upstream_conn> up;
         for (int attempt = 0; attempt < 2; ++attempt) {
             bool fresh = false;
@@ -902,7 +913,7 @@ private:
         };
 
         // ---- the response head ----
-        watchdog up_dog(w_.io.get_executor(), up->stream);
+        watchdog up_dog(w_.io, up->stream);
         http::response_head resp;
         http::parse_error perr;
         http::limits rl{8192, 64 * 1024, 200};
@@ -949,9 +960,10 @@ private:
             error_code ec;
             std::size_t n = 0;
             up_dog.arm(to.timeouts.read);
-            maybe_watch(up, *sig);
-            // A held request (an ActiveSync Ping, an RPC channel) waits without a buffer.
-            if (up->in.empty()) co_await up->stream.wait_readable(ec);
+            watch_soon(up, sig);
+            // A held request (an ActiveSync Ping, an RPC channel) on a new connection waits
+            // without a buffer; a pooled connection has its buffer already and reads at once.
+            if (up->in.capacity() == 0) co_await up->stream.wait_readable(ec);
             if (!ec) {
                 std::size_t room = 0;
                 char* p = up->in.prepare(4096, room);
@@ -1072,6 +1084,21 @@ private:
         co_return co_await finish(!close_client, reusable ? fate::pool : fate::close);
     }
 
+    /// Starts watching the client once the answer has been pending for `watch_delay`: most
+    /// answers come sooner, and then the watch (a client read to cancel) is not worth it.
+    void watch_soon(const std::shared_ptr<upstream_conn>& up, const std::shared_ptr<pump_signal>& request) {
+        if (watching_ || client_gone_ || !request->done || watch_later_.armed()) return;
+        watch_up_ = up;
+        watch_req_ = request;
+        down_dog_.disarm();  // waiting for an answer is not client idleness
+        watch_later_.arm(watch_delay);
+    }
+    void watch_now() {
+        auto up = std::move(watch_up_);
+        auto req = std::move(watch_req_);
+        if (up && req) maybe_watch(up, *req);
+    }
+
     /// Starts watching the client if the request is complete and no watch runs.
     void maybe_watch(const std::shared_ptr<upstream_conn>& up, const pump_signal& request) {
         if (watching_ || client_gone_ || !request.done) return;
@@ -1105,6 +1132,9 @@ private:
     }
 
     task<> stop_watch() {
+        watch_later_.disarm();
+        watch_up_.reset();
+        watch_req_.reset();
         if (!watching_) co_return;
         auto sig = watch_sig_;
         down_.cancel();
@@ -1119,7 +1149,7 @@ private:
             std::size_t room = 0;
             char* p = up.in.prepare(pump_chunk, room);
             dog.arm(read_timeout);
-            if (pump_up_ && pump_sig_) maybe_watch(pump_up_, *pump_sig_);
+            if (pump_up_ && pump_sig_) watch_soon(pump_up_, pump_sig_);
             auto n = co_await up.stream.read_some(asio::buffer(p, std::min(room, pump_chunk)), ec);
             if (ec) co_return false;
             up.in.commit(n);
@@ -1273,6 +1303,17 @@ private:
     std::shared_ptr<upstream_conn> pump_up_;
     std::shared_ptr<pump_signal> pump_sig_;
     std::shared_ptr<pump_signal> watch_sig_;
+    const rules::target* key_of_ = nullptr;  ///< the target `key_` and `target_text_` describe
+    std::string key_, target_text_;
+    struct later final : net::deadline {
+        later(asio::io_context& io, http_session& s) : deadline(io), session(s) {}
+        void fire() override { session.watch_now(); }
+        http_session& session;
+    };
+    static constexpr std::chrono::milliseconds watch_delay{200};
+    later watch_later_{w_.io, *this};
+    std::shared_ptr<upstream_conn> watch_up_;
+    std::shared_ptr<pump_signal> watch_req_;
 };
 
 }  // namespace

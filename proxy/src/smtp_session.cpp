@@ -25,7 +25,7 @@ constexpr int max_bad_commands = 20;
 class smtp_session : public std::enable_shared_from_this<smtp_session> {
 public:
     smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s)
-        : w_(w), rt_(std::move(rt)), l_(l), down_(std::move(s)), dog_(w.io.get_executor(), down_), id_(next_connection_id()) {
+        : w_(w), rt_(std::move(rt)), l_(l), down_(std::move(s)), dog_(w.io, down_), id_(next_connection_id()) {
         error_code ec;
         auto ep = down_.socket().remote_endpoint(ec);
         if (auto a = rules::ip_address::parse(ep.address().to_string())) peer_ = *a;
@@ -266,7 +266,7 @@ private:
             fail(f.detail, to_string(f.cls));
             co_return false;
         }
-        up_dog_ = std::make_unique<watchdog>(w_.io.get_executor(), up_->stream);
+        up_dog_ = std::make_unique<watchdog>(w_.io, up_->stream);
         if (target_->proxy_protocol.value_or(false)) {
             auto hdr = smtp::make_proxy_v2(client_.to_string(), 0, local_addr_, local_port_);
             if (!co_await send_upstream(hdr)) {

@@ -47,7 +47,7 @@ using namespace net;
         f = {502, fault_class::upstream_connect, "cannot open a socket from " + (to.source ? to.source->to_string() : "any") + ": " + ec.message(), ""};
         co_return nullptr;
     }
-    watchdog dog(io.get_executor(), *s);
+    watchdog dog(io, *s);
     dog.arm(to.timeouts.connect);
     co_await s->socket().async_connect(ep, redirect(ec));
     if (ec) {

@@ -72,6 +72,7 @@ def rules_table(ports):
          {"timeouts": {"read": "2s"}}),
         ("Hold short at front-end", ["/hold/fe-short"], None, {"timeouts": {"read": "2s"}},
          {"timeouts": {"read": LONG}}),
+        ("Silent long", ["/silent/long"], None, {"timeouts": {"read": LONG}}, {"timeouts": {"read": LONG}}),
         ("Silent", ["/silent"], None, {"timeouts": {"read": LONG}}, {"timeouts": {"read": "2s"}}),
         ("Close", ["/close"], None, {}, {}),
         ("Bad framing", ["/bad-framing"], None, {}, {}),
@@ -479,6 +480,26 @@ class Ntlm(TwoTier):
 # ---------------------------------------------------------------- streaming
 
 class Streaming(TwoTier):
+    def test_held_request_ends_upstream_when_the_client_leaves(self):
+        # A phone dropping its ActiveSync Ping: the origin never answers, the read timeouts
+        # are 10 minutes, and both tiers must still notice the client leaving and close their
+        # upstream connections, so the origin sees its connection end within seconds.
+        with self.connection() as c:
+            c.send(b"GET /silent/long HTTP/1.1\r\nHost: %s\r\n\r\n" % h.PUBLIC_NAME.encode())
+            self.assertTrue(h.wait_for(lambda: [q for q in self.origin.requests() if q["target"] == "/silent/long"], 5.0),
+                            "the held request never reached the origin\n" + self.diag())
+            time.sleep(1.0)  # well past the moment the tiers start watching the client
+        conn = [q for q in self.origin.requests() if q["target"] == "/silent/long"][0]["conn"]
+        t0 = time.monotonic()
+        closed = h.wait_for(lambda: [e for e in self.origin.entries("close") if e["conn"] == conn], 5.0)
+        self.assertTrue(closed, "the origin connection of a held request must close with the client\n" + self.diag())
+        self.assertLess(time.monotonic() - t0, 3.0)
+        for tier in (self.fe, self.be):
+            h.wait_for(lambda: [r for r in tier.access() if r.get("path") == "/silent/long"], 5.0)
+            rows = [r for r in tier.access() if r.get("path") == "/silent/long"]
+            self.assertTrue(rows, "no access-log line at " + tier.name + "\n" + self.diag())
+            self.assertIn("closed the connection while its answer was pending", rows[0].get("detail", ""), repr(rows[0]))
+
     def test_rpc_in_data_reaches_origin_before_client_finishes(self):
         c = self.connection(timeout=10.0)
         self.addCleanup(c.close)

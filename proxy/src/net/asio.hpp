@@ -54,9 +54,13 @@ public:
     /// Waits until the peer has sent something, holding no buffer meanwhile (an idle
     /// keep-alive connection then costs no buffer). Returns at once when OpenSSL already
     /// holds bytes the socket's readiness would not show.
+    ///
+    /// A one-byte MSG_PEEK receive, not async_wait: Boost 1.74's reactor re-arms the
+    /// descriptor with epoll_ctl on every async_wait, while a receive after a drained read
+    /// is queued with no system call (the descriptor stays registered edge-triggered).
     task<void> wait_readable(error_code& ec) {
         if (ssl_ && SSL_has_pending(ssl_.get())) co_return;
-        co_await plain_.async_wait(tcp::socket::wait_read, redirect(ec));
+        co_await plain_.async_receive(asio::buffer(&peek_, 1), tcp::socket::message_peek, redirect(ec));
     }
     template <class Buffers>
     task<std::size_t> write(const Buffers& b, error_code& ec) {
@@ -100,59 +104,83 @@ private:
     };
     tcp::socket plain_;
     std::unique_ptr<SSL, ssl_free> ssl_;
+    char peek_ = 0;
 };
 
-/// Cancels a stream's operations when its deadline passes. One timer per direction, re-armed
-/// by moving the deadline (a store), not by a timer operation per read. The timer loop owns
-/// its state, so the watchdog may be destroyed while the loop still waits.
-class watchdog {
+class deadlines;
+
+/// A deadline of one io_context. Every deadline of a worker is checked by one coarse ticker
+/// (deadlines::tick), so arming, moving or dropping a deadline is a store and a list link,
+/// never a timer operation or a coroutine: a request's timeouts cost nothing unless they
+/// fire. A deadline fires at most one tick late.
+class deadline {
 public:
     using clock = std::chrono::steady_clock;
-    watchdog(asio::any_io_executor ex, stream& s) : st_(std::make_shared<state>(ex, &s)) {}
-    ~watchdog() { stop(); }
-    watchdog(const watchdog&) = delete;
-    watchdog& operator=(const watchdog&) = delete;
+    explicit deadline(asio::io_context& io);
+    virtual ~deadline() { disarm(); }
+    deadline(const deadline&) = delete;
+    deadline& operator=(const deadline&) = delete;
 
+    void arm(std::chrono::milliseconds d) { arm_at(clock::now() + d); }
+    void arm_at(clock::time_point t);
+    void disarm();
+    bool armed() const { return linked_; }
+
+protected:
+    /// Runs inside the ticker, once per arm: it may post work, never destroy a deadline.
+    virtual void fire() = 0;
+
+private:
+    friend class deadlines;
+    deadlines& owner_;
+    deadline* prev_ = nullptr;
+    deadline* next_ = nullptr;
+    bool linked_ = false;
+    clock::time_point at_{};
+};
+
+/// The deadlines of one io_context (an Asio service, one per worker) and their ticker, which
+/// runs only while some deadline is armed.
+class deadlines : public asio::execution_context::service {
+public:
+    static inline asio::execution_context::id id;
+    static constexpr std::chrono::milliseconds tick_period{50};
+    explicit deadlines(asio::execution_context& ctx);
+
+private:
+    friend class deadline;
+    void shutdown() override;
+    void link(deadline& d);
+    void unlink(deadline& d);
+    void tick(const error_code& ec);
+    asio::steady_timer timer_;
+    deadline* head_ = nullptr;
+    bool ticking_ = false, shut_ = false;
+};
+
+/// Cancels a stream's operations when its deadline passes; `expired()` then says so.
+class watchdog final : public deadline {
+public:
+    watchdog(asio::io_context& io, stream& s) : deadline(io), target_(&s) {}
     void arm(std::chrono::milliseconds d) {
-        st_->deadline = clock::now() + d;
-        st_->expired = false;
-        if (!st_->running) {
-            st_->running = true;
-            asio::co_spawn(st_->timer.get_executor(), run(st_), asio::detached);
-        } else if (st_->deadline < st_->timer.expiry()) {
-            st_->timer.cancel();
-        }
+        if (stopped_) return;
+        expired_ = false;
+        deadline::arm(d);
     }
-    void disarm() { st_->deadline = clock::time_point::max(); }
-    bool expired() const { return st_->expired; }
+    bool expired() const { return expired_; }
+    /// For good: later arms are ignored.
     void stop() {
-        st_->target = nullptr;
-        st_->timer.cancel();
+        stopped_ = true;
+        disarm();
     }
 
 private:
-    struct state {
-        state(asio::any_io_executor ex, stream* s) : timer(ex), target(s) {}
-        asio::steady_timer timer;
-        stream* target;
-        clock::time_point deadline = clock::time_point::max();
-        bool expired = false, running = false;
-    };
-    static task<> run(std::shared_ptr<state> st) {
-        while (st->target) {
-            st->timer.expires_at(st->deadline);
-            error_code ec;
-            co_await st->timer.async_wait(redirect(ec));
-            if (!st->target) break;
-            if (clock::now() >= st->deadline) {
-                st->expired = true;
-                st->deadline = clock::time_point::max();
-                st->target->cancel();
-            }
-        }
-        st->running = false;
+    void fire() override {
+        expired_ = true;
+        target_->cancel();
     }
-    std::shared_ptr<state> st_;
+    stream* target_;
+    bool expired_ = false, stopped_ = false;
 };
 
 }  // namespace dmz::net

@@ -27,7 +27,10 @@ task<int> stream::tls_call(int (*fn)(SSL*, void*, int), void* p, int n, error_co
         if (r > 0) co_return r;
         int e = SSL_get_error(ssl_.get(), r);
         if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-            co_await plain_.async_wait(e == SSL_ERROR_WANT_READ ? tcp::socket::wait_read : tcp::socket::wait_write, redirect(ec));
+            if (e == SSL_ERROR_WANT_READ)
+                co_await plain_.async_receive(asio::buffer(&peek_, 1), tcp::socket::message_peek, redirect(ec));
+            else
+                co_await plain_.async_wait(tcp::socket::wait_write, redirect(ec));
             if (ec) co_return 0;
             continue;
         }
@@ -71,6 +74,65 @@ task<std::size_t> stream::tls_write(asio::const_buffer b, error_code& ec) {
         done += static_cast<std::size_t>(n);
     }
     co_return done;
+}
+
+deadline::deadline(asio::io_context& io) : owner_(asio::use_service<deadlines>(io)) {}
+
+void deadline::arm_at(clock::time_point t) {
+    at_ = t;
+    if (!linked_) owner_.link(*this);
+}
+
+void deadline::disarm() {
+    if (linked_) owner_.unlink(*this);
+}
+
+deadlines::deadlines(asio::execution_context& ctx)
+    : asio::execution_context::service(ctx), timer_(static_cast<asio::io_context&>(ctx)) {}
+
+void deadlines::shutdown() {
+    shut_ = true;
+    timer_.cancel();
+}
+
+void deadlines::link(deadline& d) {
+    d.prev_ = nullptr;
+    d.next_ = head_;
+    if (head_) head_->prev_ = &d;
+    head_ = &d;
+    d.linked_ = true;
+    if (!ticking_ && !shut_) {
+        ticking_ = true;
+        timer_.expires_after(tick_period);
+        timer_.async_wait([this](const error_code& ec) { tick(ec); });
+    }
+}
+
+void deadlines::unlink(deadline& d) {
+    if (d.prev_) d.prev_->next_ = d.next_;
+    else head_ = d.next_;
+    if (d.next_) d.next_->prev_ = d.prev_;
+    d.prev_ = d.next_ = nullptr;
+    d.linked_ = false;
+}
+
+void deadlines::tick(const error_code& ec) {
+    ticking_ = false;
+    if (ec || shut_) return;
+    auto now = deadline::clock::now();
+    for (deadline* d = head_; d;) {
+        deadline* next = d->next_;
+        if (d->at_ <= now) {
+            unlink(*d);
+            d->fire();
+        }
+        d = next;
+    }
+    if (head_) {
+        ticking_ = true;
+        timer_.expires_at(now + tick_period);
+        timer_.async_wait([this](const error_code& e) { tick(e); });
+    }
 }
 
 }  // namespace dmz::net
