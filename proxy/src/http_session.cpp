@@ -607,7 +607,7 @@ private:
         f.who = user.empty() ? rules::identity::anonymous : rules::identity::authenticated;
         f.user = user;
         f.groups = groups;
-        auto d = rt_->policy->evaluate(f);
+        auto d = rt_->policy->evaluate(f, {.trace = false});
         rec.rule = d.rule_name;
         rec.path = d.path.safe() ? d.path.path + (d.path.query.empty() ? "" : "?" + d.path.query) : std::string(head.target);
         if (d.result != rules::verdict::allow && forms && d.why == rules::fault::auth_required && authz.empty() &&

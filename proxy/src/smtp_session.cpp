@@ -230,7 +230,7 @@ private:
         f.listener = lcfg().name;
         f.client = client_;
         f.who = rules::identity::anonymous;
-        auto d = rt_->policy->evaluate(f);
+        auto d = rt_->policy->evaluate(f, {.trace = false});
         if (d.result != rules::verdict::allow || !d.matched || !d.matched->to) {
             say("554 5.7.1 " + name_ + " does not accept mail from " + client_.to_string() + ": " + d.reason);
             auto r = record();
@@ -807,7 +807,7 @@ private:
         f.user = user_;
         f.mail_from = tx_.mail_from;
         f.rcpt = cmd.path;
-        auto d = rt_->policy->evaluate(f);
+        auto d = rt_->policy->evaluate(f, {.trace = false});
         if (d.result != rules::verdict::allow) {
             // evaluate() words relay refusals as "550 5.7.1 ..."; other denials get it here.
             auto reason = d.reason.rfind("550 ", 0) == 0 ? d.reason : "550 5.7.1 " + d.reason;

@@ -132,46 +132,53 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
     using o_t = examined_rule::outcome;
 
     for (auto& r : cfg_.rules) {
-        examined_rule ex{r.name, r.where, o_t::failed, "", ""};
+        examined_rule ex{"", r.where, o_t::failed, "", ""};
+        auto note = [&](o_t result) {
+            if (!opts.trace) return;
+            ex.rule = r.name;
+            ex.result = result;
+            d.trace.push_back(std::move(ex));
+        };
         bool enabled = r.enabled || (r.test && opts.enable_test_rules);
         if (!enabled) {
-            ex.result = o_t::skipped_disabled;
-            ex.reason = r.test ? "disabled (test rule)" : "disabled";
-            d.trace.push_back(std::move(ex));
+            if (opts.trace) ex.reason = r.test ? "disabled (test rule)" : "disabled";
+            note(o_t::skipped_disabled);
             continue;
         }
         if ((r.kind == rule_kind::web && !web) || (r.kind == rule_kind::server && web)) {
-            ex.result = o_t::not_applicable;
-            ex.reason = std::string(to_string(r.kind)) + " rule; this is " + (web ? "HTTP" : "SMTP");
-            d.trace.push_back(std::move(ex));
+            if (opts.trace) ex.reason = std::string(to_string(r.kind)) + " rule; this is " + (web ? "HTTP" : "SMTP");
+            note(o_t::not_applicable);
             continue;
         }
 
         bool undecided = false;
-        std::string undecided_cond, undecided_reason;
-        auto cond = [&](tri t, const char* name, std::string reason) -> bool {
+        const char* undecided_cond = "";
+        // The reason is built only when the condition fails and a trace is wanted.
+        auto cond = [&](tri t, const char* name, auto&& reason) -> bool {
             if (t == tri::no) {
-                ex.condition = name;
-                ex.reason = std::move(reason);
+                if (opts.trace) {
+                    ex.condition = name;
+                    ex.reason = reason();
+                }
                 return false;
             }
             if (t == tri::unknown && !undecided) {
                 undecided = true;
                 undecided_cond = name;
-                undecided_reason = std::string(name) + " not known yet";
             }
             return true;
         };
 
         bool ok = cond(r.listeners.empty() || std::find(r.listeners.begin(), r.listeners.end(), f.listener) != r.listeners.end()
                            ? tri::yes : tri::no,
-                       "listener", "listener '" + f.listener + "' is not one of: " + join(r.listeners));
+                       "listener", [&] { return "listener '" + f.listener + "' is not one of: " + join(r.listeners); });
         if (ok) {
             tri t = match_sources(r.from, f.client);
-            ok = cond(t, "from",
-                      f.client ? "client " + f.client->to_string() + " (network " + cfg_.network_of(*f.client) +
-                                     ") is not in: " + join(r.from)
-                               : "");
+            ok = cond(t, "from", [&] {
+                return f.client ? "client " + f.client->to_string() + " (network " + cfg_.network_of(*f.client) +
+                                      ") is not in: " + join(r.from)
+                                : std::string();
+            });
         }
         if (ok && web && !r.public_names.empty()) {
             tri t = tri::unknown;
@@ -180,41 +187,40 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
                 for (auto& p : r.public_names)
                     if (host_matches(p, *f.host)) t = tri::yes;
             }
-            ok = cond(t, "public_names", "host '" + f.host.value_or("") + "' is not one of: " + join(r.public_names));
+            ok = cond(t, "public_names", [&] { return "host '" + f.host.value_or("") + "' is not one of: " + join(r.public_names); });
         }
         if (ok && web && r.kind == rule_kind::web) {
             tri t = tri::unknown;
-            std::string why;
+            bool unsafe = false;
             if (norm) {
                 if (!norm->safe()) {
                     t = tri::no;
-                    why = "unsafe path: " + norm->unsafe;
+                    unsafe = true;
                 } else if (r.paths.empty()) {
                     t = tri::yes;
                 } else {
                     t = tri::no;
                     for (auto& p : r.paths)
                         if (path_has_prefix(norm->path, p)) t = tri::yes;
-                    why = "path '" + norm->path + "' is not under: " + join(r.paths);
                 }
             } else if (r.paths.empty() && r.act == action::deny) {
                 // A deny decides without the path: an unsafe path would be refused anyway.
                 // An allow must wait, since an unsafe path would stop it matching.
                 t = tri::yes;
             }
-            ok = cond(t, "paths", why);
+            ok = cond(t, "paths", [&] {
+                return unsafe ? "unsafe path: " + norm->unsafe : "path '" + norm->path + "' is not under: " + join(r.paths);
+            });
         }
         if (ok && web && !r.methods.empty()) {
             tri t = tri::unknown;
             if (f.method) t = std::find(r.methods.begin(), r.methods.end(), *f.method) != r.methods.end() ? tri::yes : tri::no;
-            ok = cond(t, "methods", "method " + f.method.value_or("") + " is not one of: " + join(r.methods));
+            ok = cond(t, "methods", [&] { return "method " + f.method.value_or("") + " is not one of: " + join(r.methods); });
         }
         if (ok && (!r.users.empty() || !r.groups.empty())) {
             tri t = tri::unknown;
-            std::string why;
             if (f.who == identity::anonymous) {
                 t = tri::no;
-                why = "requires an authenticated user; the client is anonymous";
                 if (!undecided && !auth_candidate) auth_candidate = &r;
             } else if (f.who == identity::authenticated) {
                 t = tri::no;
@@ -222,20 +228,21 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
                     if (u == "*" || u == f.user) t = tri::yes;
                 for (auto& g : r.groups)
                     if (std::find(f.groups.begin(), f.groups.end(), g) != f.groups.end()) t = tri::yes;
-                why = "user '" + f.user + "' is not among users [" + join(r.users) + "] or groups [" + join(r.groups) + "]";
             }
-            ok = cond(t, "users", why);
+            ok = cond(t, "users", [&] {
+                return f.who == identity::anonymous
+                           ? std::string("requires an authenticated user; the client is anonymous")
+                           : "user '" + f.user + "' is not among users [" + join(r.users) + "] or groups [" + join(r.groups) + "]";
+            });
         }
         if (!ok) {
-            ex.result = o_t::failed;
-            d.trace.push_back(std::move(ex));
+            note(o_t::failed);
             continue;
         }
         if (undecided) {
-            ex.result = o_t::undecided;
             ex.condition = undecided_cond;
-            ex.reason = undecided_reason;
-            d.trace.push_back(std::move(ex));
+            ex.reason = std::string(undecided_cond) + " not known yet";
+            note(o_t::undecided);
             d.result = verdict::undecided;
             d.why = fault::none;
             d.matched = &r;
@@ -245,8 +252,7 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
             return d;
         }
 
-        ex.result = o_t::matched;
-        d.trace.push_back(std::move(ex));
+        note(o_t::matched);
         d.matched = &r;
         d.rule_name = r.name;
         d.where = r.where;

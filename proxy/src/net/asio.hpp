@@ -47,9 +47,11 @@ public:
     /// The TLS handshake, as server or client (the socket must be connected).
     task<void> handshake(bool server, error_code& ec);
 
+    // read_some, wait_readable and write are not coroutines themselves: each hands back the
+    // operation's own awaitable, which saves a coroutine frame (a malloc) per operation.
     task<std::size_t> read_some(asio::mutable_buffer b, error_code& ec) {
-        if (ssl_) co_return co_await tls_read(b, ec);
-        co_return co_await plain_.async_read_some(b, redirect(ec));
+        if (ssl_) return tls_read(b, ec);
+        return plain_.async_read_some(b, redirect(ec));
     }
     /// Waits until the peer has sent something, holding no buffer meanwhile (an idle
     /// keep-alive connection then costs no buffer). Returns at once when OpenSSL already
@@ -58,23 +60,15 @@ public:
     /// A one-byte MSG_PEEK receive, not async_wait: Boost 1.74's reactor re-arms the
     /// descriptor with epoll_ctl on every async_wait, while a receive after a drained read
     /// is queued with no system call (the descriptor stays registered edge-triggered).
-    task<void> wait_readable(error_code& ec) {
-        if (ssl_ && SSL_has_pending(ssl_.get())) co_return;
-        co_await plain_.async_receive(asio::buffer(&peek_, 1), tcp::socket::message_peek, redirect(ec));
+    /// (The count it returns means nothing.)
+    task<std::size_t> wait_readable(error_code& ec) {
+        if (ssl_ && SSL_has_pending(ssl_.get())) return ready();
+        return peek(ec);
     }
     template <class Buffers>
     task<std::size_t> write(const Buffers& b, error_code& ec) {
-        if (!ssl_) co_return co_await asio::async_write(plain_, b, redirect(ec));
-        // Small gathers (a head and a short body) become one TLS record and one send.
-        std::size_t total = asio::buffer_size(b), done = 0;
-        auto first = asio::buffer_sequence_begin(b), last = asio::buffer_sequence_end(b);
-        if (total <= 16 * 1024 && std::distance(first, last) > 1) {
-            std::string one(total, '\0');
-            asio::buffer_copy(asio::buffer(one), b);
-            co_return co_await tls_write(asio::const_buffer(one.data(), one.size()), ec);
-        }
-        for (auto it = first; it != last && !ec; ++it) done += co_await tls_write(asio::const_buffer(*it), ec);
-        co_return done;
+        if (!ssl_) return asio::async_write(plain_, b, redirect(ec));
+        return tls_gather(b, ec);
     }
     /// Cancels pending operations (a deadline fired).
     void cancel() {
@@ -93,6 +87,23 @@ public:
     }
 
 private:
+    template <class Buffers>
+    task<std::size_t> tls_gather(Buffers b, error_code& ec) {
+        // Small gathers (a head and a short body) become one TLS record and one send.
+        std::size_t total = asio::buffer_size(b), done = 0;
+        auto first = asio::buffer_sequence_begin(b), last = asio::buffer_sequence_end(b);
+        if (total <= 16 * 1024 && std::distance(first, last) > 1) {
+            std::string one(total, '\0');
+            asio::buffer_copy(asio::buffer(one), b);
+            co_return co_await tls_write(asio::const_buffer(one.data(), one.size()), ec);
+        }
+        for (auto it = first; it != last && !ec; ++it) done += co_await tls_write(asio::const_buffer(*it), ec);
+        co_return done;
+    }
+    task<std::size_t> peek(error_code& ec) {
+        return plain_.async_receive(asio::buffer(&peek_, 1), tcp::socket::message_peek, redirect(ec));
+    }
+    static task<std::size_t> ready() { co_return 0; }
     void attach(ssl::context& ctx);
     task<std::size_t> tls_read(asio::mutable_buffer b, error_code& ec);
     task<std::size_t> tls_write(asio::const_buffer b, error_code& ec);

@@ -27,9 +27,10 @@ task<int> stream::tls_call(int (*fn)(SSL*, void*, int), void* p, int n, error_co
         if (r > 0) co_return r;
         int e = SSL_get_error(ssl_.get(), r);
         if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-            if (e == SSL_ERROR_WANT_READ)
+            if (e == SSL_ERROR_WANT_READ) {
                 co_await plain_.async_receive(asio::buffer(&peek_, 1), tcp::socket::message_peek, redirect(ec));
-            else
+                if (ec == asio::error::eof) ec = {};  // OpenSSL sees the end itself (close_notify or not)
+            } else
                 co_await plain_.async_wait(tcp::socket::wait_write, redirect(ec));
             if (ec) co_return 0;
             continue;

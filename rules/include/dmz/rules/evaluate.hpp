@@ -64,6 +64,9 @@ struct decision {
 
 struct evaluate_options {
     bool enable_test_rules = false;  ///< evaluate as if each test rule were enabled
+    /// Fill decision::trace, with the reason each rule before the match failed (explain and
+    /// diagnose want it; the proxy's per-request path does not, and skips building it).
+    bool trace = true;
 };
 
 /// An instance's rules compiled once into immutable matchers.
