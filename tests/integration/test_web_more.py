@@ -932,6 +932,49 @@ class BoundedMemory(Base):
         self.check_peaks("download 512 MiB", before)
 
 
+class BoundedMemoryPlain(BoundedMemory):
+    """The same transfers over plain HTTP at every hop, where each tier moves a large request
+    body with splice(2) through a pipe instead of through its own buffers: the bytes must
+    still arrive complete and unchanged, and a channel the client ends early must still end
+    at the origin with what was sent."""
+    PLAIN_ORIGIN = True
+
+    def setUp(self):
+        super().setUp()
+        self.origin = self.plain
+
+    def fe_listeners(self):
+        return {"web": http_listener(h.FE_EXTERNAL, self.ports["fe"])}
+
+    def be_listeners(self):
+        return {"web": http_listener(h.BE_PERIMETER, self.ports["be"])}
+
+    def fe_rules(self):
+        return [{"name": "Web", "paths": self.PATHS, "target": self.to_be(tls=None, name=None, ca_file=None)}]
+
+    def be_rules(self):
+        return [{"name": "Web", "paths": self.PATHS,
+                 "target": self.to_origin(address=h.ORIGIN2, port=self.ports["plain"], tls=None, name=None, ca_file=None)}]
+
+    def connection(self, timeout=15.0, host=h.FE_EXTERNAL, port=None):
+        return h.HttpConnection.open(host, port or self.ports["fe"], timeout=timeout)
+
+    def test_complete_body_then_next_request_on_the_same_connection(self):
+        # A whole length-framed body (spliced) followed by a second request on the same
+        # connection: the tiers must take exactly Content-Length bytes, no more.
+        body = os.urandom(3 * MIB + 12345)
+        with self.connection(timeout=60) as c:
+            r = c.request("POST", "/EWS/Exchange.asmx", [("Content-Type", "text/xml")], body=body, timeout=60)
+            self.assertEqual(r.status, 200, "%r\n%s" % (r, self.diag()))
+            r2 = c.request("GET", "/owa/after-the-body", timeout=15)
+            self.assertEqual(r2.status, 200, "%r\n%s" % (r2, self.diag()))
+        reqs = self.origin.requests()
+        posts = [q for q in reqs if q["method"] == "POST"]
+        self.assertEqual(len(posts), 1, self.diag())
+        self.assertEqual((posts[0]["body_bytes"], posts[0]["body_sha256"]), (len(body), hashlib.sha256(body).hexdigest()))
+        self.assertIn("/owa/after-the-body", [q["target"] for q in reqs])
+
+
 # ---------------------------------------------------------------- 10. client behaviour
 
 class ClientBehaviour(Base):
