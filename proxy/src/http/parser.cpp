@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cstring>
 
 namespace dmz::http {
 
@@ -19,6 +20,18 @@ constexpr bool token_char(unsigned char c) {
 }
 
 constexpr bool field_value_char(unsigned char c) { return c == '\t' || (c >= 0x20 && c != 0x7f); }
+
+/// Byte classes, one table lookup per byte on the per-request path.
+struct char_table {
+    bool token[256] = {}, value[256] = {};
+    constexpr char_table() {
+        for (int c = 0; c < 256; ++c) {
+            token[c] = token_char(static_cast<unsigned char>(c));
+            value[c] = field_value_char(static_cast<unsigned char>(c));
+        }
+    }
+};
+constexpr char_table chars;
 
 char lower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; }
 
@@ -48,16 +61,24 @@ std::string printable(std::string_view s, std::size_t max = 40) {
 /// before it. Returns the head size, 0 when more bytes are needed, or npos on an error.
 std::size_t find_head_end(std::string_view in, std::size_t start, parse_error& err, int status) {
     for (std::size_t i = start; i < in.size(); ++i) {
-        char c = in[i];
-        if (c == '\0') {
+        // From one CR to the next with memchr (vectorised), then check the span in between
+        // for the two bytes a head may not hold.
+        const char* base = in.data() + i;
+        std::size_t left = in.size() - i;
+        auto* cr = static_cast<const char*>(std::memchr(base, '\r', left));
+        std::size_t span = cr ? static_cast<std::size_t>(cr - base) : left;
+        auto* nul = static_cast<const char*>(std::memchr(base, '\0', span));
+        auto* lf = static_cast<const char*>(std::memchr(base, '\n', span));
+        if (nul && (!lf || nul < lf)) {
             fail(err, status, "nul-byte", "NUL byte in the message head");
             return std::string_view::npos;
         }
-        if (c == '\n') {
+        if (lf) {
             fail(err, status, "bare-lf", "a line ends in LF without CR");
             return std::string_view::npos;
         }
-        if (c != '\r') continue;
+        if (!cr) return 0;
+        i += span;
         if (i + 1 >= in.size()) return 0;
         if (in[i + 1] != '\n') {
             fail(err, status, "bare-cr", "a CR not followed by LF");
@@ -95,10 +116,10 @@ bool parse_fields(std::string_view lines, const limits& lim, std::vector<field>&
         if (name.back() == ' ' || name.back() == '\t')
             return fail(err, status, "space-before-colon", "whitespace between field name and ':' ('" + printable(name) + "')");
         for (unsigned char c : name)
-            if (!token_char(c)) return fail(err, status, "bad-field-name", "invalid character in field name '" + printable(name) + "'");
+            if (!chars.token[c]) return fail(err, status, "bad-field-name", "invalid character in field name '" + printable(name) + "'");
         auto value = line.substr(colon + 1);
         for (unsigned char c : value)
-            if (!field_value_char(c))
+            if (!chars.value[c])
                 return fail(err, status, "bad-field-value", "control character in the value of '" + std::string(name) + "'");
         while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
         while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
@@ -239,7 +260,7 @@ bool iequals(std::string_view a, std::string_view b) {
 }
 
 bool is_token(std::string_view s) {
-    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return token_char(static_cast<unsigned char>(c)); });
+    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return chars.token[static_cast<unsigned char>(c)]; });
 }
 
 std::string_view request_head::get(std::string_view name) const {
