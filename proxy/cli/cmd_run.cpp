@@ -1,6 +1,7 @@
 // dmzproxy run -c CONFIG | -t TOPOLOGY --instance NAME [--threads N] [--access-log PATH]
 #include <iostream>
 #include <memory>
+#include <sstream>
 
 #include "commands.hpp"
 #include "dmz/certs/certs.hpp"
@@ -16,6 +17,7 @@ namespace {
 struct run_cli {
     std::string config, topology, instance, access_log, state = "lab-state";
     unsigned threads = 0;
+    double drain_timeout = 10;
     bool map_ports = false;
 };
 
@@ -31,17 +33,12 @@ void ensure_lab_certificates(const rules::instance_config& c, const std::string&
             if (cert.lab) certs::issue_leaf(ca, cert.names, state + "/pki", c.name + "-" + l.name);
 }
 
-/// Load errors stop the start; lint warnings are printed and the instance runs.
-int refuse_start(const rules::diagnostics& d, bool parsed) {
-    print_diagnostics(std::cerr, d);
-    std::cerr << "dmzproxy run: the config has errors; nothing was started\n";
-    return parsed ? 1 : 2;
-}
 }  // namespace
 
 command add_run(CLI::App& app) {
     auto o = std::make_shared<run_cli>();
-    auto* sub = app.add_subcommand("run", "Run one instance in the foreground until SIGINT or SIGTERM");
+    auto* sub = app.add_subcommand(
+        "run", "Run one instance in the foreground (SIGHUP reloads the config, SIGTERM drains, SIGUSR1 reopens the access log)");
     auto* c = sub->add_option("-c,--config", o->config, "instance config (TOML)");
     auto* t = sub->add_option("-t,--topology", o->topology, "topology (TOML); needs --instance");
     c->excludes(t);
@@ -49,42 +46,90 @@ command add_run(CLI::App& app) {
     sub->add_option("--threads", o->threads, "worker threads (default: one per core)");
     sub->add_option("--access-log", o->access_log, "access log file, or - for standard output (default: none)");
     sub->add_option("--state", o->state, "topology: lab state folder holding lab certificates (default: lab-state)");
+    sub->add_option("--drain-timeout", o->drain_timeout,
+                    "SIGTERM: seconds for requests in flight to finish before stopping (default 10)")
+        ->check(CLI::Range(0.0, 86400.0));
     sub->add_flag("--map-ports", o->map_ports, "topology: run privileged ports P < 1024 on 10000 + P (for labs without root)");
     return [o]() -> int {
-        std::shared_ptr<const rules::policy> policy;
-        if (!o->config.empty()) {
-            auto res = rules::load_instance_config(o->config);
-            if (!res.config || rules::has_errors(res.diags)) return refuse_start(res.diags, res.parsed);
-            print_diagnostics(std::cerr, res.diags);
-            policy = std::make_shared<rules::policy>(std::move(*res.config));
-        } else if (!o->topology.empty()) {
-            if (o->instance.empty()) {
-                std::cerr << "dmzproxy run: -t needs --instance NAME\n";
-                return 2;
-            }
-            topology::load_settings ls;
-            ls.state_dir = o->state;
-            ls.map_privileged_ports = o->map_ports;
-            auto res = topology::load(o->topology, ls);
-            if (!res.topo || rules::has_errors(res.diags)) return refuse_start(res.diags, res.parsed);
-            auto* in = res.topo->find_instance(o->instance);
-            if (!in || !in->policy) {
-                std::cerr << "dmzproxy run: no instance '" << o->instance << "' in " << o->topology << "\n";
-                return 2;
-            }
-            policy = in->policy;
-        } else {
+        if (o->config.empty() && o->topology.empty()) {
             std::cerr << "dmzproxy run: give -c CONFIG or -t TOPOLOGY --instance NAME\n";
             return 2;
         }
-        rules::diagnostics lint;
-        rules::lint(policy->config(), lint);
-        print_diagnostics(std::cerr, lint);
+        if (!o->topology.empty() && o->instance.empty()) {
+            std::cerr << "dmzproxy run: -t needs --instance NAME\n";
+            return 2;
+        }
+        // One loader for the start and for every reload (SIGHUP): the config file, or the
+        // instance derived again from the topology. Errors go to `why` (file:line:column);
+        // `parsed` says whether the file was TOML at all.
+        auto load = [o](std::string& why, bool& parsed) -> std::shared_ptr<const rules::policy> {
+            std::ostringstream msg;
+            std::shared_ptr<const rules::policy> policy;
+            if (!o->config.empty()) {
+                auto res = rules::load_instance_config(o->config);
+                parsed = res.parsed;
+                if (!res.config || rules::has_errors(res.diags)) {
+                    print_diagnostics(msg, res.diags);
+                    why = msg.str();
+                    return nullptr;
+                }
+                print_diagnostics(std::cerr, res.diags);
+                policy = std::make_shared<rules::policy>(std::move(*res.config));
+            } else {
+                topology::load_settings ls;
+                ls.state_dir = o->state;
+                ls.map_privileged_ports = o->map_ports;
+                auto res = topology::load(o->topology, ls);
+                parsed = res.parsed;
+                if (!res.topo || rules::has_errors(res.diags)) {
+                    print_diagnostics(msg, res.diags);
+                    why = msg.str();
+                    return nullptr;
+                }
+                auto* in = res.topo->find_instance(o->instance);
+                if (!in || !in->policy) {
+                    why = "no instance '" + o->instance + "' in " + o->topology + "\n";
+                    parsed = false;
+                    return nullptr;
+                }
+                policy = in->policy;
+            }
+            rules::diagnostics lint;
+            rules::lint(policy->config(), lint);
+            print_diagnostics(std::cerr, lint);
+            if (!o->topology.empty()) ensure_lab_certificates(policy->config(), o->state);
+            return policy;
+        };
+        std::string why;
+        bool parsed = true;
+        std::shared_ptr<const rules::policy> policy;
+        try {
+            policy = load(why, parsed);
+        } catch (const std::exception& e) {
+            std::cerr << "dmzproxy run: " << e.what() << "\n";
+            return 1;
+        }
+        if (!policy) {
+            std::cerr << why;
+            if (why.rfind("no instance", 0) == 0) return 2;
+            std::cerr << "dmzproxy run: the config has errors; nothing was started\n";
+            return parsed ? 1 : 2;
+        }
         proxy::run_options ro;
         ro.threads = o->threads;
         ro.access_log = o->access_log;
+        ro.drain_timeout = std::chrono::milliseconds(static_cast<long long>(o->drain_timeout * 1000));
+        ro.source = o->config.empty() ? o->topology + " (instance " + o->instance + ")" : o->config;
+        ro.reload = [load](std::string& reason) -> std::shared_ptr<const rules::policy> {
+            bool toml = true;
+            try {
+                return load(reason, toml);
+            } catch (const std::exception& e) {
+                reason = e.what();
+                return nullptr;
+            }
+        };
         try {
-            if (!o->topology.empty()) ensure_lab_certificates(policy->config(), o->state);
             return proxy::run_instance(policy, ro);
         } catch (const std::exception& e) {
             std::cerr << "dmzproxy run: " << policy->config().name << ": " << e.what() << "\n";

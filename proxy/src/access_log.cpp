@@ -1,17 +1,59 @@
 #include "access_log.hpp"
 
 #include <spdlog/async.h>
-#include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/base_sink.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <cstring>
 #include <ctime>
+#include <mutex>
+#include <stdexcept>
 #include <nlohmann/json.hpp>
 
 namespace dmz::proxy {
 
 namespace {
+/// A file sink that can be reopened at the same path (SIGUSR1, after logrotate moved the
+/// file): records keep flowing to the old file until the new one is open.
+class reopenable_file_sink final : public spdlog::sinks::base_sink<std::mutex> {
+public:
+    explicit reopenable_file_sink(std::string path) : path_(std::move(path)) {
+        f_ = std::fopen(path_.c_str(), "a");
+        if (!f_) throw std::runtime_error("cannot open the access log " + path_ + ": " + std::strerror(errno));
+    }
+    ~reopenable_file_sink() override {
+        if (f_) std::fclose(f_);
+    }
+    bool reopen(std::string& why) {
+        std::lock_guard lock(mutex_);
+        std::FILE* n = std::fopen(path_.c_str(), "a");
+        if (!n) {
+            why = std::strerror(errno);
+            return false;
+        }
+        std::fflush(f_);
+        std::fclose(f_);
+        f_ = n;
+        return true;
+    }
+
+protected:
+    void sink_it_(const spdlog::details::log_msg& msg) override {
+        spdlog::memory_buf_t buf;
+        formatter_->format(msg, buf);
+        std::fwrite(buf.data(), 1, buf.size(), f_);
+    }
+    void flush_() override { std::fflush(f_); }
+
+private:
+    std::string path_;
+    std::FILE* f_ = nullptr;
+};
+
 std::string now_iso() {
     auto now = std::chrono::system_clock::now();
     auto secs = std::chrono::system_clock::to_time_t(now);
@@ -33,7 +75,7 @@ access_log::access_log(const std::string& path) {
     if (path == "-")
         sink = std::make_shared<spdlog::sinks::stdout_sink_mt>();
     else
-        sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>(path);
+        sink = file_ = std::make_shared<reopenable_file_sink>(path);
     logger_ = std::make_shared<spdlog::async_logger>("access", sink, spdlog::thread_pool(),
                                                      spdlog::async_overflow_policy::block);
     logger_->set_pattern("%v");
@@ -41,6 +83,11 @@ access_log::access_log(const std::string& path) {
 }
 
 access_log::~access_log() { flush(); }
+
+bool access_log::reopen(std::string& why) {
+    if (!file_) return true;
+    return static_cast<reopenable_file_sink&>(*file_).reopen(why);
+}
 
 void access_log::flush() {
     if (logger_) logger_->flush();

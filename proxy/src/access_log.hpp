@@ -9,6 +9,9 @@
 
 namespace spdlog {
 class logger;
+namespace sinks {
+class sink;
+}
 }
 
 namespace dmz::proxy {
@@ -47,9 +50,13 @@ public:
     ~access_log();
     void write(const access_record& r);
     void flush();
+    /// Opens the file again at its path (log rotation). False, with the reason, when it
+    /// cannot: records then keep going to the file already open.
+    bool reopen(std::string& why);
 
 private:
     std::shared_ptr<spdlog::logger> logger_;
+    std::shared_ptr<spdlog::sinks::sink> file_;  ///< the file sink, when the log is a file
 };
 
 }  // namespace dmz::proxy

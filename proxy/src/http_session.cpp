@@ -149,8 +149,9 @@ struct pump_signal {
 
 class http_session : public std::enable_shared_from_this<http_session> {
 public:
-    http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s)
-        : w_(w), rt_(std::move(rt)), l_(l), down_(make_stream(std::move(s), l)), down_dog_(w.io, down_),
+    http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, std::string endpoint,
+                 tcp::socket s)
+        : w_(w), rt_(std::move(rt)), l_(&l), endpoint_(std::move(endpoint)), down_(make_stream(std::move(s), l)), down_dog_(w.io, down_),
           id_(next_connection_id()) {
         error_code ec;
         auto ep = down_.socket().remote_endpoint(ec);
@@ -161,8 +162,21 @@ public:
         trusted_peer_ = rt_->policy->trusts_forwarding_from(peer_);
     }
 
+    ~http_session() { http_sessions().fetch_sub(1, std::memory_order_relaxed); }
+
     void start() {
+        http_sessions().fetch_add(1, std::memory_order_relaxed);
+        std::weak_ptr<http_session> weak = shared_from_this();
+        w_.shutdown_hooks[id_] = [weak] {
+            if (auto self = weak.lock()) self->drain();
+        };
         asio::co_spawn(w_.io, [self = shared_from_this()]() { return self->run(); }, asio::detached);
+    }
+
+    /// The instance drains: an idle keep-alive connection closes now; one with a request in
+    /// flight finishes it, answers with Connection: close, and closes.
+    void drain() {
+        if (idle_) down_.cancel();
     }
 
 private:
@@ -171,7 +185,20 @@ private:
         return stream(std::move(s));
     }
 
-    const rules::listener& lcfg() const { return *l_.cfg; }
+    const rules::listener& lcfg() const { return *l_->cfg; }
+
+    /// Between two requests: a reload happened, so the next request is judged by the new
+    /// snapshot (a keep-alive connection between the tiers may last for hours). False when
+    /// this address is no longer a listener of the same protocol: the connection closes.
+    bool adopt(std::shared_ptr<const instance_runtime> next) {
+        auto* l = next->bound_at(endpoint_);
+        if (!l || l->cfg->proto != l_->cfg->proto) return false;
+        rt_ = std::move(next);
+        l_ = l;
+        key_of_ = nullptr;
+        trusted_peer_ = rt_->policy->trusts_forwarding_from(peer_);
+        return true;
+    }
 
     task<> run() {
         error_code ec;
@@ -181,6 +208,7 @@ private:
             if (ec) {
                 down_dog_.stop();
                 down_.close();
+                w_.shutdown_hooks.erase(id_);
                 co_return;
             }
             sni_ = server_name(down_.native_tls());
@@ -190,13 +218,18 @@ private:
             // Between requests only this small frame waits, with no buffer: a transaction's
             // frame (its record, head and limits) exists only while a request is in hand.
             bool readable = false;
+            if (w_.stopping && !first) break;  // draining: no new request on a kept connection
+            if (w_.rt != rt_ && !adopt(w_.rt)) break;
             if (in_.empty()) {
                 in_.release();
                 down_dog_.arm(first ? lcfg().timeouts.head : lcfg().timeouts.idle);
+                idle_ = true;
                 co_await down_.wait_readable(ec);
-                if (ec) break;
+                idle_ = false;
+                if (ec || (w_.stopping && !first)) break;
                 readable = true;
             }
+            if (w_.rt != rt_ && !adopt(w_.rt)) break;  // reloaded while this connection idled
             bool keep = co_await transaction(first, readable);
             watch_later_.disarm();
             if (!keep) break;
@@ -205,6 +238,7 @@ private:
         down_dog_.stop();
         if (pinned_) pinned_->stream.close();
         down_.close();
+        w_.shutdown_hooks.erase(id_);
     }
 
     access_record new_record() {
@@ -497,6 +531,7 @@ private:
     task<bool> forward(http::request_head& head, access_record& rec, clock_type::time_point t0) {
         bool http10 = head.version_minor == 0;
         bool has_body = head.body != http::body_kind::none;
+        if (w_.stopping) head.keep_alive = false;  // draining: every answer now closes
         bool keep_if_refused = head.keep_alive && !has_body;
         std::string host = host_without_port(head.host);
         rec.method = std::string(head.method);
@@ -1039,6 +1074,7 @@ private:
         } else if (resp.body == http::body_kind::none && resp.status != 204) {
             append_field(rh, "Content-Length", "0");
         }
+        if (w_.stopping) close_client = true;  // draining: this is the connection's last answer
         if (close_client) append_field(rh, "Connection", "close");
         else if (http10) append_field(rh, "Connection", "keep-alive");
         rh += "\r\n";
@@ -1313,7 +1349,8 @@ private:
 
     worker& w_;
     std::shared_ptr<const instance_runtime> rt_;
-    const listener_runtime& l_;
+    const listener_runtime* l_;
+    std::string endpoint_;  ///< the listening address that accepted this connection
     stream down_;
     watchdog down_dog_;
     std::uint64_t id_;
@@ -1329,6 +1366,7 @@ private:
     // closing an RPC_OUT_DATA channel) and frees the upstream at once.
     bool watching_ = false;
     bool client_gone_ = false;
+    bool idle_ = false;  ///< waiting for the next request (a drain closes the connection now)
     std::shared_ptr<upstream_conn> pump_up_;
     std::shared_ptr<pump_signal> pump_sig_;
     std::shared_ptr<pump_signal> watch_sig_;
@@ -1347,8 +1385,9 @@ private:
 
 }  // namespace
 
-void start_http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s) {
-    std::make_shared<http_session>(w, std::move(rt), l, std::move(s))->start();
+void start_http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, std::string endpoint,
+                        tcp::socket s) {
+    std::make_shared<http_session>(w, std::move(rt), l, std::move(endpoint), std::move(s))->start();
 }
 
 }  // namespace dmz::proxy

@@ -33,7 +33,13 @@ struct instance_runtime {
     std::string role;
     std::shared_ptr<const session_sealer> sessions;  ///< when a listener uses forms
     std::shared_ptr<revoked_sessions> revoked = std::make_shared<revoked_sessions>();
+    std::unordered_map<std::string, const listener_runtime*> by_endpoint;  ///< "address:port" -> its listener
     const rules::instance_config& config() const { return policy->config(); }
+    /// The listener bound at "address:port" in this snapshot, or null.
+    const listener_runtime* bound_at(const std::string& endpoint) const {
+        auto it = by_endpoint.find(endpoint);
+        return it == by_endpoint.end() ? nullptr : it->second;
+    }
 };
 
 /// Failure counts shared by the workers of one instance. Touched only when a password is
@@ -72,6 +78,14 @@ public:
     result check(const std::string& user, const std::string& password, const std::string& listener = {},
                  const std::string& address = {}, const rules::lockout_policy& policy = {});
     bool configured() const { return !path_.empty(); }
+    /// A reload named another user store: read it at the next check.
+    void use(std::string path) {
+        if (path == path_) return;
+        path_ = std::move(path);
+        store_.reset();
+        mtime_ = -1;
+        cache_.clear();
+    }
     /// The stored user (for a forms session's groups and password generation), or null.
     const stored_user* lookup(const std::string& user) {
         refresh();
@@ -100,17 +114,24 @@ struct worker {
     /// Sessions that want to say goodbye on shutdown (SMTP's 421), by connection id.
     std::unordered_map<std::uint64_t, std::function<void()>> shutdown_hooks;
     bool stopping = false;
+    /// The snapshot new connections and the next request of a kept connection get; a
+    /// reload replaces it (posted to this worker's thread, so no lock).
+    std::shared_ptr<const instance_runtime> rt;
 };
 
 std::uint64_t next_connection_id();
 
 /// SMTP sessions alive in the process (shutdown waits for their 421, not longer).
 std::atomic<int>& smtp_sessions();
+/// HTTP connections alive in the process (a drain waits for them, up to its timeout).
+std::atomic<int>& http_sessions();
 
 void start_smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l,
                         net::tcp::socket s);
 
-void start_http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l,
+/// `endpoint`: the listening "address:port" (after a reload the connection's next request
+/// is judged by the listener the new snapshot binds there).
+void start_http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, std::string endpoint,
                         net::tcp::socket s);
 
 }  // namespace dmz::proxy

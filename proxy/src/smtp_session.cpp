@@ -950,6 +950,11 @@ std::atomic<int>& smtp_sessions() {
     return n;
 }
 
+std::atomic<int>& http_sessions() {
+    static std::atomic<int> n{0};
+    return n;
+}
+
 void start_smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s) {
     std::make_shared<smtp_session>(w, std::move(rt), l, std::move(s))->start();
 }

@@ -323,10 +323,10 @@ class Lab:
             argv += ["--cert", cert, "--key", key]
         return Origin(name, host, port, log, self.start(name, argv, host, port))
 
-    def start_proxy(self, name, config_text, host, port, threads=2):
+    def start_proxy(self, name, config_text, host, port, threads=2, extra_args=()):
         cfg = self.write(name + ".toml", config_text)
         access = self.path(name + ".access.jsonl")
-        argv = [DMZPROXY, "run", "-c", cfg, "--threads", str(threads), "--access-log", access]
+        argv = [DMZPROXY, "run", "-c", cfg, "--threads", str(threads), "--access-log", access] + list(extra_args)
         return Proxy(name, cfg, access, self.start(name, argv, host, port), port)
 
     def check(self, config_path):

@@ -174,7 +174,8 @@ bool alive(pid_t pid) {
 void stop_pids(const std::vector<pid_t>& pids) {
     for (auto p : pids)
         if (p > 0) ::kill(p, SIGTERM);
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    // An instance drains for up to 10 s (requests in flight finish); then it is killed.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(12);
     while (std::chrono::steady_clock::now() < deadline) {
         bool any = false;
         for (auto p : pids) any = any || alive(p);

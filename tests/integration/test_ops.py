@@ -1,0 +1,326 @@
+"""Operations (issue 8): hot reload on SIGHUP under load, graceful drain on SIGTERM and
+access-log reopening on SIGUSR1, with real processes on 127.0.0.0/8 and raw sockets as
+the clients.
+
+    DMZPROXY=build/dmzproxy python3 -m unittest -v test_ops
+"""
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import unittest
+
+import harness as h
+
+
+def config(port, origin_port):
+    return h.instance_config("front-end", "front-end",
+                             {"name": "web", "protocol": "http", "bind": ["%s:%d" % (h.FE_EXTERNAL, port)],
+                              "authentication": "none"},
+                             [{"name": "OWA", "paths": ["/owa", "/hold"],
+                               "target": {"address": h.ORIGIN, "port": origin_port, "timeouts": {"read": "5m"}}}])
+
+
+def request(sock, path):
+    sock.sendall(("GET %s HTTP/1.1\r\nHost: mail.contoso.com\r\n\r\n" % path).encode())
+
+
+def read_response(sock, timeout):
+    """One response (Content-Length framed): (status, head text, body), or None at EOF."""
+    sock.settimeout(timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    text = head.decode("latin-1")
+    length = 0
+    for line in text.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(text.split(" ")[1]), text, body
+
+
+def closed_within(sock, seconds):
+    """Whether the peer closes the connection (EOF or reset) within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+class Drain(unittest.TestCase):
+    def start(self, drain_timeout):
+        self.lab = h.Lab(prefix="dmz-ops-")
+        self.addCleanup(self.lab.close)
+        self.origin = self.lab.start_origin("origin", h.ORIGIN)
+        self.port = h.free_port(h.FE_EXTERNAL)
+        self.fe = self.lab.start_proxy("front-end", config(self.port, self.origin.port), h.FE_EXTERNAL, self.port,
+                                       extra_args=["--drain-timeout", str(drain_timeout)])
+
+    def connect(self):
+        return h.connect(h.FE_EXTERNAL, self.port)
+
+    def test_sigterm_finishes_requests_in_flight_and_closes_idle_connections(self):
+        self.start(drain_timeout=20)
+        idle = self.connect()
+        self.addCleanup(idle.close)
+        request(idle, "/owa/")
+        self.assertEqual(read_response(idle, 10)[0], 200)
+        busy = self.connect()
+        self.addCleanup(busy.close)
+        request(busy, "/hold?seconds=2")
+        h.wait_for(lambda: [q for q in self.origin.requests() if q["target"] == "/hold?seconds=2"], 5)
+        t0 = time.monotonic()
+        os.kill(self.fe.process.proc.pid, signal.SIGTERM)
+
+        self.assertTrue(closed_within(idle, 2.0), "an idle keep-alive connection must close at once on SIGTERM")
+        time.sleep(0.3)
+        with self.assertRaises(OSError, msg="no new connection may be accepted while draining"):
+            self.connect().close()
+        r = read_response(busy, 10)
+        self.assertIsNotNone(r, "the request in flight lost its answer\n" + self.lab.diagnostics())
+        status, head, body = r
+        self.assertEqual(status, 200, head)
+        self.assertIn("/hold?seconds=2", body.decode("latin-1"), "the origin's own answer")
+        self.assertIn("connection: close", head.lower(), "the last answer of a draining connection says so")
+        self.assertTrue(closed_within(busy, 2.0))
+        code = self.fe.process.proc.wait(timeout=10)
+        took = time.monotonic() - t0
+        self.assertEqual(code, 0)
+        self.assertGreater(took, 1.5, "the process must wait for the request in flight")
+        self.assertLess(took, 8, "and stop once it is done, not at the drain timeout")
+        self.assertIn("drained", self.fe.process.output())
+
+    def test_drain_timeout_cuts_what_is_still_in_flight(self):
+        self.start(drain_timeout=1)
+        held = self.connect()
+        self.addCleanup(held.close)
+        request(held, "/hold?seconds=30")
+        h.wait_for(lambda: [q for q in self.origin.requests() if q["target"] == "/hold?seconds=30"], 5)
+        t0 = time.monotonic()
+        os.kill(self.fe.process.proc.pid, signal.SIGTERM)
+        code = self.fe.process.proc.wait(timeout=10)
+        self.assertEqual(code, 0)
+        self.assertLess(time.monotonic() - t0, 4)
+        self.assertIn("drain timeout, closing 1 connections", self.fe.process.output())
+
+    def test_second_sigterm_stops_at_once(self):
+        self.start(drain_timeout=60)
+        held = self.connect()
+        self.addCleanup(held.close)
+        request(held, "/hold?seconds=30")
+        h.wait_for(lambda: [q for q in self.origin.requests() if q["target"] == "/hold?seconds=30"], 5)
+        os.kill(self.fe.process.proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        os.kill(self.fe.process.proc.pid, signal.SIGTERM)
+        self.assertEqual(self.fe.process.proc.wait(timeout=10), 0)
+        self.assertLess(time.monotonic() - t0, 3)
+        self.assertIn("second signal, stopping now", self.fe.process.output())
+
+
+def tier_config(name, address, port, rules, extra_listeners=()):
+    """A plain-HTTP tier: listener `web` on address:port (plus `extra_listeners`, each
+    (name, address, port)), and `rules` as (rule name, paths, target address, target port)."""
+    text = h.instance_config(name, name, {"name": "web", "protocol": "http", "bind": ["%s:%d" % (address, port)],
+                                          "authentication": "none"},
+                             [{"name": r, "paths": paths, "listeners": ["web"] + [x[0] for x in extra_listeners],
+                               "target": {"address": a, "port": p, "timeouts": {"read": "5m"}}}
+                              for r, paths, a, p in rules])
+    for lname, a, p in extra_listeners:
+        text += '\n[listeners.%s]\nprotocol = "http"\nbind = ["%s:%d"]\nauthentication = "none"\n' % (lname, a, p)
+    return text
+
+
+class Load:
+    """Clients requesting /owa/ through the front-end until stopped: keep-alive, with a new
+    connection every 10 requests (so that new connections meet every snapshot). Bounded:
+    it stops itself after `limit` seconds."""
+
+    def __init__(self, port, clients=4, limit=60):
+        self.port, self.limit = port, limit
+        self.ok = 0
+        self.failures = []
+        self.stop_flag = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def client(self):
+        end = time.monotonic() + self.limit
+        while not self.stop_flag.is_set() and time.monotonic() < end:
+            try:
+                with h.connect(h.FE_EXTERNAL, self.port) as s:
+                    for _ in range(10):
+                        request(s, "/owa/")
+                        r = read_response(s, 10)
+                        with self.lock:
+                            if r is None or r[0] != 200:
+                                self.failures.append(r[1].split("\r\n")[0] if r else "connection closed without an answer")
+                            else:
+                                self.ok += 1
+                        if self.stop_flag.is_set():
+                            break
+            except OSError as e:
+                with self.lock:
+                    self.failures.append(repr(e))
+
+    def stop(self):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=20)
+        return self.ok, self.failures
+
+
+class Reload(unittest.TestCase):
+    def setUp(self):
+        self.lab = h.Lab(prefix="dmz-ops-")
+        self.addCleanup(self.lab.close)
+        self.origin = self.lab.start_origin("origin", h.ORIGIN)
+        self.fe_port = h.free_port(h.FE_EXTERNAL)
+        self.be_port = h.free_port(h.BE_PERIMETER)
+        self.be = self.lab.start_proxy("back-end", self.be_text(0), h.BE_PERIMETER, self.be_port)
+        self.fe = self.lab.start_proxy("front-end", self.fe_text(0), h.FE_EXTERNAL, self.fe_port)
+
+    def fe_text(self, i, paths=("/owa", "/hold"), extra_listeners=()):
+        rules = [("Web", list(paths), h.BE_PERIMETER, self.be_port)]
+        if i % 2:
+            rules.append(("Marker %d" % i, ["/marker%d" % i], h.BE_PERIMETER, self.be_port))
+        return tier_config("front-end", h.FE_EXTERNAL, self.fe_port, rules, extra_listeners)
+
+    def be_text(self, i):
+        rules = [("Web", ["/owa", "/hold"], h.ORIGIN, self.origin.port)]
+        if i % 2:
+            rules.append(("Marker %d" % i, ["/marker%d" % i], h.ORIGIN, self.origin.port))
+        return tier_config("back-end", h.BE_PERIMETER, self.be_port, rules)
+
+    def reload(self, proxy, text):
+        with open(proxy.config, "w") as f:
+            f.write(text)
+        os.kill(proxy.process.proc.pid, signal.SIGHUP)
+
+    def stderr(self, proxy):
+        with open(proxy.process.stderr_path, errors="replace") as f:
+            return f.read()
+
+    def get(self, path, port=None):
+        with h.connect(h.FE_EXTERNAL, port or self.fe_port) as s:
+            request(s, path)
+            return read_response(s, 10)
+
+    def test_ten_reloads_of_both_tiers_under_load_lose_no_request(self):
+        load = Load(self.fe_port)
+        time.sleep(0.5)
+        for i in range(1, 11):
+            self.reload(self.be, self.be_text(i))
+            self.reload(self.fe, self.fe_text(i))
+            time.sleep(0.3)
+        for p in (self.fe, self.be):
+            self.assertTrue(h.wait_for(lambda: "config version 11" in self.stderr(p), 10),
+                            "%s did not reach config version 11\n%s" % (p.name, self.stderr(p)))
+        time.sleep(0.5)
+        ok, failures = load.stop()
+        self.assertEqual(failures, [], "requests failed during the reloads")
+        self.assertGreater(ok, 200, "the load must really have run")
+        # New connections got the last snapshot: version 10 has no marker rule, 9's is gone.
+        self.assertEqual(self.get("/marker9")[0], 403)
+        self.reload(self.be, self.be_text(11))
+        self.reload(self.fe, self.fe_text(11))
+        for p in (self.fe, self.be):
+            self.assertTrue(h.wait_for(lambda: "config version 12" in self.stderr(p), 10), self.stderr(p))
+        r = self.get("/marker11")
+        self.assertEqual(r[0], 200, "%s\n%s\n%s" % (r[1], self.stderr(self.fe), self.stderr(self.be)))
+
+    def test_broken_config_under_load_keeps_the_old_one_and_says_why(self):
+        load = Load(self.fe_port)
+        time.sleep(0.5)
+        good = self.fe_text(0)
+        broken = good.replace('[listeners.web]', '[listeners.web\n', 1)
+        self.reload(self.fe, broken)
+        self.assertTrue(h.wait_for(lambda: "reload refused" in self.stderr(self.fe), 10), self.stderr(self.fe))
+        self.reload(self.fe, good.replace('"/owa"', '"/owa", 7', 1))  # parses, fails the schema
+        self.assertTrue(h.wait_for(lambda: self.stderr(self.fe).count("reload refused") >= 2, 10), self.stderr(self.fe))
+        time.sleep(1.0)
+        ok, failures = load.stop()
+        self.assertEqual(failures, [], "requests failed after a refused reload")
+        self.assertGreater(ok, 50)
+        err = self.stderr(self.fe)
+        self.assertRegex(err, re.escape(self.fe.config) + r":\d+:\d+", "the reason names file:line:column")
+        self.assertIn("still running config version 1", err)
+        self.assertNotIn("config version 2", err)
+        self.assertEqual(self.get("/owa/")[0], 200)
+
+    def test_listener_added_and_removed_without_disturbing_the_others(self):
+        extra_port = h.free_port(h.FE_EXTERNAL)
+        load = Load(self.fe_port)
+        time.sleep(0.3)
+        self.reload(self.fe, self.fe_text(0, extra_listeners=[("extra", h.FE_EXTERNAL, extra_port)]))
+        self.assertTrue(h.wait_for(lambda: "config version 2" in self.stderr(self.fe), 10), self.stderr(self.fe))
+        self.assertIn("listening now: extra on %s:%d" % (h.FE_EXTERNAL, extra_port), self.stderr(self.fe))
+        self.assertEqual(self.get("/owa/", port=extra_port)[0], 200)
+        self.reload(self.fe, self.fe_text(0))
+        self.assertTrue(h.wait_for(lambda: "config version 3" in self.stderr(self.fe), 10), self.stderr(self.fe))
+        self.assertIn("closed: %s:%d" % (h.FE_EXTERNAL, extra_port), self.stderr(self.fe))
+        time.sleep(0.3)
+        with self.assertRaises(OSError, msg="the removed listener must stop accepting"):
+            self.get("/owa/", port=extra_port)
+        ok, failures = load.stop()
+        self.assertEqual(failures, [], "the main listener must not notice")
+        self.assertGreater(ok, 50)
+
+    def test_a_request_in_flight_finishes_on_the_config_it_started_with(self):
+        with h.connect(h.FE_EXTERNAL, self.fe_port) as held:
+            request(held, "/hold?seconds=2")
+            h.wait_for(lambda: [q for q in self.origin.requests() if q["target"] == "/hold?seconds=2"], 5)
+            self.reload(self.fe, self.fe_text(0, paths=("/owa",)))  # /hold no longer published
+            self.assertTrue(h.wait_for(lambda: "config version 2" in self.stderr(self.fe), 10), self.stderr(self.fe))
+            r = read_response(held, 10)
+        self.assertIsNotNone(r)
+        self.assertEqual(r[0], 200, r[1])
+        self.assertEqual(self.get("/hold?seconds=0")[0], 403, "a new connection gets the new config")
+
+
+class LogRotation(unittest.TestCase):
+    def test_sigusr1_reopens_the_access_log(self):
+        # logrotate's way: move the file away, signal, and the next lines go to a new file.
+        lab = h.Lab(prefix="dmz-ops-")
+        self.addCleanup(lab.close)
+        origin = lab.start_origin("origin", h.ORIGIN)
+        port = h.free_port(h.FE_EXTERNAL)
+        fe = lab.start_proxy("front-end", config(port, origin.port), h.FE_EXTERNAL, port)
+        with h.connect(h.FE_EXTERNAL, port) as s:
+            request(s, "/owa/before")
+            self.assertEqual(read_response(s, 10)[0], 200)
+        self.assertTrue(h.wait_for(lambda: [r for r in fe.access() if r.get("path") == "/owa/before"], 5))
+        rotated = fe.access_log + ".1"
+        os.rename(fe.access_log, rotated)
+        os.kill(fe.process.proc.pid, signal.SIGUSR1)
+        self.assertTrue(h.wait_for(lambda: os.path.exists(fe.access_log), 5), "no new log file after SIGUSR1\n" +
+                        fe.process.output())
+        with h.connect(h.FE_EXTERNAL, port) as s:
+            request(s, "/owa/after")
+            self.assertEqual(read_response(s, 10)[0], 200)
+        self.assertTrue(h.wait_for(lambda: [r for r in fe.access() if r.get("path") == "/owa/after"], 5))
+        self.assertEqual([r["path"] for r in fe.access()], ["/owa/after"])
+        self.assertEqual([r["path"] for r in h.read_jsonl(rotated)], ["/owa/before"])
+        self.assertIn("access log reopened", fe.process.output())
+
+
+if __name__ == "__main__":
+    unittest.main()
