@@ -1,9 +1,12 @@
-// dmzproxy lab up [TOPOLOGY] [--detach] | lab status [--json] | lab down   (--state DIR)
+// dmzproxy lab up [TOPOLOGY] [--detach] | lab status [--json] | lab reload | lab down   (--state DIR)
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <memory>
+#include <nlohmann/json.hpp>
 
 #include "commands.hpp"
 #include "dmz/proxy/users.hpp"
@@ -43,8 +46,35 @@ command add_lab(CLI::App& app) {
     auto* status = sub->add_subcommand("status", "What runs, where (exit 1 when not all of it)");
     status->add_flag("--json", o->json, "as JSON");
     auto* down = sub->add_subcommand("down", "Stop everything the lab started");
-    return [o, up, status, down]() -> int {
+    auto* reload = sub->add_subcommand("reload", "Re-derive every instance's config from the topology and reload it "
+                                                 "(exit 1 when an instance refused, with its reason)");
+    return [o, up, status, down, reload]() -> int {
         if (status->parsed()) return topology::lab_status(o->state, o->json);
+        if (reload->parsed()) {
+            std::ifstream f(o->state + "/lab.json");
+            auto st = nlohmann::json::parse(f, nullptr, false);
+            if (!f || st.is_discarded()) {
+                std::cerr << "dmzproxy lab reload: no lab is running from " << o->state << "\n";
+                return 2;
+            }
+            int worst = 0;
+            // Back-ends first, as they were started: a front-end's new rules may need them.
+            auto instances = st.value("instances", nlohmann::json::array());
+            for (auto& in : instances) {
+                auto name = in.value("name", std::string("?"));
+                if (!in.contains("admin")) {
+                    std::cerr << name << ": started without an admin endpoint (lab up again)\n";
+                    worst = std::max(worst, 2);
+                    continue;
+                }
+                std::string out, err;
+                int rc = reload_instance(in["admin"].get<std::string>(), "", 60, out, err);
+                if (rc == 0) std::cout << name << ": " << out << "\n";
+                else std::cerr << name << ": " << err << (err.empty() || err.back() == '\n' ? "" : "\n");
+                worst = std::max(worst, rc);
+            }
+            return worst;
+        }
         if (down->parsed()) return topology::lab_down(o->state);
         if (!up->parsed()) return 2;
         auto root = source_root();

@@ -15,7 +15,7 @@ namespace dmz::cli {
 
 namespace {
 struct run_cli {
-    std::string config, topology, instance, access_log, state = "lab-state";
+    std::string config, topology, instance, access_log, state = "lab-state", admin;
     unsigned threads = 0;
     double drain_timeout = 10;
     bool map_ports = false;
@@ -49,6 +49,7 @@ command add_run(CLI::App& app) {
     sub->add_option("--drain-timeout", o->drain_timeout,
                     "SIGTERM: seconds for requests in flight to finish before stopping (default 10)")
         ->check(CLI::Range(0.0, 86400.0));
+    sub->add_option("--admin", o->admin, "ADDRESS:PORT of the admin endpoint (/metrics, /status, /reload), overriding [instance] admin");
     sub->add_flag("--map-ports", o->map_ports, "topology: run privileged ports P < 1024 on 10000 + P (for labs without root)");
     return [o]() -> int {
         if (o->config.empty() && o->topology.empty()) {
@@ -119,6 +120,7 @@ command add_run(CLI::App& app) {
         ro.threads = o->threads;
         ro.access_log = o->access_log;
         ro.drain_timeout = std::chrono::milliseconds(static_cast<long long>(o->drain_timeout * 1000));
+        ro.admin = o->admin;
         ro.source = o->config.empty() ? o->topology + " (instance " + o->instance + ")" : o->config;
         ro.reload = [load](std::string& reason) -> std::shared_ptr<const rules::policy> {
             bool toml = true;

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
     add(&dmz::cli::add_lab);
     add(&dmz::cli::add_diagnose);
     add(&dmz::cli::add_users);
+    add(&dmz::cli::add_reload);
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {

@@ -93,8 +93,23 @@ void access_log::flush() {
     if (logger_) logger_->flush();
 }
 
+void access_log::keep_recent(std::size_t n) {
+    std::lock_guard lock(recent_m_);
+    keep_ = n;
+}
+
+std::pair<std::uint64_t, std::vector<std::string>> access_log::recent(std::uint64_t since) const {
+    std::lock_guard lock(recent_m_);
+    std::vector<std::string> out;
+    std::uint64_t first = next_seq_ - recent_.size();  // the sequence number of recent_.front()
+    for (std::size_t i = since >= first ? static_cast<std::size_t>(since - first) : 0; i < recent_.size(); ++i)
+        out.push_back(recent_[i]);
+    return {next_seq_, std::move(out)};
+}
+
 void access_log::write(const access_record& r) {
-    if (!logger_) return;
+    bool keep = keep_ != 0;  // set once at start, before any worker runs
+    if (!logger_ && !keep) return;
     nlohmann::json j = {{"time", now_iso()},
                         {"instance", r.instance},
                         {"conn", r.conn},
@@ -132,7 +147,14 @@ void access_log::write(const access_record& r) {
     }
     if (!r.upstream_conn.empty()) j["upstream_conn"] = r.upstream_conn;
     // Invalid UTF-8 from a client's request must not throw: replace it.
-    logger_->info(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+    auto line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    if (keep) {
+        std::lock_guard lock(recent_m_);
+        recent_.push_back(line);
+        ++next_seq_;
+        while (recent_.size() > keep_) recent_.pop_front();
+    }
+    if (logger_) logger_->info(line);
 }
 
 }  // namespace dmz::proxy

@@ -2,6 +2,8 @@
 // One JSON line per transaction, written asynchronously (spdlog's thread pool) so the
 // request path never waits for the disk.
 #include <cstdint>
+#include <deque>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <utility>
@@ -53,10 +55,20 @@ public:
     /// Opens the file again at its path (log rotation). False, with the reason, when it
     /// cannot: records then keep going to the file already open.
     bool reopen(std::string& why);
+    /// Keeps the last `n` lines in memory for the live log view (the admin endpoint's
+    /// /log/events), whether or not there is a log file. Call before the workers start.
+    void keep_recent(std::size_t n);
+    /// The kept lines numbered `since` and later (numbers start at 0), and the number the
+    /// next line will get.
+    std::pair<std::uint64_t, std::vector<std::string>> recent(std::uint64_t since) const;
 
 private:
     std::shared_ptr<spdlog::logger> logger_;
     std::shared_ptr<spdlog::sinks::sink> file_;  ///< the file sink, when the log is a file
+    mutable std::mutex recent_m_;
+    std::deque<std::string> recent_;
+    std::uint64_t next_seq_ = 0;
+    std::size_t keep_ = 0;
 };
 
 }  // namespace dmz::proxy

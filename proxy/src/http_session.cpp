@@ -162,10 +162,15 @@ public:
         trusted_peer_ = rt_->policy->trusts_forwarding_from(peer_);
     }
 
-    ~http_session() { http_sessions().fetch_sub(1, std::memory_order_relaxed); }
+    ~http_session() {
+        http_sessions().fetch_sub(1, std::memory_order_relaxed);
+        w_.stats.connection(counted_as_, -1);
+    }
 
     void start() {
         http_sessions().fetch_add(1, std::memory_order_relaxed);
+        counted_as_ = lcfg().name;
+        w_.stats.connection(counted_as_, 1);
         std::weak_ptr<http_session> weak = shared_from_this();
         w_.shutdown_hooks[id_] = [weak] {
             if (auto self = weak.lock()) self->drain();
@@ -253,6 +258,7 @@ private:
 
     void log(access_record& rec, clock_type::time_point t0) {
         rec.duration_ms = std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+        w_.stats.observe(rec, static_cast<std::int64_t>(w_.pool.idle_count()));
         w_.log.write(rec);
     }
 
@@ -1351,6 +1357,7 @@ private:
     std::shared_ptr<const instance_runtime> rt_;
     const listener_runtime* l_;
     std::string endpoint_;  ///< the listening address that accepted this connection
+    std::string counted_as_;  ///< the listener whose open-connection gauge counts this one
     stream down_;
     watchdog down_dog_;
     std::uint64_t id_;

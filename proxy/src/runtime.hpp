@@ -11,6 +11,7 @@
 
 #include "access_log.hpp"
 #include "dmz/proxy/users.hpp"
+#include "metrics.hpp"
 #include "dmz/rules/evaluate.hpp"
 #include "net/asio.hpp"
 #include "sessions.hpp"
@@ -78,6 +79,7 @@ public:
     result check(const std::string& user, const std::string& password, const std::string& listener = {},
                  const std::string& address = {}, const rules::lockout_policy& policy = {});
     bool configured() const { return !path_.empty(); }
+    void count_into(metrics* m) { stats_ = m; }
     /// A reload named another user store: read it at the next check.
     void use(std::string path) {
         if (path == path_) return;
@@ -100,11 +102,15 @@ private:
     std::chrono::steady_clock::time_point checked_{};
     std::unordered_map<std::string, std::chrono::steady_clock::time_point> cache_;  ///< sha256(user:pw) -> expiry
     std::shared_ptr<lockout_table> lockout_;
+    metrics* stats_ = nullptr;
 };
 
 struct worker {
     worker(unsigned i, access_log& l, const std::string& user_store, std::shared_ptr<lockout_table> lockout)
-        : io(1), log(l), index(i), auth(user_store, std::move(lockout)) {}
+        : io(1), log(l), index(i), auth(user_store, std::move(lockout)) {
+        auth.count_into(&stats);
+    }
+    metrics stats;  ///< first: sessions destroyed with the io_context still count into it
     net::asio::io_context io;
     client_tls upstream_tls;
     upstream_pool pool;

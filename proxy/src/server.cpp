@@ -1,11 +1,14 @@
 #include <csignal>
+#include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
 #include <mutex>
 #include <iostream>
 #include <thread>
 
 #include "dmz/proxy/run.hpp"
+#include "admin.hpp"
 #include "runtime.hpp"
 
 #include <openssl/sha.h>
@@ -95,6 +98,7 @@ authenticator::result authenticator::check(const std::string& user, const std::s
         r.user = user;
         r.groups = u->groups;
     }
+    if (!r.ok && stats_) stats_->auth_failed(r.refusal.empty() ? std::string("refused") : r.refusal);
     return r;
 }
 
@@ -146,6 +150,18 @@ std::string describe_bind_error(const rules::bind_endpoint& b, const error_code&
     if (ec == asio::error::access_denied) msg += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)";
     if (ec == boost::system::errc::address_not_available) msg += " (no interface has this address)";
     return msg;
+}
+
+/// The admin token: the file's first line, without surrounding whitespace.
+std::string read_token(const std::string& path) {
+    std::ifstream f(path);
+    std::string t;
+    if (!f || !std::getline(f, t)) throw std::runtime_error("admin_token_file " + path + ": cannot read it");
+    auto b = t.find_first_not_of(" \t\r");
+    auto e = t.find_last_not_of(" \t\r");
+    t = b == std::string::npos ? std::string() : t.substr(b, e - b + 1);
+    if (t.size() < 16) throw std::runtime_error("admin_token_file " + path + ": the token must be at least 16 characters");
+    return t;
 }
 
 std::string join(const std::vector<std::string>& v) {
@@ -256,11 +272,13 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
     // finish on theirs, and only the addresses that appeared or went away are opened or
     // closed: the other listeners never stop accepting.
     int version = 1;
-    auto reload = [&]() {
+    auto loaded = std::chrono::system_clock::now();
+    auto reload = [&]() -> std::pair<bool, std::string> {
         auto old = current;
-        auto fail = [&](const std::string& why) {
+        auto fail = [&](const std::string& why) -> std::pair<bool, std::string> {
             std::cerr << "dmzproxy: " << old->name << ": reload refused, still running config version " << version << ":\n"
                       << why << (why.empty() || why.back() == '\n' ? "" : "\n");
+            return {false, why};
         };
         if (!opts.reload) return fail("this instance was started without a config file to read again");
         std::string why;
@@ -308,10 +326,15 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
             for (auto& w : workers)
                 asio::post(w->io, [&w = *w, path = next->config().user_store] { w.auth.use(path); });
         ++version;
-        std::cerr << "dmzproxy: " << next_rt->name << ": reloaded " << opts.source << ", config version " << version;
-        if (!added_names.empty()) std::cerr << "; listening now: " << join(added_names);
-        if (!removed_names.empty()) std::cerr << "; closed: " << join(removed_names);
-        std::cerr << "\n";
+        loaded = std::chrono::system_clock::now();
+        std::string msg = "reloaded " + opts.source + ", config version " + std::to_string(version);
+        if (!added_names.empty()) msg += "; listening now: " + join(added_names);
+        if (!removed_names.empty()) msg += "; closed: " + join(removed_names);
+        if (opts.admin.empty() && (next->config().admin.has_value() != policy->config().admin.has_value() ||
+                                   (next->config().admin && next->config().admin->to_string() != policy->config().admin->to_string())))
+            msg += "; the admin endpoint stays where it was until a restart";
+        std::cerr << "dmzproxy: " << next_rt->name << ": " << msg << "\n";
+        return {true, msg};
     };
     // The acceptors, for the drain (which closes them all).
     auto all_acceptors = [&] {
@@ -320,6 +343,43 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
         return v;
     };
 
+    bool draining = false;
+    // The admin endpoint (/metrics, /status, /reload) on the first worker.
+    admin_view view;
+    view.workers = &workers;
+    view.current = &current;
+    view.version = &version;
+    view.draining = &draining;
+    view.source = opts.source;
+    view.started = std::chrono::system_clock::now();
+    view.reload = [&] {
+        std::pair<bool, std::string> r;
+        if (draining) r = {false, "the instance is draining"};
+        else r = reload();
+        view.loaded = loaded;
+        return r;
+    };
+    view.loaded = loaded;
+    std::optional<rules::bind_endpoint> admin_at = policy->config().admin;
+    if (!opts.admin.empty()) {
+        auto colon = opts.admin.rfind(':');
+        auto host = opts.admin.substr(0, colon == std::string::npos ? 0 : colon);
+        if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+        auto a = rules::ip_address::parse(host);
+        int port = colon == std::string::npos ? 0 : std::atoi(opts.admin.c_str() + colon + 1);
+        if (!a || port < 1 || port > 65535) throw std::runtime_error("--admin '" + opts.admin + "' is not ADDRESS:PORT");
+        if (!a->is_loopback() && policy->config().admin_token_file.empty())
+            throw std::runtime_error("--admin " + opts.admin + " is not on loopback and the config sets no admin_token_file");
+        admin_at = rules::bind_endpoint{*a, static_cast<std::uint16_t>(port), {}};
+    }
+    if (admin_at) {
+        log.keep_recent(2000);  // the live log view's lines
+        view.log = &log;
+        if (!policy->config().admin_token_file.empty()) view.token = read_token(policy->config().admin_token_file);
+        start_admin(*workers.front(), *admin_at, view);
+        std::cerr << "dmzproxy: " << current->name << ": admin endpoint on http://" << admin_at->to_string()
+                  << "/ (metrics, status, reload, live log at /log" << (view.token.empty() ? "" : "; bearer token required") << ")\n";
+    }
     // Signals arrive on the first worker.
     // SIGTERM/SIGINT drain: no new connections; idle keep-alive connections close now; a
     // request in flight finishes and its answer says Connection: close; SMTP sessions hear
@@ -329,7 +389,6 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
     asio::signal_set signals(workers.front()->io, SIGINT, SIGTERM, SIGUSR1);
     signals.add(SIGHUP);
     asio::steady_timer grace(workers.front()->io);
-    bool draining = false;
     std::function<void()> listen;
     auto drain = [&](int sig) {
         draining = true;
@@ -366,7 +425,10 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
             if (ec) return;
             if (sig == SIGHUP) {
                 if (draining) std::cerr << "dmzproxy: " << current->name << ": SIGHUP while draining: ignored\n";
-                else reload();
+                else {
+                    reload();
+                    view.loaded = loaded;
+                }
             } else if (sig == SIGUSR1) {
                 std::string why;
                 if (log.reopen(why)) std::cerr << "dmzproxy: " << current->name << ": SIGUSR1, access log reopened\n";

@@ -37,10 +37,15 @@ public:
         name_ = l.cfg->public_name.empty() ? rt_->name : l.cfg->public_name;
     }
 
-    ~smtp_session() { smtp_sessions().fetch_sub(1, std::memory_order_relaxed); }
+    ~smtp_session() {
+        smtp_sessions().fetch_sub(1, std::memory_order_relaxed);
+        w_.stats.connection(counted_as_, -1);
+    }
 
     void start() {
         smtp_sessions().fetch_add(1, std::memory_order_relaxed);
+        counted_as_ = lcfg().name;
+        w_.stats.connection(counted_as_, 1);
         std::weak_ptr<smtp_session> weak = shared_from_this();
         w_.shutdown_hooks[id_] = [weak] {
             if (auto self = weak.lock()) self->shutdown();
@@ -188,6 +193,7 @@ private:
 
     void log(access_record& r, clock_type::time_point since) {
         r.duration_ms = std::chrono::duration<double, std::milli>(clock_type::now() - since).count();
+        w_.stats.observe(r);
         w_.log.write(r);
         logged_ = true;
     }
@@ -918,6 +924,7 @@ private:
     const listener_runtime& l_;
     stream down_;
     watchdog dog_;
+    std::string counted_as_;  ///< the listener whose open-connection gauge counts this one
     std::uint64_t id_;
     rules::ip_address peer_, client_;
     std::string local_addr_;

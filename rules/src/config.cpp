@@ -105,8 +105,18 @@ private:
     }
 
     void load_instance(const toml::table& t, instance_config& c) {
-        r_.only_keys(t, "instance", {"name", "role", "trust_forwarded_from", "user_store", "session_key", "description"});
+        r_.only_keys(t, "instance", {"name", "role", "trust_forwarded_from", "user_store", "session_key", "description", "admin",
+                                     "admin_token_file"});
         if (auto u = r_.str(t, "user_store", "instance")) c.user_store = resolve_file(*u);
+        if (auto a = r_.str(t, "admin", "instance")) c.admin = parse_bind(*a, r_.at_key(t, "admin"), "instance.admin");
+        if (auto f = r_.str(t, "admin_token_file", "instance")) {
+            c.admin_token_file = resolve_file(*f);
+            require_file(c.admin_token_file, r_.at_key(t, "admin_token_file"), "instance.admin_token_file");
+        }
+        if (c.admin && c.admin_token_file.empty() && !c.admin->address.is_loopback())
+            r_.error("CFG004", r_.at_key(t, "admin"), "instance.admin",
+                     "the admin endpoint " + c.admin->to_string() + " is not on loopback and has no token",
+                     "bind it to 127.0.0.1, or set admin_token_file (a bearer token every request must carry)");
         if (auto u = r_.str(t, "session_key", "instance")) c.session_key = resolve_file(*u);
         if (auto n = r_.str(t, "name", "instance")) {
             if (opts_.in_topology && *n != opts_.instance_name)
@@ -365,28 +375,32 @@ private:
                                        : bind_node;
             auto where = el ? r_.at(*el) : l.where;
             auto key = path + ".bind[" + std::to_string(idx++) + "]";
-            auto colon = b.rfind(':');
-            std::optional<ip_address> a;
-            int port = -1;
-            if (colon != std::string::npos) {
-                a = ip_address::parse(std::string_view(b).substr(0, colon));
-                auto ps = b.substr(colon + 1);
-                if (!ps.empty() && ps.size() <= 5 &&
-                    std::all_of(ps.begin(), ps.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)); }))
-                    port = std::stoi(ps);
-            }
-            if (!a || port < 1 || port > 65535) {
-                r_.error("CFG004", where, key,
-                         "'" + b + "' is not ADDRESS:PORT",
-                         "e.g. \"127.10.0.10:443\", \"0.0.0.0:25\" or \"[::1]:443\"");
-                continue;
-            }
-            if (b.front() != '[' && !a->is_v4()) {
-                r_.error("CFG004", where, key, "IPv6 bind addresses need brackets: \"[::1]:443\"");
-                continue;
-            }
-            l.bind.push_back({*a, static_cast<std::uint16_t>(port), where});
+            if (auto e = parse_bind(b, where, key)) l.bind.push_back(*e);
         }
+    }
+
+    /// "ADDRESS:PORT" ("127.0.0.1:443", "[::1]:443"), or an error at `where`.
+    std::optional<bind_endpoint> parse_bind(const std::string& b, const source_location& where, const std::string& key) {
+        auto colon = b.rfind(':');
+        std::optional<ip_address> a;
+        int port = -1;
+        if (colon != std::string::npos) {
+            a = ip_address::parse(std::string_view(b).substr(0, colon));
+            auto ps = b.substr(colon + 1);
+            if (!ps.empty() && ps.size() <= 5 &&
+                std::all_of(ps.begin(), ps.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)); }))
+                port = std::stoi(ps);
+        }
+        if (!a || port < 1 || port > 65535) {
+            r_.error("CFG004", where, key, "'" + b + "' is not ADDRESS:PORT",
+                     "e.g. \"127.10.0.10:443\", \"0.0.0.0:25\" or \"[::1]:443\"");
+            return std::nullopt;
+        }
+        if (b.front() != '[' && !a->is_v4()) {
+            r_.error("CFG004", where, key, "IPv6 bind addresses need brackets: \"[::1]:443\"");
+            return std::nullopt;
+        }
+        return bind_endpoint{*a, static_cast<std::uint16_t>(port), where};
     }
 
     /// `proto_known`: the protocol was given and valid. A missing or misspelt protocol is

@@ -69,6 +69,13 @@ bool ip_address::is_unspecified() const {
     return true;
 }
 
+bool ip_address::is_loopback() const {
+    if (is_v4()) return bytes_[12] == 127;
+    for (int i = 0; i < 15; ++i)
+        if (bytes_[i] != 0) return false;
+    return bytes_[15] == 1;
+}
+
 std::string ip_address::to_string() const {
     char buf[INET6_ADDRSTRLEN] = {};
     if (is_v4()) {

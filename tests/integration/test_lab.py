@@ -445,6 +445,24 @@ class LabThroughBothTiers(unittest.TestCase):
         self.assertIn(self.password, out)
         self.assertLess(self.up_seconds, 30, "lab up --detach took %.1f s" % self.up_seconds)
 
+    def test_admin_endpoints_and_lab_reload(self):
+        # Every instance has an admin endpoint on loopback, printed by lab up and recorded in
+        # lab.json; lab reload re-derives each config from the topology and reloads it.
+        for inst in self.status["instances"]:
+            self.assertRegex(inst["admin"], r"^http://127\.0\.0\.1:\d+$", inst)
+            self.assertIn(inst["admin"] + "/metrics", self.up_output)
+            with urllib.request.urlopen(inst["admin"] + "/metrics", timeout=10) as r:
+                text = r.read().decode()
+            self.assertIn('dmzproxy_config_version{instance="%s"}' % inst["name"], text)
+            with urllib.request.urlopen(inst["admin"] + "/status", timeout=10) as r:
+                self.assertEqual(json.loads(r.read())["instance"], inst["name"])
+        res = lab(self.state, "reload", timeout=120)
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        for inst in self.status["instances"]:
+            self.assertRegex(res.stdout, r"%s: reloaded .*config version \d+" % re.escape(inst["name"]))
+            with urllib.request.urlopen(inst["admin"] + "/status", timeout=10) as r:
+                self.assertGreaterEqual(json.loads(r.read())["config"]["version"], 2)
+
     @unittest.skipUnless(HAVE_CURL, "curl is missing")
     def test_owa_shows_the_original_external_client(self):
         token = secrets.token_hex(6)

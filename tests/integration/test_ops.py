@@ -5,10 +5,14 @@ the clients.
     DMZPROXY=build/dmzproxy python3 -m unittest -v test_ops
 """
 
+import base64
+import json
 import os
 import re
 import signal
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 import unittest
@@ -152,8 +156,8 @@ class Load:
     connection every 10 requests (so that new connections meet every snapshot). Bounded:
     it stops itself after `limit` seconds."""
 
-    def __init__(self, port, clients=4, limit=60):
-        self.port, self.limit = port, limit
+    def __init__(self, port, clients=4, limit=60, pause=0.0):
+        self.port, self.limit, self.pause = port, limit, pause
         self.ok = 0
         self.failures = []
         self.stop_flag = threading.Event()
@@ -177,6 +181,8 @@ class Load:
                                 self.ok += 1
                         if self.stop_flag.is_set():
                             break
+                        if self.pause:
+                            time.sleep(self.pause)
             except OSError as e:
                 with self.lock:
                     self.failures.append(repr(e))
@@ -294,6 +300,198 @@ class Reload(unittest.TestCase):
         self.assertIsNotNone(r)
         self.assertEqual(r[0], 200, r[1])
         self.assertEqual(self.get("/hold?seconds=0")[0], 403, "a new connection gets the new config")
+
+
+ADMIN = "127.10.0.10"
+
+
+class Admin(unittest.TestCase):
+    """The admin endpoint, driven by curl and by `dmzproxy reload`."""
+
+    def start(self, token=None):
+        self.lab = h.Lab(prefix="dmz-ops-")
+        self.addCleanup(self.lab.close)
+        self.origin = self.lab.start_origin("origin", h.ORIGIN)
+        self.port = h.free_port(h.FE_EXTERNAL)
+        self.admin_port = h.free_port(ADMIN)
+        self.token = token
+        self.text = config(self.port, self.origin.port).replace(
+            '[instance]\n', '[instance]\nadmin = "%s:%d"\n%s' % (
+                ADMIN, self.admin_port, 'admin_token_file = "admin.token"\n' if token else ""), 1)
+        if token:
+            self.lab.write("admin.token", token + "\n")
+        self.fe = self.lab.start_proxy("front-end", self.text, h.FE_EXTERNAL, self.port)
+        self.fe.process.wait_listening(ADMIN, self.admin_port)
+        self.url = "http://%s:%d" % (ADMIN, self.admin_port)
+
+    def curl(self, path, *args):
+        r = subprocess.run(["curl", "-s", "-S", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10"] + list(args) +
+                           [self.url + path], capture_output=True, text=True, timeout=30)
+        body, _, code = r.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    def reload_cli(self, *args):
+        return subprocess.run([h.DMZPROXY, "reload", self.url] + list(args), capture_output=True, text=True, timeout=60)
+
+    def get(self, path):
+        with h.connect(h.FE_EXTERNAL, self.port) as s:
+            request(s, path)
+            return read_response(s, 10)[0]
+
+    def test_metrics_count_requests_by_rule_status_and_fault(self):
+        self.start()
+        self.assertEqual([self.get("/owa/") for _ in range(3)] + [self.get("/nothing-here")], [200, 200, 200, 403])
+        code, text = self.curl("/metrics")
+        self.assertEqual(code, 200, text)
+        self.assertIn('dmzproxy_requests_total{instance="front-end",rule="OWA",action="allow",status="2xx",fault=""} 3',
+                      text)
+        self.assertRegex(text, r'dmzproxy_requests_total\{instance="front-end",rule="default deny",action="deny",'
+                               r'status="4xx",fault="no-rule-matched"\} 1')
+        self.assertIn('dmzproxy_request_duration_seconds_count{instance="front-end"} 4', text)
+        self.assertIn('dmzproxy_request_duration_seconds_bucket{instance="front-end",le="+Inf"} 4', text)
+        self.assertRegex(text, r'dmzproxy_sent_bytes_total\{instance="front-end"\} [1-9]\d*')
+        self.assertIn('dmzproxy_connections_active{instance="front-end",listener="web"} 0', text)
+        self.assertIn('dmzproxy_config_version{instance="front-end"} 1', text)
+        with h.connect(h.FE_EXTERNAL, self.port) as held:  # one open connection shows
+            request(held, "/owa/")
+            read_response(held, 10)
+            self.assertTrue(h.wait_for(lambda: 'listener="web"} 1' in self.curl("/metrics")[1], 5))
+
+    def test_status_and_reload_through_the_endpoint(self):
+        self.start()
+        self.get("/owa/")
+        code, body = self.curl("/status")
+        self.assertEqual(code, 200, body)
+        st = json.loads(body)
+        self.assertEqual((st["instance"], st["config"]["version"], st["draining"]), ("front-end", 1, False))
+        self.assertEqual(st["listeners"][0]["bind"], ["%s:%d" % (h.FE_EXTERNAL, self.port)])
+        self.assertEqual([(r["name"], r["hits"]) for r in st["rules"]], [("OWA", 1)])
+        r = self.reload_cli()
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("config version 2", r.stdout)
+        with open(self.fe.config, "w") as f:
+            f.write(self.text.replace("[listeners.web]", "[listeners.web", 1))
+        r = self.reload_cli()
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn("still running config version 2", r.stderr)
+        self.assertRegex(r.stderr, re.escape(self.fe.config) + r":\d+:\d+")
+        self.assertEqual(json.loads(self.curl("/status")[1])["config"]["version"], 2)
+        self.assertEqual(self.curl("/reload")[0], 405, "GET must not reload")
+        self.assertEqual(self.get("/owa/"), 200)
+
+    def test_token_is_required_when_configured(self):
+        self.start(token="s3cret-admin-token-0123456789")
+        self.assertEqual(self.curl("/metrics")[0], 401)
+        self.assertEqual(self.curl("/metrics", "-H", "Authorization: Bearer wrong-token-0123456789")[0], 401)
+        self.assertEqual(self.curl("/metrics", "-H", "Authorization: Bearer s3cret-admin-token-0123456789")[0], 200)
+        r = self.reload_cli()
+        self.assertEqual(r.returncode, 1, "no token: refused")
+        self.assertIn("HTTP 401", r.stderr)
+        r = self.reload_cli("--token-file", self.lab.path("admin.token"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+    def test_auth_failures_and_lockouts_are_counted(self):
+        self.lab = h.Lab(prefix="dmz-ops-")
+        self.addCleanup(self.lab.close)
+        origin = self.lab.start_origin("origin", h.ORIGIN)
+        store = self.lab.path("users.toml")
+        subprocess.run([h.DMZPROXY, "users", "--file", store, "add", "alice", "--password-stdin"], input="alice-pw\n",
+                       capture_output=True, text=True, timeout=60, check=True)
+        self.port, self.admin_port = h.free_port(h.FE_EXTERNAL), h.free_port(ADMIN)
+        self.url = "http://%s:%d" % (ADMIN, self.admin_port)
+        text = h.instance_config("front-end", "front-end",
+                                 {"name": "web", "protocol": "http", "bind": ["%s:%d" % (h.FE_EXTERNAL, self.port)],
+                                  "authentication": "basic", "realm": "contoso",
+                                  "lockout": {"threshold": 2, "window": "1m"}},
+                                 [{"name": "OWA", "paths": ["/owa"], "users": ["*"],
+                                   "target": {"address": h.ORIGIN, "port": origin.port}}])
+        text = text.replace("[instance]\n", '[instance]\nuser_store = "%s"\nadmin = "%s:%d"\n' % (store, ADMIN, self.admin_port), 1)
+        fe = self.lab.start_proxy("front-end", text, h.FE_EXTERNAL, self.port)
+        fe.process.wait_listening(ADMIN, self.admin_port)
+
+        def basic(user, pw):
+            with h.connect(h.FE_EXTERNAL, self.port) as s:
+                auth = base64.b64encode(("%s:%s" % (user, pw)).encode()).decode()
+                s.sendall(("GET /owa/ HTTP/1.1\r\nHost: mail.contoso.com\r\nAuthorization: Basic %s\r\n\r\n" % auth).encode())
+                return read_response(s, 15)[0]
+
+        self.assertEqual([basic("alice", "wrong"), basic("alice", "wrong"), basic("alice", "alice-pw"),
+                          basic("mallory", "x")], [401, 401, 401, 401])
+        code, text = self.curl("/metrics")
+        self.assertEqual(code, 200, text)
+        self.assertIn('dmzproxy_auth_failures_total{instance="front-end",reason="bad password"} 2', text)
+        self.assertIn('dmzproxy_auth_failures_total{instance="front-end",reason="locked out"} 1', text)
+        self.assertIn('dmzproxy_auth_failures_total{instance="front-end",reason="unknown user"} 1', text)
+        self.assertIn('dmzproxy_lockout_refusals_total{instance="front-end"} 1', text)
+
+    def test_admin_off_loopback_without_token_is_a_config_error(self):
+        lab = h.Lab(prefix="dmz-ops-")
+        self.addCleanup(lab.close)
+        path = lab.write("fe.toml", config(8080, 8081).replace('[instance]\n', '[instance]\nadmin = "10.1.2.3:9401"\n', 1))
+        r = lab.check(path)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertRegex(r.stdout + r.stderr, re.escape(path) + r":\d+:\d+: error.*not on loopback and has no token")
+
+
+class LiveLogView(unittest.TestCase):
+    """The live log view in a real browser: headless Chromium (Debian's package) loads the
+    page from the front-end's admin endpoint while requests flow through both tiers, runs
+    its script (--virtual-time-budget lets its polling happen) and hands back the DOM."""
+
+    def setUp(self):
+        self.lab = h.Lab(prefix="dmz-ops-")
+        self.addCleanup(self.lab.close)
+        self.origin = self.lab.start_origin("origin", h.ORIGIN)
+        self.fe_port, self.be_port = h.free_port(h.FE_EXTERNAL), h.free_port(h.BE_PERIMETER)
+        self.fe_admin, self.be_admin = h.free_port("127.0.0.1"), h.free_port("127.0.0.1")
+        be = tier_config("back-end", h.BE_PERIMETER, self.be_port, [("Web", ["/owa"], h.ORIGIN, self.origin.port)])
+        fe = tier_config("front-end", h.FE_EXTERNAL, self.fe_port, [("Web", ["/owa"], h.BE_PERIMETER, self.be_port)])
+        be = be.replace("[instance]\n", '[instance]\nadmin = "127.0.0.1:%d"\n' % self.be_admin, 1)
+        fe = fe.replace("[instance]\n", '[instance]\nadmin = "127.0.0.1:%d"\n' % self.fe_admin, 1)
+        self.be = self.lab.start_proxy("back-end", be, h.BE_PERIMETER, self.be_port)
+        self.fe = self.lab.start_proxy("front-end", fe, h.FE_EXTERNAL, self.fe_port)
+        for port in (self.fe_admin, self.be_admin):
+            self.fe.process.wait_listening("127.0.0.1", port)
+
+    def get(self, path):
+        with h.connect(h.FE_EXTERNAL, self.fe_port) as s:
+            request(s, path)
+            return read_response(s, 10)[0]
+
+    def browse(self, query):
+        url = "http://127.0.0.1:%d/log?tiers=http://127.0.0.1:%d,http://127.0.0.1:%d%s" % (
+            self.fe_admin, self.fe_admin, self.be_admin, query)
+        profile = tempfile.mkdtemp(prefix="dmz-chromium-", dir=self.lab.dir)
+        r = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir=" + profile,
+                            "--virtual-time-budget=4000", "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        rows = re.findall(r'<tr class="row" data-tier="([^"]*)" data-rule="([^"]*)" data-status="([^"]*)" '
+                          r'data-fault="([^"]*)" data-path="([^"]*)"', r.stdout)
+        hops = dict(re.findall(r'<div class="hop" data-name="([^"]*)" data-health="([^"]*)"', r.stdout))
+        hits = re.findall(r'<li data-rule="([^"]*)" data-hits="(\d+)"', r.stdout)
+        return rows, hops, hits
+
+    def test_rows_filters_and_topology_in_chromium(self):
+        self.assertEqual([self.get("/owa/") for _ in range(3)] + [self.get("/nothing-here")], [200, 200, 200, 403])
+        flowing = Load(self.fe_port, clients=1, limit=40, pause=0.2)  # and more while the page loads
+        self.addCleanup(flowing.stop)
+
+        rows, hops, hits = self.browse("")
+        tiers = {t for t, *_ in rows}
+        self.assertEqual(tiers, {"front-end", "back-end"}, rows[:5])
+        self.assertIn(("front-end", "default deny", "403", "no-rule-matched", "/nothing-here"), rows)
+        self.assertTrue([r for r in rows if r[0] == "back-end" and r[2] == "200" and r[4] == "/owa/"])
+        self.assertEqual(hops, {"clients": "ok", "front-end": "ok", "back-end": "ok"})
+        self.assertTrue(all(int(n) >= 3 for rule, n in hits if rule == "Web"), hits)
+        self.assertEqual(len([h for h in hits if h[0] == "Web"]), 2, "one rule list per tier")
+
+        rows, _, _ = self.browse("&fault=no-rule-matched")
+        self.assertEqual(rows, [("front-end", "default deny", "403", "no-rule-matched", "/nothing-here")])
+        rows, _, _ = self.browse("&tier=back-end&status=2")
+        self.assertTrue(rows)
+        self.assertEqual({(t, s[0]) for t, _, s, _, _ in rows}, {("back-end", "2")})
+        ok, failures = flowing.stop()
+        self.assertEqual(failures, [])
 
 
 class LogRotation(unittest.TestCase):

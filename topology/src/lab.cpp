@@ -324,8 +324,11 @@ int lab_up(const lab_options& o) {
     for (auto& in : t.instances) order.push_back(&in);
     std::stable_sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->role == "back-end" && b->role != "back-end"; });
     for (auto* in : order) {
+        // Each instance's admin endpoint on a free loopback port (lab status and lab reload use it).
+        auto admin = "127.0.0.1:" + std::to_string(free_loopback_port());
         std::vector<std::string> argv{o.dmzproxy, "run", "-t", o.topology, "--instance", in->name, "--state", o.state,
-                                      "--threads", "1", "--access-log", o.state + "/logs/" + in->name + ".jsonl"};
+                                      "--threads", "1", "--access-log", o.state + "/logs/" + in->name + ".jsonl",
+                                      "--admin", admin};
         if (map) argv.push_back("--map-ports");
         auto pid = spawn(argv, o.state + "/logs/" + in->name + ".out");
         pids.push_back(pid);
@@ -340,7 +343,7 @@ int lab_up(const lab_options& o) {
                                      {"port", b.port}, {"network", t.network_of(b.address)}, {"public_names", names}});
         }
         instances.push_back({{"name", in->name}, {"role", in->role}, {"pid", pid}, {"listeners", listeners},
-                             {"access_log", o.state + "/logs/" + in->name + ".jsonl"}});
+                             {"access_log", o.state + "/logs/" + in->name + ".jsonl"}, {"admin", "http://" + admin}});
     }
 
     // 6. Wait until every endpoint listens; a process that dies says why.
@@ -425,6 +428,22 @@ int lab_up(const lab_options& o) {
                   << "  Relay (AUTH):  swaks --server " << smtp_addr << ":" << smtp_port << " --local-interface " << client
                   << " -tls --tls-ca-path " << ca.cert_file() << " --auth PLAIN --auth-user demo --auth-password '"
                   << users[0]["password"].get<std::string>() << "' --from demo@" << t.domain << " --to friend@fabrikam.com\n";
+    std::cout << "\nAdmin endpoints (metrics, status, reload):\n";
+    for (auto& in : instances)
+        std::cout << "  " << in["name"].get<std::string>() << ": " << in["admin"].get<std::string>() << "/metrics  "
+                  << in["admin"].get<std::string>() << "/status\n";
+    {
+        // The live log view, served by the front-end's admin endpoint, reading every tier.
+        std::vector<std::string> tiers;
+        for (const char* role : {"front-end", "back-end", ""})
+            for (auto& in : instances)
+                if ((role[0] && in["role"] == role) || (!role[0] && in["role"] != "front-end" && in["role"] != "back-end"))
+                    tiers.push_back(in["admin"].get<std::string>());
+        std::string list;
+        for (auto& url : tiers) list += (list.empty() ? "" : ",") + url;
+        if (!tiers.empty()) std::cout << "  Live log view (every tier, with filters): " << tiers.front() << "/log?tiers=" << list << "\n";
+    }
+    std::cout << "  Reload every instance after editing " << o.topology << ": dmzproxy lab reload\n";
     std::cout << "  Status:        dmzproxy lab status [--json]      Stop: dmzproxy lab down\n";
     if (o.detach) return 0;
 
@@ -491,6 +510,7 @@ int lab_status(const std::string& state, bool as_json) {
     for (auto& in : st["instances"]) {
         std::cout << "  " << in["name"].get<std::string>() << " (" << in["role"].get<std::string>() << ") pid "
                   << in["pid"].get<int>() << (in["running"].get<bool>() ? "" : " NOT RUNNING") << "\n";
+        if (in.contains("admin")) std::cout << "    admin " << in["admin"].get<std::string>() << "/\n";
         for (auto& l : in["listeners"])
             std::cout << "    " << l["name"].get<std::string>() << " " << l["protocol"].get<std::string>() << " "
                       << l["address"].get<std::string>() << ":" << l["port"].get<int>() << " (" << l["network"].get<std::string>() << ")\n";

@@ -15,6 +15,8 @@ struct run_options {
     std::string state_dir;    ///< where lab certificates live (topology instances)
     /// SIGTERM: how long requests in flight may take to finish before the process stops.
     std::chrono::milliseconds drain_timeout{10000};
+    /// "ADDRESS:PORT" of the admin endpoint, overriding [instance] admin ("" keeps it).
+    std::string admin;
     /// What the config came from, for log lines ("front-end.toml").
     std::string source;
     /// SIGHUP: loads and checks the config again. Null, with the reason in `why` (errors at

@@ -18,6 +18,7 @@ public:
     static ip_address from_bytes(const std::array<std::uint8_t, 16>& bytes);
 
     bool is_v4() const;  ///< true for IPv4 and IPv4-mapped IPv6
+    bool is_loopback() const;  ///< 127.0.0.0/8 or ::1
     bool is_unspecified() const;  ///< 0.0.0.0 or ::
     const std::array<std::uint8_t, 16>& bytes() const { return bytes_; }
     std::string to_string() const;

@@ -201,6 +201,10 @@ struct instance_config {
     /// Forms sessions: the key file (created on first use, 0600). Front-ends that share it
     /// accept each other's sessions. "": session.key beside the user store.
     std::string session_key;
+    /// The admin endpoint (/metrics, /status, /reload), and the file holding the bearer
+    /// token it demands ("" for none; then it must be on loopback).
+    std::optional<bind_endpoint> admin;
+    std::string admin_token_file;
     std::vector<network> networks;  ///< without External, which is implicit
     std::vector<address_set> address_sets;
     std::vector<listener> listeners;
