@@ -152,9 +152,10 @@ def tier_config(name, address, port, rules, extra_listeners=()):
 
 
 class Load:
-    """Clients requesting /owa/ through the front-end until stopped: keep-alive, with a new
-    connection every 10 requests (so that new connections meet every snapshot). Bounded:
-    it stops itself after `limit` seconds."""
+    """curl loops requesting /owa/ through the front-end until stopped: each curl run asks
+    for the page 10 times on one keep-alive connection, so new connections keep meeting new
+    snapshots and kept ones cross them too. Bounded: each loop stops itself after `limit`
+    seconds."""
 
     def __init__(self, port, clients=4, limit=60, pause=0.0):
         self.port, self.limit, self.pause = port, limit, pause
@@ -168,29 +169,27 @@ class Load:
 
     def client(self):
         end = time.monotonic() + self.limit
+        url = "http://%s:%d/owa/" % (h.FE_EXTERNAL, self.port)
+        per_run = 1 if self.pause else 10
         while not self.stop_flag.is_set() and time.monotonic() < end:
-            try:
-                with h.connect(h.FE_EXTERNAL, self.port) as s:
-                    for _ in range(10):
-                        request(s, "/owa/")
-                        r = read_response(s, 10)
-                        with self.lock:
-                            if r is None or r[0] != 200:
-                                self.failures.append(r[1].split("\r\n")[0] if r else "connection closed without an answer")
-                            else:
-                                self.ok += 1
-                        if self.stop_flag.is_set():
-                            break
-                        if self.pause:
-                            time.sleep(self.pause)
-            except OSError as e:
-                with self.lock:
-                    self.failures.append(repr(e))
+            urls = []
+            for _ in range(per_run):
+                urls += ["-o", "/dev/null", url]
+            r = subprocess.run(["curl", "-s", "-S", "--interface", h.CLIENT, "--max-time", "15", "-w", "%{http_code}\\n"] + urls,
+                               capture_output=True, text=True, timeout=60)
+            codes = r.stdout.split()
+            with self.lock:
+                self.ok += codes.count("200")
+                bad = [c for c in codes if c != "200"]
+                if r.returncode != 0 or len(codes) != per_run or bad:
+                    self.failures.append("curl exit %d, codes %s: %s" % (r.returncode, codes, r.stderr.strip()[-300:]))
+            if self.pause:
+                time.sleep(self.pause)
 
     def stop(self):
         self.stop_flag.set()
         for t in self.threads:
-            t.join(timeout=20)
+            t.join(timeout=30)
         return self.ok, self.failures
 
 
@@ -423,6 +422,35 @@ class Admin(unittest.TestCase):
         self.assertIn('dmzproxy_auth_failures_total{instance="front-end",reason="locked out"} 1', text)
         self.assertIn('dmzproxy_auth_failures_total{instance="front-end",reason="unknown user"} 1', text)
         self.assertIn('dmzproxy_lockout_refusals_total{instance="front-end"} 1', text)
+
+    def test_smtp_messages_and_relay_denials_are_counted(self):
+        import smtp_support as ss
+        self.lab = h.Lab(prefix="dmz-ops-")
+        self.addCleanup(self.lab.close)
+        sink = ss.start_sink(self.lab, "sink", h.ORIGIN)
+        self.port, self.admin_port = h.free_port(h.FE_EXTERNAL), h.free_port(ADMIN)
+        self.url = "http://%s:%d" % (ADMIN, self.admin_port)
+        text = h.instance_config("front-end", "front-end",
+                                 {"name": "smtp", "protocol": "smtp", "bind": ["%s:%d" % (h.FE_EXTERNAL, self.port)]},
+                                 [{"name": "Mail", "kind": "server", "listeners": ["smtp"], "accepted_domains": ["contoso.com"],
+                                   "target": {"address": h.ORIGIN, "port": sink.port}}])
+        text = text.replace("[instance]\n", '[instance]\nadmin = "%s:%d"\n' % (ADMIN, self.admin_port), 1)
+        fe = self.lab.start_proxy("front-end", text, h.FE_EXTERNAL, self.port)
+        fe.process.wait_listening(ADMIN, self.admin_port)
+        server = ["--server", "%s:%d" % (h.FE_EXTERNAL, self.port), "--local-interface", h.CLIENT, "--from", "a@example.net"]
+        ok = ss.swaks(*server, "--to", "demo@contoso.com")
+        self.assertEqual(ok.returncode, 0, ok)
+        denied = ss.swaks(*server, "--to", "victim@fabrikam.com")
+        self.assertIn("550", denied.codes(), denied)
+
+        def counted():
+            text = self.curl("/metrics")[1]
+            return ('dmzproxy_smtp_messages_total{instance="front-end",outcome="accepted"} 1' in text and
+                    'dmzproxy_smtp_messages_total{instance="front-end",outcome="refused"} 1' in text and
+                    'dmzproxy_smtp_relay_denied_total{instance="front-end"} 1' in text)
+        self.assertTrue(h.wait_for(counted, 5), self.curl("/metrics")[1])
+        st = json.loads(self.curl("/status")[1])
+        self.assertEqual(st["smtp"], {"accepted": 1, "refused": 1, "relay_denied": 1})
 
     def test_admin_off_loopback_without_token_is_a_config_error(self):
         lab = h.Lab(prefix="dmz-ops-")
