@@ -266,6 +266,7 @@ int lab_up(const lab_options& o) {
     struct endpoint {
         std::string owner, name, protocol, address;
         std::uint16_t port;
+        bool host = false;  ///< a simulated host's service (probed before any instance)
     };
     std::vector<endpoint> endpoints;
     for (auto& in : t.instances)
@@ -273,7 +274,7 @@ int lab_up(const lab_options& o) {
             for (auto& l : in.policy->config().listeners)
                 for (auto& b : l.bind) endpoints.push_back({in.name, l.name, rules::to_string(l.proto), b.address.to_string(), b.port});
     for (auto& h : t.hosts)
-        for (auto& s : h.services) endpoints.push_back({h.name, s.name, rules::to_string(s.proto), h.address.to_string(), s.port});
+        for (auto& s : h.services) endpoints.push_back({h.name, s.name, rules::to_string(s.proto), h.address.to_string(), s.port, true});
     for (auto& e : endpoints) preflight(e.owner + " " + e.name, e.address, e.port);
 
     // 4. The demo user, in every instance's user store (pre-authentication, SMTP AUTH); the
@@ -356,8 +357,13 @@ int lab_up(const lab_options& o) {
                 std::string name = i < t.hosts.size() ? "host-" + t.hosts[i].name : order[i - t.hosts.size()]->name;
                 fail(name + " exited while starting:\n" + tail_file(o.state + "/logs/" + name + ".out"));
             }
+        // The probe is a connection: an instance's SMTP listener answers it by connecting to
+        // the next hop, so instances are probed only once every host listens (otherwise the
+        // lab's own probe leaves upstream-connect faults in the logs and the live log view).
+        bool hosts_up = true;
+        for (std::size_t i = 0; i < endpoints.size(); ++i) hosts_up = hosts_up && (!endpoints[i].host || up[i]);
         for (std::size_t i = 0; i < endpoints.size(); ++i)
-            if (!up[i] && listening(endpoints[i].address, endpoints[i].port)) up[i] = true, ++ready;
+            if (!up[i] && (endpoints[i].host || hosts_up) && listening(endpoints[i].address, endpoints[i].port)) up[i] = true, ++ready;
         if (ready == endpoints.size()) break;
         if (std::chrono::steady_clock::now() > deadline) {
             std::string missing;
