@@ -244,7 +244,7 @@ std::string render_status(const admin_view& v) {
     nlohmann::json j = {
         {"instance", rt.name},
         {"role", rt.role},
-        {"config", {{"source", v.source}, {"version", *v.version}, {"loaded", iso(v.loaded)}}},
+        {"config", {{"source", v.source}, {"version", *v.version}, {"loaded", iso(*v.loaded)}}},
         {"started", iso(v.started)},
         {"uptime_seconds", std::chrono::duration_cast<std::chrono::seconds>(now - v.started).count()},
         {"draining", *v.draining},

@@ -19,7 +19,8 @@ struct admin_view {
     const int* version = nullptr;
     const bool* draining = nullptr;
     std::string source;
-    std::chrono::system_clock::time_point started, loaded;
+    std::chrono::system_clock::time_point started;
+    const std::chrono::system_clock::time_point* loaded = nullptr;  ///< when the config in use was loaded
     std::string token;  ///< "" when no token is required
     const access_log* log = nullptr;  ///< its recent lines feed /log/events
     /// Reloads like SIGHUP: (true, "config version N") or (false, why).

@@ -258,7 +258,7 @@ private:
 
     void log(access_record& rec, clock_type::time_point t0) {
         rec.duration_ms = std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
-        w_.stats.observe(rec, static_cast<std::int64_t>(w_.pool.idle_count()));
+        if (w_.stats.on) w_.stats.observe(rec, static_cast<std::int64_t>(w_.pool.idle_count()));
         w_.log.write(rec);
     }
 

@@ -20,6 +20,7 @@ void metrics::counts::add(const counts& o) {
 }
 
 void metrics::observe(const access_record& r, std::int64_t pool_idle) {
+    if (!on) return;
     std::lock_guard lock(m_);
     if (pool_idle >= 0) c_.pool_idle = pool_idle;
     c_.bytes_in += r.bytes_in;
@@ -57,11 +58,13 @@ void metrics::observe(const access_record& r, std::int64_t pool_idle) {
 }
 
 void metrics::connection(const std::string& listener, int delta) {
+    if (!on) return;
     std::lock_guard lock(m_);
     c_.active[listener] += delta;
 }
 
 void metrics::auth_failed(const std::string& reason) {
+    if (!on) return;
     std::lock_guard lock(m_);
     // Reasons are a short fixed set; the one naming an address is folded (label cardinality).
     bool by_address = reason.rfind("too many failures", 0) == 0;

@@ -32,6 +32,10 @@ struct metrics {
         void add(const counts& o);
     };
 
+    /// Whether anything reads these counters (an admin endpoint). Set before the workers
+    /// run; when false, every call below returns at once (the request path pays nothing).
+    bool on = false;
+
     /// One finished transaction (the access record, built whether or not it is logged).
     void observe(const access_record& r, std::int64_t pool_idle = -1);
     void connection(const std::string& listener, int delta);

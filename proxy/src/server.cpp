@@ -352,14 +352,11 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
     view.draining = &draining;
     view.source = opts.source;
     view.started = std::chrono::system_clock::now();
-    view.reload = [&] {
-        std::pair<bool, std::string> r;
-        if (draining) r = {false, "the instance is draining"};
-        else r = reload();
-        view.loaded = loaded;
-        return r;
+    view.reload = [&]() -> std::pair<bool, std::string> {
+        if (draining) return {false, "the instance is draining"};
+        return reload();
     };
-    view.loaded = loaded;
+    view.loaded = &loaded;
     std::optional<rules::bind_endpoint> admin_at = policy->config().admin;
     if (!opts.admin.empty()) {
         auto colon = opts.admin.rfind(':');
@@ -373,6 +370,7 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
         admin_at = rules::bind_endpoint{*a, static_cast<std::uint16_t>(port), {}};
     }
     if (admin_at) {
+        for (auto& w : workers) w->stats.on = true;  // counted only when an admin endpoint reads them
         log.keep_recent(2000);  // the live log view's lines
         view.log = &log;
         if (!policy->config().admin_token_file.empty()) view.token = read_token(policy->config().admin_token_file);
@@ -425,10 +423,7 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
             if (ec) return;
             if (sig == SIGHUP) {
                 if (draining) std::cerr << "dmzproxy: " << current->name << ": SIGHUP while draining: ignored\n";
-                else {
-                    reload();
-                    view.loaded = loaded;
-                }
+                else reload();
             } else if (sig == SIGUSR1) {
                 std::string why;
                 if (log.reopen(why)) std::cerr << "dmzproxy: " << current->name << ": SIGUSR1, access log reopened\n";
