@@ -199,6 +199,10 @@ std::string render_metrics(const admin_view& v) {
     o << "# HELP dmzproxy_upstream_pool_idle_connections Idle keep-alive connections to upstreams, ready for reuse.\n"
       << "# TYPE dmzproxy_upstream_pool_idle_connections gauge\n"
       << "dmzproxy_upstream_pool_idle_connections{" << inst << "} " << c.pool_idle << "\n";
+    o << "# HELP dmzproxy_connections_parked Idle keep-alive client connections parked outside a session "
+         "(counted in dmzproxy_connections_active too).\n"
+      << "# TYPE dmzproxy_connections_parked gauge\n"
+      << "dmzproxy_connections_parked{" << inst << "} " << c.parked << "\n";
     o << "# HELP dmzproxy_smtp_messages_total Mail transactions: accepted by the next hop, or refused.\n"
       << "# TYPE dmzproxy_smtp_messages_total counter\n"
       << "dmzproxy_smtp_messages_total{" << inst << ",outcome=\"accepted\"} " << c.smtp_accepted << "\n"
@@ -248,6 +252,7 @@ std::string render_status(const admin_view& v) {
         {"started", iso(v.started)},
         {"uptime_seconds", std::chrono::duration_cast<std::chrono::seconds>(now - v.started).count()},
         {"draining", *v.draining},
+        {"parked_connections", c.parked},
         {"listeners", listeners},
         {"rules", rules},
         {"requests", requests},

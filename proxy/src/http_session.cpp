@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include <openssl/rand.h>
+#include <unistd.h>
 
 #include "dmz/proxy/http/parser.hpp"
 #include "dmz/rules/path.hpp"
@@ -162,15 +163,29 @@ public:
         trusted_peer_ = rt_->policy->trusts_forwarding_from(peer_);
     }
 
+    /// A parked connection whose client spoke again: the same connection (id, peer, TLS
+    /// session), judged by the snapshot current now.
+    http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, parked_connection&& c,
+                 stream s)
+        : w_(w), rt_(std::move(rt)), l_(&l), endpoint_(std::move(c.endpoint)), counted_as_(std::move(c.counted_as)),
+          down_(std::move(s)), down_dog_(w.io, down_), id_(c.id), peer_(c.peer), resumed_(true), woke_(true) {
+        peer_text_ = peer_.to_string();
+        trusted_peer_ = rt_->policy->trusts_forwarding_from(peer_);
+        if (down_.is_tls()) sni_ = server_name(down_.native_tls());
+    }
+
     ~http_session() {
+        if (parked_) return;  // the parked record counts this connection now
         http_sessions().fetch_sub(1, std::memory_order_relaxed);
         w_.stats.connection(counted_as_, -1);
     }
 
     void start() {
-        http_sessions().fetch_add(1, std::memory_order_relaxed);
-        counted_as_ = lcfg().name;
-        w_.stats.connection(counted_as_, 1);
+        if (!resumed_) {  // a resumed connection was counted when it was first accepted
+            http_sessions().fetch_add(1, std::memory_order_relaxed);
+            counted_as_ = lcfg().name;
+            w_.stats.connection(counted_as_, 1);
+        }
         std::weak_ptr<http_session> weak = shared_from_this();
         w_.shutdown_hooks[id_] = [weak] {
             if (auto self = weak.lock()) self->drain();
@@ -207,7 +222,7 @@ private:
 
     task<> run() {
         error_code ec;
-        if (down_.is_tls()) {
+        if (down_.is_tls() && !resumed_) {
             down_dog_.arm(lcfg().timeouts.head);
             co_await down_.handshake(true, ec);
             if (ec) {
@@ -218,24 +233,53 @@ private:
             }
             sni_ = server_name(down_.native_tls());
         }
-        bool first = true;
+        bool first = !resumed_;
         while (true) {
             // Between requests only this small frame waits, with no buffer: a transaction's
             // frame (its record, head and limits) exists only while a request is in hand.
+            // After parking_lot::park_after of that, the connection leaves for the parking
+            // lot and this session ends (see park()).
             bool readable = false;
             if (w_.stopping && !first) break;  // draining: no new request on a kept connection
             if (w_.rt != rt_ && !adopt(w_.rt)) break;
             if (in_.empty()) {
                 in_.release();
+                bool may_park = !first && !pinned_ && !w_.stopping && !(down_.is_tls() && SSL_has_pending(down_.native_tls()));
+                if (may_park) {
+                    idle_since_ = clock_type::now();
+                    // Many sessions idle already (thousands of phones between pings): park
+                    // at once, so idle connections never pile up as sessions. A connection
+                    // just woken from the lot has bytes waiting: it reads them first.
+                    if (w_.parked.waiting >= parking_lot::hot_sessions && !woke_) {
+                        if (park()) co_return;
+                        break;
+                    }
+                    park_later_.arm(parking_lot::park_after);
+                }
+                woke_ = false;
                 down_dog_.arm(first ? lcfg().timeouts.head : lcfg().timeouts.idle);
                 idle_ = true;
+                ++w_.parked.waiting;
                 co_await down_.wait_readable(ec);
+                --w_.parked.waiting;
                 idle_ = false;
+                park_later_.disarm();
+                if (ec == asio::error::operation_aborted && parking_ && !down_dog_.expired() && !w_.stopping) {
+                    if (park()) co_return;  // the lot has the connection; this session ends
+                    break;
+                }
+                parking_ = false;
                 if (ec || (w_.stopping && !first)) break;
                 readable = true;
             }
             if (w_.rt != rt_ && !adopt(w_.rt)) break;  // reloaded while this connection idled
             bool keep = co_await transaction(first, readable);
+            if (relay_next_) {
+                relay_next_ = false;
+                keep = co_await relay(*plan_.rule, *plan_.to, plan_.head_out, plan_.method, plan_.body, plan_.content_length,
+                                      plan_.expect_continue, plan_.auth_on_connection, plan_.client_keep_alive, plan_.http10,
+                                      rec_, plan_.t0);
+            }
             watch_later_.disarm();
             if (!keep) break;
             first = false;
@@ -244,6 +288,38 @@ private:
         if (pinned_) pinned_->stream.close();
         down_.close();
         w_.shutdown_hooks.erase(id_);
+    }
+
+    /// Hands the idle connection to the worker's parking lot. False: it could not be parked
+    /// (the socket is then closed by the caller's normal end).
+    bool park() {
+        parking_ = false;
+        down_dog_.stop();
+        parked_connection c;
+        c.proto = lcfg().proto;
+        c.id = id_;
+        c.peer = peer_;
+        c.endpoint = endpoint_;
+        c.counted_as = counted_as_;
+        c.expires = idle_since_ + lcfg().timeouts.idle;
+        error_code ec;
+        auto local = down_.socket().local_endpoint(ec);
+        if (ec) return false;
+        c.v6 = local.address().is_v6();
+        c.tls = down_.release_tls();
+        c.fd = down_.socket().release(ec);
+        if (ec) {
+            c.fd = -1;
+            return false;  // c.tls frees the TLS state; the socket closes with this session
+        }
+        w_.shutdown_hooks.erase(id_);
+        parked_ = true;
+        if (!w_.parked.park(std::move(c))) {
+            parked_ = false;
+            ::close(c.fd);  // not a session's socket any more: closed by hand
+            return false;
+        }
+        return true;
     }
 
     access_record new_record() {
@@ -463,7 +539,8 @@ private:
     // ---- phase 1: read the head -------------------------------------------------------
     /// `readable`: the client's socket has just shown bytes (read them, do not wait again).
     task<bool> transaction(bool first, bool readable) {
-        auto rec = new_record();
+        access_record& rec = rec_;  // a member: relay() uses it after this frame is gone
+        rec = new_record();
         auto t0 = clock_type::now();
         http::limits hl{lcfg().limits.max_request_line, lcfg().limits.max_header_bytes, lcfg().limits.max_headers};
         if (trusted_peer_) {
@@ -808,6 +885,10 @@ private:
         bool client_keep_alive = head.keep_alive;
         std::string method(head.method);
         in_.consume(head.head_size);  // the head's views end here
+        // While the request waits upstream (an ActiveSync Ping for minutes) it holds no
+        // buffer and no parsed fields: only what relay() needs.
+        if (in_.empty()) in_.release();
+        head.fields = {};
 
         // A chunked body's first size line is checked before anything goes upstream, so
         // the commonest framing attack forwards nothing at all.
@@ -826,8 +907,21 @@ private:
             }
         }
 
-        co_return co_await relay(rule, to, out, method, body, content_length, expect_continue, auth_on_connection,
-                                 client_keep_alive, http10, rec, t0);
+        // run() relays: this frame and transaction()'s are gone while the request waits
+        // upstream (an ActiveSync Ping holds for minutes).
+        plan_.rule = &rule;
+        plan_.to = &to;
+        plan_.head_out = std::move(out);
+        plan_.method = std::move(method);
+        plan_.body = body;
+        plan_.content_length = content_length;
+        plan_.expect_continue = expect_continue;
+        plan_.auth_on_connection = auth_on_connection;
+        plan_.client_keep_alive = client_keep_alive;
+        plan_.http10 = http10;
+        plan_.t0 = t0;
+        relay_next_ = true;
+        co_return true;
     }
 
     /// Reads until the first chunk-size line of the body is complete. 1: valid; -1: bad
@@ -860,7 +954,7 @@ private:
     }
 
     // ---- phases 6-8: pick upstream, send, pump both ways ------------------------------
-    task<bool> relay(const rules::rule& rule, const rules::target& to, const std::string& head_out, const std::string& method,
+    task<bool> relay(const rules::rule& rule, const rules::target& to, std::string& head_out, const std::string& method,
                      http::body_kind body, std::uint64_t content_length, bool expect_continue, bool auth_on_connection,
                      bool client_keep_alive, bool http10, access_record& rec, clock_type::time_point t0) {
         bool has_body = body != http::body_kind::none;
@@ -913,6 +1007,7 @@ private:
                 }
         }
         up->requests++;
+        std::string().swap(head_out);  // sent: not kept while the answer is awaited
 
         // The request body flows on its own while the response is read: an upstream may
         // answer (401, 413) before the body ends, and RPC channels stream for hours.
@@ -1147,8 +1242,37 @@ private:
     void maybe_watch(const std::shared_ptr<upstream_conn>& up, const pump_signal& request) {
         if (watching_ || client_gone_ || !request.done) return;
         watching_ = true;
-        watch_sig_ = std::make_shared<pump_signal>(w_.io.get_executor());
         down_dog_.arm(std::chrono::hours(24));  // waiting for an answer is not client idleness
+        if (!in_.empty()) {
+            spawn_watch(up);  // bytes in hand: read on after them
+            return;
+        }
+        // The common shape, a held request with nothing more from the client: a one-byte
+        // peek with a plain handler, no coroutine, no buffer (about 200 bytes while it
+        // waits, where a watch coroutine and its signal cost a kilobyte).
+        in_.release();
+        watch_sig_.reset();
+        auto gen = ++watch_gen_;
+        down_.socket().async_receive(asio::buffer(&watch_peek_, 1), tcp::socket::message_peek,
+                                     [self = shared_from_this(), up, gen](const error_code& ec, std::size_t) {
+                                         if (gen != self->watch_gen_) return;  // stop_watch() gave it up
+                                         if (ec) {
+                                             self->watching_ = false;
+                                             if (ec == asio::error::operation_aborted) return;
+                                             self->client_gone_ = true;
+                                             up->stream.close();  // whoever waits on the upstream wakes now
+                                         } else if (self->down_.is_tls()) {
+                                             // A TLS record: application data or the client's
+                                             // close_notify. Only OpenSSL can tell.
+                                             self->spawn_watch(up);
+                                         } else {
+                                             self->watching_ = false;  // a pipelined request waits its turn
+                                         }
+                                     });
+    }
+
+    void spawn_watch(const std::shared_ptr<upstream_conn>& up) {
+        watch_sig_ = std::make_shared<pump_signal>(w_.io.get_executor());
         asio::co_spawn(w_.io, [self = shared_from_this(), up, sig = watch_sig_]() { return self->watch(up, sig); },
                        asio::detached);
     }
@@ -1180,6 +1304,13 @@ private:
         watch_up_.reset();
         watch_req_.reset();
         if (!watching_) co_return;
+        if (!watch_sig_) {
+            // The peek: given up here, its handler ignores whatever it completes with.
+            ++watch_gen_;
+            watching_ = false;
+            down_.cancel();
+            co_return;
+        }
         auto sig = watch_sig_;
         down_.cancel();
         error_code ec;
@@ -1386,8 +1517,38 @@ private:
     };
     static constexpr std::chrono::milliseconds watch_delay{200};
     later watch_later_{w_.io, *this};
+    struct park_timer final : net::deadline {
+        park_timer(asio::io_context& io, http_session& s) : deadline(io), session(s) {}
+        void fire() override {
+            if (!session.idle_) return;
+            session.parking_ = true;
+            session.down_.cancel();
+        }
+        http_session& session;
+    };
+    park_timer park_later_{w_.io, *this};
+    clock_type::time_point idle_since_{};
+    bool parking_ = false;  ///< the idle wait was cancelled to park the connection
+    bool parked_ = false;   ///< handed to the parking lot (which now counts it)
+    /// The request forward() decided to relay, for run() to carry out.
+    struct relay_plan {
+        const rules::rule* rule = nullptr;
+        const rules::target* to = nullptr;
+        std::string head_out, method;
+        http::body_kind body = http::body_kind::none;
+        std::uint64_t content_length = 0;
+        bool expect_continue = false, auth_on_connection = false, client_keep_alive = true, http10 = false;
+        clock_type::time_point t0{};
+    };
+    relay_plan plan_;
+    bool relay_next_ = false;
+    access_record rec_;  ///< the current transaction's
+    bool resumed_ = false;  ///< came back from the parking lot
+    bool woke_ = false;     ///< ... and has not read since
     std::shared_ptr<upstream_conn> watch_up_;
     std::shared_ptr<pump_signal> watch_req_;
+    std::uint64_t watch_gen_ = 0;  ///< the client watch's peek now running (see maybe_watch)
+    char watch_peek_ = 0;
 };
 
 }  // namespace
@@ -1395,6 +1556,27 @@ private:
 void start_http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, std::string endpoint,
                         tcp::socket s) {
     std::make_shared<http_session>(w, std::move(rt), l, std::move(endpoint), std::move(s))->start();
+}
+
+void resume_http_session(worker& w, parked_connection&& c) {
+    // Judged by the current snapshot, as a kept connection's next request is; gone if its
+    // address no longer listens with the same protocol.
+    auto* l = w.rt->bound_at(c.endpoint);
+    if (!l || l->cfg->proto != c.proto || w.stopping) {
+        w.parked.close(c);
+        return;
+    }
+    tcp::socket s(w.io);
+    error_code ec;
+    s.assign(c.v6 ? tcp::v6() : tcp::v4(), c.fd, ec);
+    if (ec) {
+        w.parked.close(c);
+        return;
+    }
+    c.fd = -1;  // the socket owns it now
+    if (c.tls) s.non_blocking(true, ec);  // OpenSSL reads and writes the descriptor itself
+    stream st = c.tls ? stream(std::move(s), std::move(c.tls)) : stream(std::move(s));
+    std::make_shared<http_session>(w, w.rt, *l, std::move(c), std::move(st))->start();
 }
 
 }  // namespace dmz::proxy

@@ -17,6 +17,7 @@ void metrics::counts::add(const counts& o) {
     lockouts += o.lockouts;
     for (auto& [k, v] : o.rule_hits) rule_hits[k] += v;
     pool_idle += o.pool_idle;
+    parked += o.parked;
 }
 
 void metrics::observe(const access_record& r, std::int64_t pool_idle) {
@@ -72,4 +73,13 @@ void metrics::auth_failed(const std::string& reason) {
     if (reason == "locked out" || by_address) ++c_.lockouts;
 }
 
+}  // namespace dmz::proxy
+
+namespace dmz::proxy {
+
+void metrics::parked(int delta) {
+    if (!on) return;
+    std::lock_guard lock(m_);
+    c_.parked += delta;
+}
 }  // namespace dmz::proxy

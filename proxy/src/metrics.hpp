@@ -28,6 +28,7 @@ struct metrics {
         std::uint64_t lockouts = 0;  ///< attempts refused because of a lockout
         std::map<std::string, std::uint64_t> rule_hits;  ///< HTTP and SMTP, by rule
         std::int64_t pool_idle = 0;  ///< idle upstream connections, as of the last request
+        std::int64_t parked = 0;     ///< idle client connections in the parking lot
 
         void add(const counts& o);
     };
@@ -40,6 +41,7 @@ struct metrics {
     void observe(const access_record& r, std::int64_t pool_idle = -1);
     void connection(const std::string& listener, int delta);
     void auth_failed(const std::string& reason);
+    void parked(int delta);
 
     counts snapshot() const {
         std::lock_guard lock(m_);

@@ -14,6 +14,7 @@
 #include "metrics.hpp"
 #include "dmz/rules/evaluate.hpp"
 #include "net/asio.hpp"
+#include "parking.hpp"
 #include "sessions.hpp"
 #include "tls.hpp"
 #include "upstream.hpp"
@@ -105,13 +106,28 @@ private:
     metrics* stats_ = nullptr;
 };
 
+struct worker;
+/// HTTP connections alive in the process, parked ones included (a drain waits for them, up
+/// to its timeout).
+std::atomic<int>& http_sessions();
+/// A parked connection's client sent its next request (or closed): a session again.
+void resume_http_session(worker& w, parked_connection&& c);
+
 struct worker {
     worker(unsigned i, access_log& l, const std::string& user_store, std::shared_ptr<lockout_table> lockout)
-        : io(1), log(l), index(i), auth(user_store, std::move(lockout)) {
+        : io(1), parked(io), log(l), index(i), auth(user_store, std::move(lockout)) {
         auth.count_into(&stats);
+        parked.stats = &stats;
+        parked.on_wake = [this](parked_connection&& c) { resume_http_session(*this, std::move(c)); };
+        parked.on_close = [this](parked_connection& c) {
+            http_sessions().fetch_sub(1, std::memory_order_relaxed);
+            stats.connection(c.counted_as, -1);
+        };
     }
     metrics stats;  ///< first: sessions destroyed with the io_context still count into it
     net::asio::io_context io;
+    /// Keep-alive client connections idle for a while (after io: destroyed before it).
+    parking_lot parked;
     client_tls upstream_tls;
     upstream_pool pool;
     access_log& log;
@@ -129,8 +145,6 @@ std::uint64_t next_connection_id();
 
 /// SMTP sessions alive in the process (shutdown waits for their 421, not longer).
 std::atomic<int>& smtp_sessions();
-/// HTTP connections alive in the process (a drain waits for them, up to its timeout).
-std::atomic<int>& http_sessions();
 
 void start_smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l,
                         net::tcp::socket s);

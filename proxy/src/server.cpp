@@ -404,6 +404,7 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
                     }
                 auto hooks = w.shutdown_hooks;  // hooks erase themselves as sessions end
                 for (auto& [id, hook] : hooks) hook();
+                w.parked.close_all();  // idle keep-alive connections close now, parked ones too
             });
         auto until = std::chrono::steady_clock::now() + opts.drain_timeout;
         asio::co_spawn(workers.front()->io, [&, until]() -> task<> {

@@ -455,6 +455,22 @@ class Ntlm(TwoTier):
                   if not q["target"].startswith("/ntlm/alice-") and q["conn"] in alice_conns]
         self.assertEqual(others, [], "requests of other clients on alice's upstream connection")
 
+    def test_authenticated_connection_keeps_its_upstream_across_a_pause(self):
+        # Idle keep-alive connections are parked after 100 ms (test_parking); a connection
+        # bound to its upstream by NTLM is not, at either tier: Outlook pauses between calls.
+        with self.connection() as a:
+            r = a.request("GET", "/ntlm/pause-1", [("Authorization", "NTLM " + h.ntlm_negotiate())])
+            self.assertEqual(r.status, 401, repr(r))
+            r = a.request("GET", "/ntlm/pause-2", [("Authorization", "NTLM " + h.ntlm_authenticate("alice"))])
+            self.assertEqual(r.status, 200, repr(r))
+            for i in range(3, 5):
+                time.sleep(0.6)
+                r = a.request("GET", "/ntlm/pause-%d" % i)
+                self.assertEqual(r.status, 200, "after a pause: %r\n%s" % (r, self.diag()))
+                self.assertEqual(r.json()["user"], "alice")
+        conns = {q["conn"] for q in self.origin.requests() if q["target"].startswith("/ntlm/pause-")}
+        self.assertEqual(len(conns), 1, "every leg on the pinned upstream connection")
+
     def test_pinned_upstream_closes_with_the_client(self):
         with self.connection() as a:
             r = a.request("GET", "/ntlm/p1", [("Authorization", "NTLM " + h.ntlm_negotiate())])

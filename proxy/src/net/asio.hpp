@@ -34,15 +34,24 @@ inline auto redirect(error_code& ec) { return asio::redirect_error(asio::use_awa
 /// 17 KiB record buffers and 17 KiB BIO pair live as long as the connection: here an idle
 /// TLS connection keeps only OpenSSL's session state (SSL_MODE_RELEASE_BUFFERS).
 class stream {
+    struct ssl_free {
+        void operator()(SSL* s) const;
+    };
+
 public:
+    using tls_handle = std::unique_ptr<SSL, ssl_free>;
     explicit stream(tcp::socket s) : plain_(std::move(s)) {}
     stream(tcp::socket s, ssl::context& ctx) : plain_(std::move(s)) { attach(ctx); }
+    /// A connection whose TLS session was set up before (a parked connection waking up).
+    stream(tcp::socket s, tls_handle tls) : plain_(std::move(s)), ssl_(std::move(tls)) {}
 
     bool is_tls() const { return ssl_ != nullptr; }
     /// STARTTLS: the same connection continues under TLS (the handshake is the caller's).
     void start_tls(ssl::context& ctx) { attach(ctx); }
     tcp::socket& socket() { return plain_; }
     SSL* native_tls() { return ssl_.get(); }
+    /// Hands the TLS state over (to park the connection); the stream is plain afterwards.
+    tls_handle release_tls() { return std::move(ssl_); }
 
     /// The TLS handshake, as server or client (the socket must be connected).
     task<void> handshake(bool server, error_code& ec);
@@ -110,11 +119,8 @@ private:
     /// One OpenSSL call, repeated after waiting for the socket while it wants to read or
     /// write. Returns its positive result, or 0 with `ec` set.
     task<int> tls_call(int (*fn)(SSL*, void*, int), void* p, int n, error_code& ec);
-    struct ssl_free {
-        void operator()(SSL* s) const;
-    };
     tcp::socket plain_;
-    std::unique_ptr<SSL, ssl_free> ssl_;
+    tls_handle ssl_;
     char peek_ = 0;
 };
 
