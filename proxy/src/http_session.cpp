@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cstring>
+#include <optional>
 
 #include <openssl/rand.h>
 #include <unistd.h>
@@ -276,9 +277,27 @@ private:
             bool keep = co_await transaction(first, readable);
             if (relay_next_) {
                 relay_next_ = false;
-                keep = co_await relay(*plan_.rule, *plan_.to, plan_.head_out, plan_.method, plan_.body, plan_.content_length,
-                                      plan_.expect_continue, plan_.auth_on_connection, plan_.client_keep_alive, plan_.http10,
-                                      rec_, plan_.t0);
+                keep = co_await relay(*plan_.rule, *plan_.to, plan_.head_out, plan_.body, plan_.content_length,
+                                      plan_.client_keep_alive, plan_.http10, rec_, plan_.t0);
+                if (answer_next_) {
+                    answer_next_ = false;
+                    up_dog_.emplace(w_.io, plan_.up->stream);
+                    error_code wait_ec;
+                    bool waited = false;
+                    if (plan_.up->in.capacity() == 0) {
+                        // The request is held upstream (an ActiveSync Ping, for minutes) with
+                        // only this frame: relay()'s is gone and answer()'s not yet made.
+                        up_dog_->arm(plan_.to->timeouts.read);
+                        watch_soon(plan_.up, plan_.sig);
+                        co_await plan_.up->stream.wait_readable(wait_ec);
+                        waited = true;
+                    }
+                    keep = co_await answer(*plan_.rule, *plan_.to, plan_.method, plan_.expect_continue, plan_.auth_on_connection,
+                                           plan_.client_keep_alive, plan_.http10, rec_, plan_.t0, wait_ec, waited);
+                    up_dog_.reset();
+                    plan_.up.reset();
+                    plan_.sig.reset();
+                }
             }
             watch_later_.disarm();
             if (!keep) break;
@@ -954,9 +973,11 @@ private:
     }
 
     // ---- phases 6-8: pick upstream, send, pump both ways ------------------------------
-    task<bool> relay(const rules::rule& rule, const rules::target& to, std::string& head_out, const std::string& method,
-                     http::body_kind body, std::uint64_t content_length, bool expect_continue, bool auth_on_connection,
-                     bool client_keep_alive, bool http10, access_record& rec, clock_type::time_point t0) {
+    /// Phases 6-7: an upstream connection (pinned, pooled or new), the head sent, the body's
+    /// pump started. Then run() awaits the answer.
+    task<bool> relay(const rules::rule& rule, const rules::target& to, std::string& head_out, http::body_kind body,
+                     std::uint64_t content_length, bool client_keep_alive, bool http10, access_record& rec,
+                     clock_type::time_point t0) {
         bool has_body = body != http::body_kind::none;
         const std::string& key = key_;  // set with target_text_ for this `to`
         std::shared_ptr<upstream_conn> up;
@@ -1021,7 +1042,22 @@ private:
         } else {
             sig->done = sig->ok = true;
         }
+        // run() waits for the answer and then calls answer(): while the request is held
+        // upstream, this frame is gone.
+        plan_.up = std::move(up);
+        plan_.sig = std::move(sig);
+        answer_next_ = true;
+        co_return true;
+    }
 
+    /// Phase 8: the upstream's answer toward the client. `waited`: run() already waited for
+    /// the upstream to become readable, with `wait_ec` as the outcome.
+    task<bool> answer(const rules::rule& rule, const rules::target& to, const std::string& method, bool expect_continue,
+                      bool auth_on_connection, bool client_keep_alive, bool http10, access_record& rec, clock_type::time_point t0,
+                      error_code wait_ec, bool waited) {
+        auto& up = plan_.up;
+        auto& sig = plan_.sig;
+        watchdog& up_dog = *up_dog_;
         bool close_client = !client_keep_alive;
         enum class fate { close, pool, pin };
         // The one exit of a relayed transaction: stop the request pump if it still runs,
@@ -1051,7 +1087,6 @@ private:
         };
 
         // ---- the response head ----
-        watchdog up_dog(w_.io, up->stream);
         http::response_head resp;
         http::parse_error perr;
         http::limits rl{8192, 64 * 1024, 200};
@@ -1097,11 +1132,16 @@ private:
             }
             error_code ec;
             std::size_t n = 0;
-            up_dog.arm(to.timeouts.read);
-            watch_soon(up, sig);
-            // A held request (an ActiveSync Ping, an RPC channel) on a new connection waits
-            // without a buffer; a pooled connection has its buffer already and reads at once.
-            if (up->in.capacity() == 0) co_await up->stream.wait_readable(ec);
+            if (waited) {
+                ec = wait_ec;  // run()'s wait, its deadline included (not re-armed here)
+                waited = false;
+            } else {
+                up_dog.arm(to.timeouts.read);
+                watch_soon(up, sig);
+                // A held request (an ActiveSync Ping, an RPC channel) on a new connection waits
+                // without a buffer; a pooled connection has its buffer already and reads at once.
+                if (up->in.capacity() == 0) co_await up->stream.wait_readable(ec);
+            }
             if (!ec) {
                 std::size_t room = 0;
                 char* p = up->in.prepare(4096, room);
@@ -1539,9 +1579,12 @@ private:
         std::uint64_t content_length = 0;
         bool expect_continue = false, auth_on_connection = false, client_keep_alive = true, http10 = false;
         clock_type::time_point t0{};
+        std::shared_ptr<upstream_conn> up;  ///< relay() sent the request on it
+        std::shared_ptr<pump_signal> sig;   ///< the request body's pump
     };
     relay_plan plan_;
-    bool relay_next_ = false;
+    bool relay_next_ = false, answer_next_ = false;
+    std::optional<watchdog> up_dog_;  ///< the upstream read deadline while an answer is awaited
     access_record rec_;  ///< the current transaction's
     bool resumed_ = false;  ///< came back from the parking lot
     bool woke_ = false;     ///< ... and has not read since
