@@ -261,7 +261,17 @@ private:
                 down_dog_.arm(first ? lcfg().timeouts.head : lcfg().timeouts.idle);
                 idle_ = true;
                 ++w_.parked.waiting;
-                co_await down_.wait_readable(ec);
+                if (down_.is_tls()) {
+                    co_await down_.wait_readable(ec);  // OpenSSL reads the descriptor itself
+                } else {
+                    // Plain: read straight into a (recycled) buffer, one system call where a
+                    // readiness peek and then the read cost two. An idle connection keeps the
+                    // buffer only until it parks.
+                    std::size_t room = 0;
+                    char* p = in_.prepare(4096, room);
+                    auto n = co_await down_.read_some(asio::buffer(p, room), ec);
+                    if (!ec) in_.commit(n);
+                }
                 --w_.parked.waiting;
                 idle_ = false;
                 park_later_.disarm();
@@ -313,6 +323,7 @@ private:
     /// (the socket is then closed by the caller's normal end).
     bool park() {
         parking_ = false;
+        in_.release();  // empty: the read was cancelled before any byte came
         down_dog_.stop();
         parked_connection c;
         c.proto = lcfg().proto;
