@@ -20,6 +20,9 @@ void stream::attach(ssl::context& ctx) {
     ssl_.reset(SSL_new(ctx.native_handle()));
     if (!ssl_) throw std::runtime_error("SSL_new failed");
     SSL_set_mode(ssl_.get(), SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+    // A record in one recv (what has arrived, up to a record buffer), not its 5-byte header
+    // and then its body in two. Bytes read ahead are seen by SSL_has_pending.
+    SSL_set_read_ahead(ssl_.get(), 1);
 }
 
 task<int> stream::tls_call(int (*fn)(SSL*, void*, int), void* p, int n, error_code& ec) {
