@@ -169,7 +169,7 @@ public:
     http_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, parked_connection&& c,
                  stream s)
         : w_(w), rt_(std::move(rt)), l_(&l), endpoint_(std::move(c.endpoint)), counted_as_(std::move(c.counted_as)),
-          down_(std::move(s)), down_dog_(w.io, down_), id_(c.id), peer_(c.peer), resumed_(true), woke_(true) {
+          down_(std::move(s)), down_dog_(w.io, down_), id_(c.id), peer_(c.peer), resumed_(true) {
         peer_text_ = peer_.to_string();
         trusted_peer_ = rt_->policy->trusts_forwarding_from(peer_);
         if (down_.is_tls()) sni_ = server_name(down_.native_tls());
@@ -248,25 +248,27 @@ private:
                 bool may_park = !first && !pinned_ && !w_.stopping && !(down_.is_tls() && SSL_has_pending(down_.native_tls()));
                 if (may_park) {
                     idle_since_ = clock_type::now();
-                    // Many sessions idle already (thousands of phones between pings): park
-                    // at once, so idle connections never pile up as sessions. A connection
-                    // just woken from the lot has bytes waiting: it reads them first.
-                    if (w_.parked.waiting >= parking_lot::hot_sessions && !woke_) {
+                    // A new connection after its first request, with many sessions idle
+                    // already (a burst of phones connecting): park at once, so a burst never
+                    // piles up as sessions. Busy connections, and ones woken from the lot,
+                    // wait park_after first, so they do not park and wake per request.
+                    if (served_ == 1 && !resumed_ && w_.parked.waiting >= parking_lot::hot_sessions) {
                         if (park()) co_return;
                         break;
                     }
                     park_later_.arm(parking_lot::park_after);
                 }
-                woke_ = false;
                 down_dog_.arm(first ? lcfg().timeouts.head : lcfg().timeouts.idle);
                 idle_ = true;
+                // Plain, and few sessions waiting: read straight into a (recycled) buffer,
+                // one system call where a readiness peek and then the read cost two. With
+                // many waiting (a burst of new connections, or thousands of clients), the
+                // wait holds no buffer until it parks. TLS: OpenSSL reads the descriptor.
+                bool direct = !down_.is_tls() && w_.parked.waiting < parking_lot::hot_sessions;
                 ++w_.parked.waiting;
-                if (down_.is_tls()) {
-                    co_await down_.wait_readable(ec);  // OpenSSL reads the descriptor itself
+                if (!direct) {
+                    co_await down_.wait_readable(ec);
                 } else {
-                    // Plain: read straight into a (recycled) buffer, one system call where a
-                    // readiness peek and then the read cost two. An idle connection keeps the
-                    // buffer only until it parks.
                     std::size_t room = 0;
                     char* p = in_.prepare(4096, room);
                     auto n = co_await down_.read_some(asio::buffer(p, room), ec);
@@ -285,6 +287,7 @@ private:
             }
             if (w_.rt != rt_ && !adopt(w_.rt)) break;  // reloaded while this connection idled
             bool keep = co_await transaction(first, readable);
+            ++served_;
             if (relay_next_) {
                 relay_next_ = false;
                 keep = co_await relay(*plan_.rule, *plan_.to, plan_.head_out, plan_.body, plan_.content_length,
@@ -1598,7 +1601,7 @@ private:
     std::optional<watchdog> up_dog_;  ///< the upstream read deadline while an answer is awaited
     access_record rec_;  ///< the current transaction's
     bool resumed_ = false;  ///< came back from the parking lot
-    bool woke_ = false;     ///< ... and has not read since
+    std::uint32_t served_ = 0;  ///< transactions this session object has run
     std::shared_ptr<upstream_conn> watch_up_;
     std::shared_ptr<pump_signal> watch_req_;
     std::uint64_t watch_gen_ = 0;  ///< the client watch's peek now running (see maybe_watch)

@@ -40,10 +40,11 @@ public:
     /// How long a keep-alive connection idles inside its session before it is parked. Busy
     /// connections (a client sending its next request at once) never pay the extra epoll
     /// calls of parking and waking.
-    static constexpr std::chrono::milliseconds park_after{100};
+    static constexpr std::chrono::milliseconds park_after{50};
     /// With this many sessions already idling in their own wait, a connection going idle
-    /// parks at once: a busy worker's working set stays as sessions, thousands of idle
-    /// connections never do.
+    /// waits without a buffer (a readiness peek) until it parks, and a new connection
+    /// after its first request parks at once: a burst of thousands of new idle
+    /// connections never piles up as sessions.
     static constexpr int hot_sessions = 64;
     /// Sessions idling in their own wait now (kept by the sessions).
     int waiting = 0;

@@ -17,7 +17,7 @@ import unittest
 import harness as h
 
 ADMIN = "127.10.0.10"
-# A connection parks 100 ms after its last answer (up to one 50 ms deadline tick later).
+# A connection parks 50 ms after its last answer (up to one 50 ms deadline tick later).
 PARKED_BY = 3.0
 
 
@@ -193,7 +193,7 @@ class Parking(unittest.TestCase):
                          ["/owa/pieces", "/owa/pipe-1", "/owa/pipe-2"])
 
     def test_many_idle_connections_all_park_then_all_answer(self):
-        # Beyond 64 sessions idling, a connection parks as soon as it goes idle.
+        # Beyond 64 sessions idling, a new connection parks right after its first request.
         self.start()
         n = 300
         socks = [self.connect() for _ in range(n)]

@@ -456,7 +456,7 @@ class Ntlm(TwoTier):
         self.assertEqual(others, [], "requests of other clients on alice's upstream connection")
 
     def test_authenticated_connection_keeps_its_upstream_across_a_pause(self):
-        # Idle keep-alive connections are parked after 100 ms (test_parking); a connection
+        # Idle keep-alive connections are parked after 50 ms (test_parking); a connection
         # bound to its upstream by NTLM is not, at either tier: Outlook pauses between calls.
         with self.connection() as a:
             r = a.request("GET", "/ntlm/pause-1", [("Authorization", "NTLM " + h.ntlm_negotiate())])
