@@ -72,7 +72,7 @@ public:
     std::size_t size() const { return count_; }
 
 private:
-    /// One parked connection as stored: about 56 bytes (the strings are interned).
+    /// One parked connection as stored: 64 bytes (the strings are interned).
     struct slot {
         int fd = -1;  ///< -1: free, and `next_free` links it
         bool v6 = false;
@@ -84,6 +84,7 @@ private:
         std::chrono::steady_clock::time_point expires{};
         std::uint32_t next_free = 0;
     };
+    static_assert(sizeof(slot) <= 64, "a parked connection's record grew: update the README's figure");
     static constexpr std::uint32_t block_size = 256;  ///< slots per block: no copying as the lot grows
     slot& at(std::uint32_t i) { return blocks_[i / block_size][i % block_size]; }
     std::uint16_t intern(const std::string& name);
