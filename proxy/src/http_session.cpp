@@ -919,9 +919,8 @@ private:
         std::string method(head.method);
         in_.consume(head.head_size);  // the head's views end here
         // While the request waits upstream (an ActiveSync Ping for minutes) it holds no
-        // buffer and no parsed fields: only what relay() needs.
+        // client buffer (the parsed head goes with transaction()'s frame).
         if (in_.empty()) in_.release();
-        head.fields = {};
 
         // A chunked body's first size line is checked before anything goes upstream, so
         // the commonest framing attack forwards nothing at all.

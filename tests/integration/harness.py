@@ -375,6 +375,17 @@ def connect(host, port, source=CLIENT, ca_file=None, server_name=PUBLIC_NAME, ti
     return s
 
 
+def closed_within(sock, seconds):
+    """Whether the peer closes the connection (EOF or reset) within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
 class Response:
     def __init__(self, status=None, reason="", headers=None, body=b"", raw=b"", closed=False):
         self.status = status

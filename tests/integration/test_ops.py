@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -56,17 +55,6 @@ def read_response(sock, timeout):
     return int(text.split(" ")[1]), text, body
 
 
-def closed_within(sock, seconds):
-    """Whether the peer closes the connection (EOF or reset) within `seconds`."""
-    sock.settimeout(seconds)
-    try:
-        return sock.recv(1) == b""
-    except socket.timeout:
-        return False
-    except OSError:
-        return True
-
-
 class Drain(unittest.TestCase):
     def start(self, drain_timeout):
         self.lab = h.Lab(prefix="dmz-ops-")
@@ -92,7 +80,7 @@ class Drain(unittest.TestCase):
         t0 = time.monotonic()
         os.kill(self.fe.process.proc.pid, signal.SIGTERM)
 
-        self.assertTrue(closed_within(idle, 2.0), "an idle keep-alive connection must close at once on SIGTERM")
+        self.assertTrue(h.closed_within(idle, 2.0), "an idle keep-alive connection must close at once on SIGTERM")
         time.sleep(0.3)
         with self.assertRaises(OSError, msg="no new connection may be accepted while draining"):
             self.connect().close()
@@ -102,7 +90,7 @@ class Drain(unittest.TestCase):
         self.assertEqual(status, 200, head)
         self.assertIn("/hold?seconds=2", body.decode("latin-1"), "the origin's own answer")
         self.assertIn("connection: close", head.lower(), "the last answer of a draining connection says so")
-        self.assertTrue(closed_within(busy, 2.0))
+        self.assertTrue(h.closed_within(busy, 2.0))
         code = self.fe.process.proc.wait(timeout=10)
         took = time.monotonic() - t0
         self.assertEqual(code, 0)

@@ -9,7 +9,6 @@ the admin endpoint's dmzproxy_connections_parked gauge shows what is parked.
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import unittest
@@ -47,16 +46,6 @@ def read_response(sock, timeout=10):
             break
         body += chunk
     return int(text.split(" ")[1]), body[:length], body[length:]
-
-
-def closed_within(sock, seconds):
-    sock.settimeout(seconds)
-    try:
-        return sock.recv(1) == b""
-    except socket.timeout:
-        return False
-    except OSError:
-        return True
 
 
 class Parking(unittest.TestCase):
@@ -149,7 +138,7 @@ class Parking(unittest.TestCase):
         self.assertEqual(self.get(s)[0], 200)
         t0 = time.monotonic()
         self.wait_parked(1, timeout=0.9)
-        self.assertTrue(closed_within(s, 4.0), "the parked connection outlived its 1 s idle timeout")
+        self.assertTrue(h.closed_within(s, 4.0), "the parked connection outlived its 1 s idle timeout")
         took = time.monotonic() - t0
         self.assertGreater(took, 0.8, "closed before the idle timeout")
         self.assertTrue(h.wait_for(lambda: self.parked() == 0 and self.metric("dmzproxy_connections_active") == 0, 3.0),
@@ -223,7 +212,7 @@ class Parking(unittest.TestCase):
         self.wait_parked(1)
         t0 = time.monotonic()
         os.kill(self.fe.process.proc.pid, signal.SIGTERM)
-        self.assertTrue(closed_within(s, 2.0), "a parked connection must close at once on a drain")
+        self.assertTrue(h.closed_within(s, 2.0), "a parked connection must close at once on a drain")
         try:
             self.fe.process.proc.wait(5)
         except subprocess.TimeoutExpired:
