@@ -5,7 +5,7 @@
                  [--max-size BYTES] [--line-ends strict|lf]
 
 Raw sockets, one thread per connection. It speaks EHLO (PIPELINING, SIZE, 8BITMIME,
-ENHANCEDSTATUSCODES), HELO, MAIL, RCPT, DATA, RSET, NOOP, VRFY and QUIT, and is strict
+ENHANCEDSTATUSCODES; PIPELINING not with --no-pipelining), HELO, MAIL, RCPT, DATA, RSET, NOOP, VRFY and QUIT, and is strict
 like a real MTA:
 - commands are answered in order, whatever the client pipelined;
 - only <CRLF>.<CRLF> ends DATA (`--line-ends lf` instead behaves like an MTA that takes a
@@ -245,8 +245,8 @@ class Session:
             self.ehlo_verb = verb
             self.reset()
             if verb == "EHLO":
-                self.reply(250, host, "PIPELINING", "SIZE %d" % self.server.max_size, "8BITMIME",
-                           "ENHANCEDSTATUSCODES")
+                self.reply(250, host, *(["PIPELINING"] if self.server.pipelining else []),
+                           "SIZE %d" % self.server.max_size, "8BITMIME", "ENHANCEDSTATUSCODES")
             else:
                 self.reply(250, host)
             return True
@@ -412,6 +412,7 @@ class Server:
         self.hostname = hostname
         self.max_size = max_size
         self.line_ends = line_ends
+        self.pipelining = True
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
@@ -439,10 +440,12 @@ def main(argv=None):
     ap.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE, help="SIZE limit in bytes")
     ap.add_argument("--line-ends", choices=("strict", "lf"), default="strict",
                     help="strict: only CRLF ends a line; lf: a bare LF does too (smuggling-prone)")
+    ap.add_argument("--no-pipelining", action="store_true", help="EHLO does not offer PIPELINING")
     a = ap.parse_args(argv)
     host, _, port = a.listen.rpartition(":")
     host = host.strip("[]")
     server = Server(host, int(port), Store(a.store), Log(a.log, a.name), a.hostname, a.max_size, a.line_ends)
+    server.pipelining = not a.no_pipelining
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve()

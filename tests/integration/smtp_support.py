@@ -78,7 +78,7 @@ class Sink:
         return "--- %s log ---\n%s" % (self.name, h.tail(self.log, n))
 
 
-def start_sink(lab, name, host, port=None, line_ends="strict", max_size=None, hostname=None):
+def start_sink(lab, name, host, port=None, line_ends="strict", max_size=None, hostname=None, pipelining=True):
     port = port or h.free_port(host)
     store = lab.path(name + ".store")
     log = lab.path(name + ".jsonl")
@@ -88,6 +88,8 @@ def start_sink(lab, name, host, port=None, line_ends="strict", max_size=None, ho
         argv += ["--max-size", str(max_size)]
     if hostname:
         argv += ["--hostname", hostname]
+    if not pipelining:
+        argv.append("--no-pipelining")
     return Sink(name, host, port, store, log, lab.start(name, argv, host, port))
 
 

@@ -95,9 +95,10 @@ class SmtpTiers(unittest.TestCase):
         self.fe = self.be = None
 
     def up(self, sink=True, fe_mode=None, fe_listener=None, be_listener=None, relay_fe=True, relay_be=True,
-           fe_target=None, be_target=None):
+           fe_target=None, be_target=None, sink_pipelining=True):
         if sink:
-            self.sink = s.start_sink(self.lab, "sink", SINK, self.ports["sink"], line_ends=self.SINK_LINE_ENDS)
+            self.sink = s.start_sink(self.lab, "sink", SINK, self.ports["sink"], line_ends=self.SINK_LINE_ENDS,
+                                     pipelining=sink_pipelining)
         else:   # a sink handle with nothing listening: its port stays free
             self.sink = s.Sink("sink", SINK, self.ports["sink"], self.lab.path("sink.store"),
                                self.lab.path("sink.jsonl"), None)
@@ -693,9 +694,11 @@ class Limits(SmtpTiers):
         self.assertEqual(r.code, 552, r)
         r = c.cmd("MAIL FROM:<a@example.net> SIZE=%d" % MAX_MESSAGE)
         self.assertEqual(r.code, 250, r)
+        self.assertEqual(c.cmd("RCPT TO:<admin@contoso.com>").code, 250)
         c.cmd("QUIT")
         self.settle()
-        self.assertEqual(len(self.sink.commands("MAIL")), 1, "the refused MAIL did not go upstream")
+        self.assertEqual([x["line"] for x in self.sink.commands("MAIL")], ["MAIL FROM:<a@example.net> SIZE=%d" % MAX_MESSAGE],
+                         "the refused MAIL did not go upstream; the accepted one did, with its SIZE")
 
     def test_message_over_max_message_size_is_552_and_not_stored(self):
         line = b"y" * 78 + b"\r\n"
@@ -770,8 +773,9 @@ class NoMailLost(SmtpTiers):
     def test_sender_tempfailed_by_sink_gives_client_451(self):
         self.up()
         c = self.ready()
-        r = c.cmd("MAIL FROM:<tempfail@example.net>")
-        self.assertEqual((r.code, r.text), (451, "4.3.0 try again"))
+        self.assertEqual(c.cmd("MAIL FROM:<tempfail@example.net>").code, 250, "MAIL is answered by the front-end")
+        r = c.cmd("RCPT TO:<admin@contoso.com>")
+        self.assertEqual((r.code, r.text), (451, "4.3.0 try again"), "the sink's answer to MAIL, at the first RCPT")
 
     def test_sink_down_gives_421_naming_back_end(self):
         self.up(sink=False)
@@ -802,7 +806,8 @@ class NoMailLost(SmtpTiers):
         rs = c.send_mail("a@example.net", ["admin@contoso.com"], message("before"))
         self.assertEqual(rs[-1].code, 250)
         self.sink.process.stop()
-        r = c.cmd("MAIL FROM:<a@example.net>")
+        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250, "MAIL is answered by the front-end")
+        r = c.cmd("RCPT TO:<admin@contoso.com>")
         self.assertIsNotNone(r, "closed without a reply\n" + self.diag())
         self.assertEqual(r.code, 421, r)
         self.assertTrue(r.text.startswith("4."), r)
@@ -821,6 +826,79 @@ class NoMailLost(SmtpTiers):
         self.assertNotEqual(res.returncode, 0, res)
         self.assertFalse([l for l in res.server_lines() if l.startswith("250")], res)
         self.assertTrue(res.server_lines()[0].startswith("421 4.4.1"), res)
+
+
+# ---------------------------------------------------------------- MAIL goes upstream with the first RCPT
+
+class DeferredMail(SmtpTiers):
+    """Each tier answers MAIL itself and sends it upstream with the first RCPT it lets
+    through, pipelined when the upstream offers PIPELINING (else one after the other)."""
+
+    def check_refused_sender(self, pipelining):
+        self.up(sink_pipelining=pipelining)
+        c = self.ready()
+        self.assertEqual(c.cmd("MAIL FROM:<tempfail@example.net>").code, 250)
+        for rcpt in ("admin@contoso.com", "other@contoso.com"):
+            r = c.cmd("RCPT TO:<%s>" % rcpt)
+            self.assertEqual((r.code, r.text), (451, "4.3.0 try again"), "each RCPT tries MAIL again\n" + self.diag())
+        self.assertEqual(c.cmd("DATA").code, 554, "no recipient was accepted")
+        self.assertEqual(c.cmd("RSET").code, 250)
+        rs = c.send_mail("a@example.net", ["admin@contoso.com"], message("after a refused sender"))
+        self.assertEqual([r.code for r in rs], [250, 250, 354, 250], rs)
+        [(qid, stored, meta)] = self.sink.messages()
+        self.assertEqual((meta["mail_from"], meta["rcpts"]), ("a@example.net", ["admin@contoso.com"]))
+        mails = [x["line"] for x in self.sink.commands("MAIL")]
+        self.assertEqual(mails, ["MAIL FROM:<tempfail@example.net>"] * 2 + ["MAIL FROM:<a@example.net>"], self.diag())
+        # Pipelined, the sink also heard (and refused with 503) the RCPT behind each refused
+        # MAIL; one after the other, a refused MAIL stops there.
+        self.assertEqual(len(self.sink.commands("RCPT")), 3 if pipelining else 1, self.diag())
+        # The back-end's upstream refused the sender: its log line says so. The front-end's
+        # upstream (the back-end) took MAIL and refused the recipients.
+        be = self.wait_access(self.be, 1, pred=lambda r: r.get("mail_from") == "tempfail@example.net")[0]
+        self.assertEqual([(x["rcpt"], x["reply"]) for x in be["rcpt_refused"]],
+                         [("admin@contoso.com", "451 4.3.0 try again"), ("other@contoso.com", "451 4.3.0 try again")], be)
+        self.assertIn("the upstream refused MAIL FROM: 451 4.3.0 try again", be.get("detail", ""), be)
+        fe = self.wait_access(self.fe, 1, pred=lambda r: r.get("mail_from") == "tempfail@example.net")[0]
+        self.assertEqual([x["reply"][:3] for x in fe["rcpt_refused"]], ["451", "451"], fe)
+
+    def test_refused_sender_pipelined_upstream(self):
+        self.check_refused_sender(True)
+
+    def test_refused_sender_upstream_without_pipelining(self):
+        self.check_refused_sender(False)
+
+    def test_delivery_upstream_without_pipelining(self):
+        self.up(sink_pipelining=False)
+        c = self.ready()
+        rs = c.send_mail("a@example.net", ["admin@contoso.com", "reject2@contoso.com", "b@contoso.com"], message("one by one"))
+        self.assertEqual([r.code for r in rs], [250, 250, 550, 250, 354, 250], rs)
+        [(qid, stored, meta)] = self.sink.messages()
+        self.assertEqual(meta["rcpts"], ["admin@contoso.com", "b@contoso.com"])
+
+    def test_transaction_refused_here_never_reaches_upstream(self):
+        self.up()
+        c = self.ready()
+        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
+        self.assertEqual(c.cmd("RCPT TO:<user@fabrikam.com>").code, 550, "relaying is refused at the front-end")
+        self.assertEqual(c.cmd("RSET").code, 250)
+        self.assertEqual(c.cmd("MAIL FROM:<b@example.net>").code, 250)
+        self.assertEqual(c.cmd("RSET").code, 250)
+        self.assertEqual(c.cmd("QUIT").code, 221)
+        self.settle(2)
+        self.assertEqual([x["verb"] for x in self.sink.commands() if x["verb"] in ("MAIL", "RCPT", "RSET", "DATA")], [],
+                         "the sink heard nothing of either transaction\n" + self.diag())
+
+    def test_ehlo_mid_transaction_resets_it_upstream_too(self):
+        self.up()
+        c = self.ready()
+        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
+        self.assertEqual(c.cmd("RCPT TO:<first@contoso.com>").code, 250)
+        self.assertEqual(c.ehlo().code, 250)
+        rs = c.send_mail("b@example.net", ["second@contoso.com"], message("after EHLO"))
+        self.assertEqual([r.code for r in rs], [250, 250, 354, 250], "%r\n%s" % (rs, self.diag()))
+        [(qid, stored, meta)] = self.sink.messages()
+        self.assertEqual((meta["mail_from"], meta["rcpts"]), ("b@example.net", ["second@contoso.com"]))
+        self.assertIn("RSET", [x["verb"] for x in self.sink.commands()], self.diag())
 
 
 # ---------------------------------------------------------------- PROXY v2 between tiers

@@ -1,5 +1,6 @@
 #pragma once
 // The Asio include for runtime sources only (never from a public header).
+#include <vector>
 #include <utility>  // before any Asio header with GCC 12 (awaitable.hpp)
 
 #include <boost/asio/awaitable.hpp>
@@ -74,10 +75,18 @@ public:
         if (ssl_ && SSL_has_pending(ssl_.get())) return ready();
         return peek(ec);
     }
+    /// Writes all of `b`. A plain connection first tries one non-blocking send: most writes
+    /// fit the socket's buffer, and the coroutine then goes on at once. (Asio would post
+    /// the completion of a send that succeeded at once, and its loop would make an extra
+    /// epoll_wait before running it.) What does not fit is written asynchronously.
     template <class Buffers>
     task<std::size_t> write(const Buffers& b, error_code& ec) {
-        if (!ssl_) return asio::async_write(plain_, b, redirect(ec));
-        return tls_gather(b, ec);
+        if (ssl_) return tls_gather(b, ec);
+        if (!plain_.non_blocking()) plain_.non_blocking(true, ec);
+        std::size_t n = ec ? 0 : plain_.write_some(b, ec);
+        if (ec == asio::error::would_block || ec == asio::error::try_again) ec = {}, n = 0;
+        if (ec || n == asio::buffer_size(b)) return done(n);
+        return write_rest(b, n, ec);
     }
     /// Cancels pending operations (a deadline fired).
     void cancel() {
@@ -113,6 +122,24 @@ private:
         return plain_.async_receive(asio::buffer(&peek_, 1), tcp::socket::message_peek, redirect(ec));
     }
     static task<std::size_t> ready() { co_return 0; }
+    static task<std::size_t> done(std::size_t n) { co_return n; }
+    /// The rest of a write after the first `sent` bytes went in one send.
+    template <class Buffers>
+    task<std::size_t> write_rest(Buffers b, std::size_t sent, error_code& ec) {
+        std::vector<asio::const_buffer> rest;
+        std::size_t skip = sent;
+        for (auto it = asio::buffer_sequence_begin(b); it != asio::buffer_sequence_end(b); ++it) {
+            asio::const_buffer x(*it);
+            if (skip >= x.size()) {
+                skip -= x.size();
+                continue;
+            }
+            rest.push_back(x + skip);
+            skip = 0;
+        }
+        std::size_t n = co_await asio::async_write(plain_, rest, redirect(ec));
+        co_return sent + n;
+    }
     void attach(ssl::context& ctx);
     task<std::size_t> tls_read(asio::mutable_buffer b, error_code& ec);
     task<std::size_t> tls_write(asio::const_buffer b, error_code& ec);
