@@ -666,66 +666,72 @@ def main():
                 rates.append((a.upload_mib << 20) / 1e6 / (u["end"] - u["start"]))
             results["origin direct"]["upload_mb_s"] = median(rates)
         classes = {"dmzproxy": Dmzproxy, "nginx": Nginx, "haproxy": Haproxy}
-        for name in a.only.split(","):
-            c = classes[name](tmp, a.dmzproxy if name == "dmzproxy" else None)
-            log("%s: starting the chain" % name)
-            c.start()
-            r = {}
-            try:
-                runs = {"plain": [], "tls": []}
-                for i in range(a.runs if "throughput" not in skip else 0):
-                    for mode in ("plain", "tls"):
-                        log("%s: %s throughput, run %d" % (name, mode, i + 1))
-                        runs[mode].append(throughput(c, a.duration, mode == "tls"))
-                for mode in ("plain", "tls") if "throughput" not in skip else ():
-                    rs = runs[mode]
-                    r[mode] = {k: median([x[k] for x in rs]) for k in ("rps", "p50", "p99", "cpu_us_front-end", "cpu_us_back-end")}
-                    r[mode]["errors"] = sum(x["errors"] for x in rs)
-                    r[mode]["socket_errors"] = [x["socket_errors"] for x in rs if x["socket_errors"]]
-                # Memory is measured on a freshly started chain each time: memory freed by an
-                # earlier test stays in the allocator and would hide the next one's growth.
-                def fresh():
-                    c.stop()
+        names = a.only.split(",")
+        chains = {name: classes[name](tmp, a.dmzproxy if name == "dmzproxy" else None) for name in names}
+        for name in names:
+            results[name] = {}
+
+        def rounds(n, phase, fn, which=names):
+            """n rounds of `fn(name, chain)` for each contender in turn, on a chain started
+            for that run: the box's load drifts over minutes, so the runs of all contenders
+            interleave instead of one contender's runs coming in a block. Memory freed by an
+            earlier test also stays in the allocator, so a fresh chain measures cleanly."""
+            out = {name: [] for name in which}
+            for i in range(n):
+                for name in (which if i % 2 == 0 else which[::-1]):
+                    log("%s: %s, run %d" % (name, phase, i + 1))
+                    c = chains[name]
                     c.start()
-                if "memory" not in skip:
-                    log("%s: idle connections" % name)
-                    idle = {False: [], True: []}
-                    for _ in range(a.runs):
-                        for tls in (False, True):
-                            fresh()
-                            idle[tls].append(idle_memory(c, a.connections, tls))
-                    r["idle_kib_plain"] = median(idle[False])
-                    r["idle_kib_tls"] = median(idle[True])
-                    log("%s: held requests" % name)
-                    helds = []
-                    for _ in range(a.runs):
-                        fresh()
-                        held, n = held_memory(c, a.connections, held_now)
-                        if n < a.connections:
-                            log("%s: only %d of %d held requests reached the origin" % (name, n, a.connections))
-                        helds.append(held)
-                    r["held_kib"] = {k: median([x[k] for x in helds]) for k in helds[0]}
-                if "smtp" not in skip and c.smtp:
-                    log("%s: smtp" % name)
-                    fresh()
-                    sm = [smtp_rate(c) for _ in range(a.runs)]
-                    r["smtp_msgs_s"] = median([x["msgs_s"] for x in sm])
-                    r["smtp_cpu_us"] = {k: median([x["cpu_us_" + k] for x in sm]) for k in c.tiers()}
-                    log("%s: smtp %s msg/s, CPU µs/msg %s" % (name, ["%.0f" % x["msgs_s"] for x in sm],
-                                                            {k: "%.0f" % v for k, v in r["smtp_cpu_us"].items()}))
-                    r["smtp_errors"] = [e for x in sm for e in x["errors"]]
-                if "upload" not in skip:
-                    log("%s: upload" % name)
-                    ups = []
-                    for _ in range(a.runs):
-                        fresh()
-                        ups.append(upload(c, a.upload_mib << 20, a.upload_tool))
-                    r["upload_mb_s"] = median([u["mb_s"] for u in ups])
-                    r["upload_first_byte_ms"] = median([u["first_byte_ms"] for u in ups])
-                    r["upload_peak_rss_mib"] = {k: max(u["peak_rss_mib"][k] for u in ups) for k in ups[0]["peak_rss_mib"]}
-            finally:
-                c.stop()
-            results[name] = r
+                    try:
+                        out[name].append(fn(name, c))
+                    finally:
+                        c.stop()
+            return out
+
+        if "throughput" not in skip:
+            tp = rounds(a.runs, "throughput", lambda name, c: {m: throughput(c, a.duration, m == "tls") for m in ("plain", "tls")})
+            for name in names:
+                for mode in ("plain", "tls"):
+                    rs = [x[mode] for x in tp[name]]
+                    r = results[name][mode] = {k: median([x[k] for x in rs])
+                                               for k in ("rps", "p50", "p99", "cpu_us_front-end", "cpu_us_back-end")}
+                    r["errors"] = sum(x["errors"] for x in rs)
+                    r["socket_errors"] = [x["socket_errors"] for x in rs if x["socket_errors"]]
+        if "memory" not in skip:
+            for tls in (False, True):
+                idle = rounds(a.runs, "idle connections" + (" (TLS)" if tls else ""),
+                              lambda name, c: idle_memory(c, a.connections, tls))
+                for name in names:
+                    results[name]["idle_kib_tls" if tls else "idle_kib_plain"] = median(idle[name])
+
+            def held_one(name, c):
+                held, n = held_memory(c, a.connections, held_now)
+                if n < a.connections:
+                    log("%s: only %d of %d held requests reached the origin" % (name, n, a.connections))
+                return held
+            helds = rounds(a.runs, "held requests", held_one)
+            for name in names:
+                results[name]["held_kib"] = {k: median([x[k] for x in helds[name]]) for k in helds[name][0]}
+        smtp_names = [n for n in names if chains[n].smtp]
+        if "smtp" not in skip and smtp_names:
+            # At least five runs: a run is two seconds, and its rate moves with the load of
+            # the four processes sharing two cores.
+            sm = rounds(max(a.runs, 5), "smtp", lambda name, c: smtp_rate(c), smtp_names)
+            for name in smtp_names:
+                r = results[name]
+                r["smtp_msgs_s"] = median([x["msgs_s"] for x in sm[name]])
+                r["smtp_cpu_us"] = {k: median([x["cpu_us_" + k] for x in sm[name]]) for k in chains[name].tiers()}
+                r["smtp_errors"] = [e for x in sm[name] for e in x["errors"]]
+                log("%s: smtp %s msg/s, CPU µs/msg %s" % (name, ["%.0f" % x["msgs_s"] for x in sm[name]],
+                                                        {k: "%.0f" % v for k, v in r["smtp_cpu_us"].items()}))
+        if "upload" not in skip:
+            ups = rounds(a.runs, "upload", lambda name, c: upload(c, a.upload_mib << 20, a.upload_tool))
+            for name in names:
+                r = results[name]
+                r["upload_mb_s"] = median([u["mb_s"] for u in ups[name]])
+                r["upload_first_byte_ms"] = median([u["first_byte_ms"] for u in ups[name]])
+                r["upload_peak_rss_mib"] = {k: max(u["peak_rss_mib"][k] for u in ups[name]) for k in ups[name][0]["peak_rss_mib"]}
+                log("%s: upload %s MB/s" % (name, ["%.0f" % u["mb_s"] for u in ups[name]]))
     finally:
         for p in procs:
             p.stop()
@@ -790,8 +796,8 @@ def report(res, a):
         for m in errs:
             print("\n%s %s: %d non-2xx responses, socket errors %s" % (name, m, r[m]["errors"], r[m]["socket_errors"]))
     print("\nRatios in brackets: against nginx (throughput, p99, CPU FE+BE), against HAProxy (upload, SMTP).")
-    print("Medians of %d runs of %d s (wrk -t1 -c50), %d connections for memory, %d MiB upload; %s, %d cores." % (
-        a.runs, a.duration, a.connections, a.upload_mib, os.uname().release, os.cpu_count()))
+    print("Medians of %d runs of %d s (wrk -t1 -c50), %d connections for memory, %d MiB upload, %d SMTP runs of 6,000 messages; %s, %d cores." % (
+        a.runs, a.duration, a.connections, a.upload_mib, max(a.runs, 5), os.uname().release, os.cpu_count()))
 
 
 if __name__ == "__main__":

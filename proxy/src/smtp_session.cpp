@@ -5,7 +5,8 @@
 //   the first RCPT (pipelined when the upstream offers PIPELINING): the upstream's answer
 //   to MAIL, if a refusal, is the client's answer to that RCPT (as Postfix's
 //   smtpd_delay_reject does), and its answer to each RCPT reaches the client unchanged;
-// - it takes DATA whole and clean before anything of it goes upstream.
+// - it takes DATA (or BDAT chunks, RFC 3030) whole and clean before anything of it goes
+//   upstream, and sends it on by BDAT when the upstream offers CHUNKING, else by DATA.
 // The client gets 250 at the end of DATA only once the upstream has accepted the message.
 // In `tcp` mode it is a byte pipe (TMG's server publishing).
 #include <algorithm>
@@ -316,12 +317,13 @@ private:
     }
 
     void read_capabilities(const smtp::reply& ehlo) {
-        up_8bit_ = up_size_ = up_xclient_ = up_pipelining_ = false;
+        up_8bit_ = up_size_ = up_xclient_ = up_pipelining_ = up_chunking_ = false;
         for (std::size_t i = 1; i < ehlo.lines.size(); ++i) {
             auto kw = rules::to_lower(ehlo.lines[i].substr(0, ehlo.lines[i].find(' ')));
             if (kw == "8bitmime") up_8bit_ = true;
             if (kw == "size") up_size_ = true;
             if (kw == "pipelining") up_pipelining_ = true;
+            if (kw == "chunking") up_chunking_ = true;
             if (kw == "xclient" && rules::contains_nocase(ehlo.lines[i], "login")) up_xclient_ = true;
         }
     }
@@ -400,6 +402,8 @@ private:
         in_transaction_ = false;
         pending_mail_.clear();
         up_mail_open_ = false;
+        chunks_.reset();
+        bdat_failed_ = false;
         tx_ = access_record{};
         rcpt_count_ = 0;
     }
@@ -493,7 +497,7 @@ private:
     std::string capabilities_reply() {
         std::vector<std::string> lines{name_ + " Hello " + ehlo_ + " [" + client_.to_string() + "]",
                                        "SIZE " + std::to_string(lcfg().limits.max_message_size), "PIPELINING", "8BITMIME",
-                                       "ENHANCEDSTATUSCODES"};
+                                       "ENHANCEDSTATUSCODES", "CHUNKING"};
         if (!down_.is_tls() && l_.tls) lines.push_back("STARTTLS");
         if (down_.is_tls() && w_.auth.configured()) lines.push_back("AUTH PLAIN LOGIN");
         if (rt_->policy->trusts_forwarding_from(peer_)) lines.push_back("XCLIENT LOGIN");
@@ -550,7 +554,8 @@ private:
         if (v == "MAIL") co_return co_await mail(cmd);
         if (v == "RCPT") co_return co_await rcpt(cmd);
         if (v == "DATA") co_return co_await data(cmd);
-        if (v == "EXPN" || v == "BDAT" || v == "TURN" || v == "ETRN") {
+        if (v == "BDAT") co_return co_await bdat(cmd);
+        if (v == "EXPN" || v == "TURN" || v == "ETRN") {
             say("502 5.5.1 " + v + " is not implemented");
             co_return 0;
         }
@@ -902,6 +907,10 @@ private:
             say("501 5.5.4 DATA takes no argument");
             co_return 0;
         }
+        if (chunks_) {
+            say("503 5.5.1 DATA after BDAT in one transaction");
+            co_return 0;
+        }
         say("354 Start mail input; end with <CRLF>.<CRLF>");
         smtp::data_reader reader(lcfg().limits.max_message_size);
         while (true) {
@@ -928,17 +937,101 @@ private:
             close_transaction("", "");  // this tier refused it: the refusal is in `detail`
             co_return 1;
         }
-        smtp::reply r;
-        if (!co_await exchange_upstream("DATA", r)) co_return co_await upstream_lost();
-        if (r.code != 354) {
-            if (!relay_reply(r)) co_return -1;
-            close_transaction(std::to_string(r.code) + " " + r.text(), "");
+        std::string msg = reader.take_message();
+        co_return co_await deliver(msg, false);
+    }
+
+    /// BDAT (RFC 3030): exactly <size> octets follow the command, whatever its answer, so
+    /// they are always read (and dropped when refused) to stay in step with the client.
+    task<int> bdat(const smtp::command& cmd) {
+        std::string_view arg = cmd.argument;
+        auto sp = arg.find(' ');
+        auto num = arg.substr(0, sp);
+        std::uint64_t size = 0;
+        auto [end, err] = std::from_chars(num.data(), num.data() + num.size(), size);
+        bool ok = !num.empty() && num.size() <= 18 && err == std::errc{} && end == num.data() + num.size();
+        bool last = false;
+        if (ok && sp != std::string_view::npos) ok = last = rules::to_lower(std::string(arg.substr(sp + 1))) == "last";
+        if (!ok) {
+            // How many octets follow is unknown: framing in doubt, so say so and stop.
+            say("501 5.5.4 Syntax: BDAT <size> [LAST]; closing");
+            tx_.fault = "bad-request";
+            tx_.detail = "a malformed BDAT command";
+            close_transaction("", "");
+            co_return -1;
+        }
+        std::string refusal;
+        if (!in_transaction_) refusal = "503 5.5.1 Need MAIL before BDAT";
+        else if (tx_.rcpt_accepted.empty()) refusal = "554 5.5.1 No valid recipients";
+        else if (bdat_failed_) refusal = "503 5.5.1 An earlier BDAT of this transaction failed; send RSET";
+        bool take = refusal.empty();
+        if (take && !chunks_) chunks_.emplace(lcfg().limits.max_message_size, true);
+        for (std::uint64_t left = size; left > 0;) {
+            if (in_.empty() && !co_await read_client()) {
+                // The client vanished mid-message: nothing was forwarded, nothing is lost.
+                tx_.fault = "bad-request";
+                tx_.detail = timed_out_ ? "timed out in BDAT" : "the client closed in BDAT";
+                close_transaction("", "");
+                co_return -1;
+            }
+            auto data = in_.data();
+            auto n = static_cast<std::size_t>(std::min<std::uint64_t>(left, data.size()));
+            if (take) chunks_->feed(data.substr(0, n));
+            in_.consume(n);
+            left -= n;
+        }
+        if (!take) {
+            say(refusal);
+            co_return 0;
+        }
+        if (last) chunks_->finish();
+        if (!chunks_->refusal().empty()) {
+            // Too big, a bare CR or LF, a long line: the message is refused, never forwarded.
+            say(chunks_->refusal());
+            tx_.fault = "bad-request";
+            tx_.detail = chunks_->refusal();
+            tx_.size = chunks_->size();
+            if (!last) {
+                bdat_failed_ = true;  // the client should RSET; further chunks are refused
+                co_return 1;
+            }
+            if (!co_await reset_upstream()) co_return co_await upstream_lost();
+            close_transaction("", "");
             co_return 1;
         }
-        const auto& msg = reader.message();
-        std::array<asio::const_buffer, 2> bufs{asio::buffer(msg), asio::buffer(".\r\n", 3)};
+        if (!last) {
+            say("250 2.0.0 " + std::to_string(size) + " octets received");
+            co_return 1;
+        }
+        tx_.size = chunks_->size();
+        std::string msg = chunks_->take_message();
+        co_return co_await deliver(msg, true);
+    }
+
+    /// Sends a whole, checked message upstream and gives the client the upstream's answer.
+    /// By BDAT when the upstream offers CHUNKING (one write, one reply), else by DATA.
+    /// `raw`: the message came by BDAT; otherwise it is in DATA's wire form (dot-stuffed).
+    task<int> deliver(const std::string& msg, bool raw) {
+        smtp::reply r;
         error_code ec;
-        co_await up_->stream.write(bufs, ec);
+        if (up_chunking_) {
+            std::string unstuffed = raw ? std::string() : smtp::dot_unstuff(msg);
+            const std::string& payload = raw ? msg : unstuffed;
+            std::string head = "BDAT " + std::to_string(payload.size()) + " LAST\r\n";
+            std::array<asio::const_buffer, 2> bufs{asio::buffer(head), asio::buffer(payload)};
+            co_await up_->stream.write(bufs, ec);
+        } else {
+            if (!co_await exchange_upstream("DATA", r)) co_return co_await upstream_lost();
+            if (r.code != 354) {
+                if (!relay_reply(r)) co_return -1;
+                close_transaction(std::to_string(r.code) + " " + r.text(), "");
+                co_return 1;
+            }
+            std::string stuffed = raw ? smtp::dot_stuff(msg) : std::string();
+            const std::string& payload = raw ? stuffed : msg;
+            std::array<asio::const_buffer, 2> bufs{asio::buffer(payload), asio::buffer(".\r\n", 3)};
+            co_await up_->stream.write(bufs, ec);
+        }
         if (ec) {
             upstream_fault_ = "writing the message to the upstream failed (" + ec.message() + ")";
             co_return co_await upstream_lost();
@@ -947,6 +1040,11 @@ private:
         // The upstream's answer is the client's answer: 250 only if it took the message.
         if (!relay_reply(r)) co_return -1;
         close_transaction(std::to_string(r.code) + " " + r.text(), r.code / 100 == 2 ? smtp::queue_id(r) : "");
+        if (up_chunking_ && r.code / 100 != 2) {
+            // A refused BDAT leaves the upstream's transaction to be reset (RFC 3030 2).
+            smtp::reply rr;
+            if (!co_await exchange_upstream("RSET", rr)) co_return co_await upstream_lost();
+        }
         co_return 1;
     }
 
@@ -995,7 +1093,8 @@ private:
     std::shared_ptr<upstream_conn> up_;
     std::unique_ptr<watchdog> up_dog_;
     std::string upstream_fault_;
-    bool upstream_ready_ = false, up_8bit_ = false, up_size_ = false, up_xclient_ = false, up_pipelining_ = false;
+    bool upstream_ready_ = false, up_8bit_ = false, up_size_ = false, up_xclient_ = false, up_pipelining_ = false,
+         up_chunking_ = false;
     std::string identity_refused_;  ///< the next tier's answer to XCLIENT, when it said no
 
     std::string ehlo_, user_;
@@ -1003,6 +1102,8 @@ private:
     /// The transaction's MAIL command, not yet sent upstream (it goes with the first RCPT).
     std::string pending_mail_;
     bool up_mail_open_ = false;  ///< the upstream accepted MAIL for this transaction
+    std::optional<smtp::data_reader> chunks_;  ///< the BDAT chunks of this transaction so far
+    bool bdat_failed_ = false;                 ///< a chunk was refused: the client must RSET
     std::uint64_t rcpt_count_ = 0;
     access_record tx_;
 };

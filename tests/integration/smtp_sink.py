@@ -2,11 +2,12 @@
 """The SMTP sink: a small ESMTP server standing in for Exchange's FrontEnd transport.
 
     smtp_sink.py --listen 127.30.0.50:PORT --store DIR [--log FILE.jsonl] [--name NAME]
-                 [--max-size BYTES] [--line-ends strict|lf]
+                 [--max-size BYTES] [--line-ends strict|lf] [--no-pipelining] [--chunking]
 
-Raw sockets, one thread per connection. It speaks EHLO (PIPELINING, SIZE, 8BITMIME,
-ENHANCEDSTATUSCODES; PIPELINING not with --no-pipelining), HELO, MAIL, RCPT, DATA, RSET, NOOP, VRFY and QUIT, and is strict
-like a real MTA:
+Raw sockets, one thread per connection. It speaks EHLO (PIPELINING unless --no-pipelining,
+SIZE, 8BITMIME, ENHANCEDSTATUSCODES, and CHUNKING with --chunking), HELO, MAIL, RCPT, DATA,
+BDAT (with --chunking, as Exchange), RSET, NOOP, VRFY and QUIT, and is strict like a real
+MTA:
 - commands are answered in order, whatever the client pipelined;
 - only <CRLF>.<CRLF> ends DATA (`--line-ends lf` instead behaves like an MTA that takes a
   bare LF as a line end, so `\\n.\\n` ends DATA too: a receiver open to SMTP smuggling);
@@ -132,6 +133,7 @@ class Session:
         self.mail_from = None
         self.mail_params = []
         self.rcpts = []
+        self.chunks = None   # the BDAT octets so far (a bytearray) once BDAT started
 
     # ---- plumbing
 
@@ -246,7 +248,8 @@ class Session:
             self.reset()
             if verb == "EHLO":
                 self.reply(250, host, *(["PIPELINING"] if self.server.pipelining else []),
-                           "SIZE %d" % self.server.max_size, "8BITMIME", "ENHANCEDSTATUSCODES")
+                           "SIZE %d" % self.server.max_size, "8BITMIME", "ENHANCEDSTATUSCODES",
+                           *(["CHUNKING"] if self.server.chunking else []))
             else:
                 self.reply(250, host)
             return True
@@ -256,6 +259,8 @@ class Session:
             return self.rcpt(arg)
         if verb == "DATA":
             return self.data(arg)
+        if verb == "BDAT" and self.server.chunking:
+            return self.bdat(arg)
         if verb == "RSET":
             self.reset()
             self.reply(250, "2.0.0 Ok")
@@ -379,7 +384,40 @@ class Session:
                 else:
                     msg += line
                     msg += b"\r\n"
-        body = bytes(msg)
+        self.finish(bytes(msg), too_big, refuse, longest)
+        return True
+
+    def bdat(self, arg):
+        """BDAT <size> [LAST] (RFC 3030): the octets follow the command; stored as they come."""
+        parts = arg.split()
+        if not parts or not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
+            self.reply(501, "5.5.4 Syntax: BDAT size [LAST]")
+            return False   # the octets that follow cannot be found: end the session
+        size, last = int(parts[0]), len(parts) == 2
+        while len(self.buf) < size:
+            self.fill()
+        chunk = bytes(self.buf[:size])
+        del self.buf[:size]
+        self.pos = 0
+        if not self.rcpts:
+            self.reply(503 if self.mail_from is None else 554, "5.5.1 Error: no valid recipients")
+            return True
+        if self.chunks is None:
+            self.chunks = bytearray()
+        self.chunks += chunk
+        if not last:
+            self.reply(250, "2.0.0 %d bytes received" % size)
+            return True
+        body = bytes(self.chunks)
+        too_big = len(body) > self.server.max_size
+        refuse = any(l.rstrip(b" \t").lower() == b"x-sink-refuse: yes" for l in body.split(b"\r\n"))
+        longest = max((len(l) + 2 for l in body.split(b"\r\n")), default=0)
+        self.finish(b"" if too_big else body, too_big, refuse, longest)
+        return True
+
+    def finish(self, body, too_big, refuse, longest):
+        """The end of a message (DATA or BDAT LAST): store it, or refuse it, and reset."""
+        lf_mode = self.server.line_ends == "lf"
         info = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest(), "bare_lf": body.count(b"\n") -
                 body.count(b"\r\n"), "bare_cr": body.count(b"\r") - body.count(b"\r\n"), "longest_line": longest,
                 "rcpts": list(self.rcpts), "mail_from": self.mail_from}
@@ -402,7 +440,6 @@ class Session:
             self.log("stored", queue_id=qid)
             self.reply(250, "2.0.0 Ok: queued as %s" % qid)
         self.reset()
-        return True
 
 
 class Server:
@@ -413,6 +450,7 @@ class Server:
         self.max_size = max_size
         self.line_ends = line_ends
         self.pipelining = True
+        self.chunking = False
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
@@ -441,11 +479,13 @@ def main(argv=None):
     ap.add_argument("--line-ends", choices=("strict", "lf"), default="strict",
                     help="strict: only CRLF ends a line; lf: a bare LF does too (smuggling-prone)")
     ap.add_argument("--no-pipelining", action="store_true", help="EHLO does not offer PIPELINING")
+    ap.add_argument("--chunking", action="store_true", help="EHLO offers CHUNKING and BDAT is taken (as Exchange does)")
     a = ap.parse_args(argv)
     host, _, port = a.listen.rpartition(":")
     host = host.strip("[]")
     server = Server(host, int(port), Store(a.store), Log(a.log, a.name), a.hostname, a.max_size, a.line_ends)
     server.pipelining = not a.no_pipelining
+    server.chunking = a.chunking
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve()

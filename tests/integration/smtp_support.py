@@ -78,7 +78,8 @@ class Sink:
         return "--- %s log ---\n%s" % (self.name, h.tail(self.log, n))
 
 
-def start_sink(lab, name, host, port=None, line_ends="strict", max_size=None, hostname=None, pipelining=True):
+def start_sink(lab, name, host, port=None, line_ends="strict", max_size=None, hostname=None, pipelining=True,
+               chunking=False):
     port = port or h.free_port(host)
     store = lab.path(name + ".store")
     log = lab.path(name + ".jsonl")
@@ -90,6 +91,8 @@ def start_sink(lab, name, host, port=None, line_ends="strict", max_size=None, ho
         argv += ["--hostname", hostname]
     if not pipelining:
         argv.append("--no-pipelining")
+    if chunking:
+        argv.append("--chunking")
     return Sink(name, host, port, store, log, lab.start(name, argv, host, port))
 
 

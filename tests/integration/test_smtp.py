@@ -95,10 +95,10 @@ class SmtpTiers(unittest.TestCase):
         self.fe = self.be = None
 
     def up(self, sink=True, fe_mode=None, fe_listener=None, be_listener=None, relay_fe=True, relay_be=True,
-           fe_target=None, be_target=None, sink_pipelining=True):
+           fe_target=None, be_target=None, sink_pipelining=True, sink_chunking=False):
         if sink:
             self.sink = s.start_sink(self.lab, "sink", SINK, self.ports["sink"], line_ends=self.SINK_LINE_ENDS,
-                                     pipelining=sink_pipelining)
+                                     pipelining=sink_pipelining, chunking=sink_chunking)
         else:   # a sink handle with nothing listening: its port stays free
             self.sink = s.Sink("sink", SINK, self.ports["sink"], self.lab.path("sink.store"),
                                self.lab.path("sink.jsonl"), None)
@@ -216,7 +216,7 @@ class Session(SmtpTiers):
         self.assertEqual(r.code, 250, r)
         self.assertTrue(r.lines[0].startswith(h.PUBLIC_NAME), r)
         kw = r.keywords()
-        for k in ("SIZE", "PIPELINING", "8BITMIME", "STARTTLS"):
+        for k in ("SIZE", "PIPELINING", "8BITMIME", "STARTTLS", "CHUNKING"):
             self.assertIn(k, kw, r)
         self.assertNotIn("AUTH", kw, "no AUTH before TLS: %r" % r)
         self.assertIn("SIZE %d" % MAX_MESSAGE, r.lines, "SIZE is the listener's max_message_size")
@@ -899,6 +899,132 @@ class DeferredMail(SmtpTiers):
         [(qid, stored, meta)] = self.sink.messages()
         self.assertEqual((meta["mail_from"], meta["rcpts"]), ("b@example.net", ["second@contoso.com"]))
         self.assertIn("RSET", [x["verb"] for x in self.sink.commands()], self.diag())
+
+
+# ---------------------------------------------------------------- BDAT and CHUNKING (RFC 3030)
+
+# A message whose lines need dot-stuffing by DATA: "." alone, "..x" and ".x".
+RAW = b"Subject: chunks\r\n\r\n.\r\n..x\r\n.x\r\nlast line\r\n"
+
+
+def bdat(chunk, last=False):
+    return b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b"") + chunk
+
+
+class Chunking(SmtpTiers):
+    """Each tier takes BDAT and offers CHUNKING; between tiers the message goes by BDAT (no
+    354 round trip), and to an upstream without CHUNKING by DATA, dot-stuffed."""
+
+    def transaction(self, c, rcpt="admin@contoso.com"):
+        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
+        self.assertEqual(c.cmd("RCPT TO:<%s>" % rcpt).code, 250)
+
+    def test_bdat_chunks_reach_a_data_only_sink_intact(self):
+        self.up()
+        c = self.ready()
+        self.transaction(c)
+        c.send(bdat(RAW[:21]))   # the split falls between the CR and the LF of the "." line
+        r = c.reply()
+        self.assertEqual((r.code, r.text), (250, "2.0.0 21 octets received"), r)
+        c.send(bdat(RAW[21:], last=True))
+        r = c.reply()
+        self.assertEqual(r.code, 250, "%r\n%s" % (r, self.diag()))
+        [(qid, stored, meta)] = self.sink.messages()
+        self.assertEqual(stored, RAW, "the sink un-dot-stuffed what the back-end dot-stuffed")
+        self.assertIn(qid, r.text)
+        self.assertEqual([x["verb"] for x in self.sink.commands() if x["verb"] in ("DATA", "BDAT")], ["DATA"])
+        for p in (self.fe, self.be):
+            row = self.wait_access(p, 1, pred=lambda x: x.get("queue_id"))[0]
+            self.assertEqual(row["size"], len(RAW), row)
+
+    def test_data_client_reaches_a_chunking_sink_by_bdat(self):
+        self.up(sink_chunking=True)
+        c = self.ready()
+        rs = c.send_mail("a@example.net", ["admin@contoso.com"], RAW)   # send_mail dot-stuffs
+        self.assertEqual([r.code for r in rs], [250, 250, 354, 250], "%r\n%s" % (rs, self.diag()))
+        [(qid, stored, meta)] = self.sink.messages()
+        self.assertEqual(stored, RAW)
+        self.assertEqual([x["line"] for x in self.sink.commands() if x["verb"] in ("DATA", "BDAT")],
+                         ["BDAT %d LAST" % len(RAW)], "one BDAT carries the whole message, unstuffed")
+
+    def test_pipelined_bdat_to_a_chunking_sink(self):
+        self.up(sink_chunking=True)
+        c = self.ready()
+        c.send(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<admin@contoso.com>\r\nRCPT TO:<reject9@contoso.com>\r\n" +
+               bdat(RAW[:7]) + bdat(RAW[7:30]) + bdat(RAW[30:], last=True) + b"QUIT\r\n")
+        rs = c.replies(7)
+        self.assertEqual([r.code for r in rs], [250, 250, 550, 250, 250, 250, 221], "%r\n%s" % (rs, self.diag()))
+        [(qid, stored, meta)] = self.sink.messages()
+        self.assertEqual((stored, meta["rcpts"]), (RAW, ["admin@contoso.com"]))
+
+    def test_chunk_bytes_of_a_refused_bdat_are_never_commands(self):
+        self.up()
+        c = self.ready()
+        inner = b"RSET\r\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<victim@contoso.com>\r\n"
+        c.send(bdat(inner, last=True))
+        r = c.reply()
+        self.assertEqual((r.code, r.text), (503, "5.5.1 Need MAIL before BDAT"), r)
+        self.assertEqual(c.pending(), b"", "the chunk's octets were dropped, not answered as commands")
+        self.assertEqual(c.cmd("NOOP").code, 250, "the session is still in step")
+        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
+        self.assertEqual(c.cmd("RCPT TO:<reject1@contoso.com>").code, 550)
+        c.send(bdat(inner, last=True))
+        r = c.reply()
+        self.assertEqual((r.code, r.text), (554, "5.5.1 No valid recipients"), r)
+        self.assertEqual(c.cmd("QUIT").code, 221)
+        self.settle(2)
+        self.assertEqual([x["line"] for x in self.sink.commands() if "evil" in x["line"] or "victim" in x["line"]], [],
+                         "nothing of the chunk reached the sink\n" + self.diag())
+        self.assertSinkSawNoData()
+
+    def test_bare_lf_in_bdat_is_refused_and_never_forwarded(self):
+        self.up(sink_chunking=True)
+        c = self.ready()
+        self.transaction(c)
+        c.send(bdat(b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\n", last=True))
+        r = c.reply()
+        self.assertEqual(r.code, 554, r)
+        self.assertTrue(r.text.startswith("5.6.0") and "bare LF" in r.text, r)
+        # The session goes on: a clean message right after is delivered.
+        rs = c.send_mail("a@example.net", ["admin@contoso.com"], b"Subject: fine\r\n\r\nok\r\n")
+        self.assertEqual(rs[-1].code, 250, rs)
+        [(qid, stored, meta)] = self.sink.messages()
+        self.assertEqual(stored, b"Subject: fine\r\n\r\nok\r\n")
+        self.assertEqual(len(self.sink.commands("BDAT")), 1, "only the clean message went upstream\n" + self.diag())
+        row = self.wait_access(self.fe, 1, pred=lambda x: "bare LF" in x.get("detail", ""))[0]
+        self.assertEqual(row["fault"], "bad-request", row)
+
+    def test_bdat_over_max_message_size_is_552_and_the_transaction_needs_rset(self):
+        self.up()
+        c = self.ready()
+        self.transaction(c)
+        line = b"y" * 998 + b"\r\n"
+        chunk = line * (MAX_MESSAGE // len(line) + 1)
+        c.send(bdat(chunk))
+        r = c.reply()
+        self.assertEqual(r.code, 552, r)
+        c.send(bdat(b"more\r\n", last=True))
+        r = c.reply()
+        self.assertEqual(r.code, 503, "a chunk after a refused one is refused too: %r" % r)
+        self.assertEqual(c.cmd("RSET").code, 250)
+        rs = c.send_mail("a@example.net", ["admin@contoso.com"], b"Subject: small\r\n\r\nok\r\n")
+        self.assertEqual(rs[-1].code, 250, rs)
+        self.assertEqual(self.sink.count(), 1)
+
+    def test_data_after_bdat_and_malformed_bdat(self):
+        self.up()
+        c = self.ready()
+        self.transaction(c)
+        c.send(bdat(b"Subject: x\r\n"))
+        self.assertEqual(c.reply().code, 250)
+        r = c.cmd("DATA")
+        self.assertEqual(r.code, 503, r)
+        r = c.cmd("BDAT twelve LAST")
+        self.assertEqual(r.code, 501, r)
+        self.assertTrue(c.closed_by_peer(), "how many octets follow is unknown: the session ends")
+        self.settle(1)
+        self.assertSinkSawNoData()
+        self.assertEqual(self.sink.commands("BDAT"), [])
 
 
 # ---------------------------------------------------------------- PROXY v2 between tiers

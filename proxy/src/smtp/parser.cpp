@@ -165,7 +165,7 @@ std::size_t data_reader::feed(std::string_view in) {
                 continue;
             }
             // A complete line in line_ (without CRLF).
-            if (line_ == ".") {
+            if (!raw_ && line_ == ".") {
                 done_ = true;
                 break;
             }
@@ -194,6 +194,37 @@ std::size_t data_reader::feed(std::string_view in) {
     }
     if (!refusal_.empty()) message_.clear();
     return i;
+}
+
+void data_reader::finish() {
+    if (pending_cr_) refuse("554 5.6.0 Message refused: a bare CR is not a line ending (SMTP smuggling shape)");
+    else if (line_len_ > 0) refuse("554 5.6.0 Message refused: the last line has no CRLF");
+    if (!refusal_.empty()) message_.clear();
+    done_ = true;
+}
+
+std::string dot_stuff(std::string_view message) {
+    std::string out;
+    out.reserve(message.size() + 16);
+    bool line_start = true;
+    for (char c : message) {
+        if (line_start && c == '.') out.push_back('.');
+        out.push_back(c);
+        line_start = c == '\n';
+    }
+    return out;
+}
+
+std::string dot_unstuff(std::string_view stuffed) {
+    std::string out;
+    out.reserve(stuffed.size());
+    bool line_start = true;
+    for (char c : stuffed) {
+        bool skip = line_start && c == '.';
+        line_start = c == '\n';
+        if (!skip) out.push_back(c);
+    }
+    return out;
 }
 
 int parse_proxy_v2(std::string_view in, proxy_header& out, std::string& error) {

@@ -121,6 +121,48 @@ TEST(SmtpData, LineAndSizeLimits) {
     EXPECT_NE(big.second.find("552 5.3.4"), std::string::npos);
 }
 
+// BDAT: the chunks' octets are the message; "." alone is a line like any other.
+std::string read_chunks(const std::vector<std::string>& chunks, std::size_t piece = 1 << 20, std::uint64_t max = 1 << 20) {
+    data_reader d(max, true);
+    for (const auto& c : chunks)
+        for (std::size_t pos = 0; pos < c.size();) pos += d.feed(std::string_view(c).substr(pos, piece));
+    EXPECT_FALSE(d.done());
+    d.finish();
+    EXPECT_TRUE(d.done());
+    return d.refusal().empty() ? d.message() : "REFUSED " + d.refusal();
+}
+
+TEST(SmtpChunks, RawMessageAcrossChunks) {
+    for (std::size_t piece : {std::size_t(1), std::size_t(3), std::size_t(1 << 20)}) {
+        // A CRLF split between chunks is one line end; "." and ".." lines are data.
+        EXPECT_EQ(read_chunks({"Subject: x\r\n\r\n.\r", "\n..two\r\nend\r\n"}, piece),
+                  "Subject: x\r\n\r\n.\r\n..two\r\nend\r\n")
+            << piece;
+    }
+    EXPECT_EQ(read_chunks({}), "");
+}
+
+TEST(SmtpChunks, SameChecksAsData) {
+    EXPECT_NE(read_chunks({"a\nb\r\n"}).find("bare LF"), std::string::npos);
+    EXPECT_NE(read_chunks({"a\rb\r\n"}).find("bare CR"), std::string::npos);
+    EXPECT_NE(read_chunks({"ends in CR\r"}).find("bare CR"), std::string::npos);
+    EXPECT_NE(read_chunks({"no line end"}).find("no CRLF"), std::string::npos);
+    EXPECT_NE(read_chunks({std::string(999, 'a') + "\r\n"}).find("1000 octets"), std::string::npos);
+    EXPECT_NE(read_chunks({std::string(100, 'a') + "\r\n", std::string(100, 'b') + "\r\n"}, 1 << 20, 150).find("552 5.3.4"),
+              std::string::npos);
+}
+
+TEST(SmtpChunks, DotStuffingRoundTrip) {
+    const std::string raw = ".\r\n..x\r\nplain.\r\n.\r\n";
+    EXPECT_EQ(dot_stuff(raw), "..\r\n...x\r\nplain.\r\n..\r\n");
+    EXPECT_EQ(dot_unstuff(dot_stuff(raw)), raw);
+    EXPECT_EQ(dot_stuff(""), "");
+    // What a DATA client sent, read by data_reader, then unstuffed: what BDAT carries on.
+    auto [done, stuffed] = read_data("..hidden\r\n.x\r\nbody\r\n.\r\n");
+    EXPECT_TRUE(done);
+    EXPECT_EQ(dot_unstuff(stuffed), ".hidden\r\nx\r\nbody\r\n");
+}
+
 TEST(ProxyV2, RoundTripIpv4AndIpv6) {
     for (auto [src, dst] : {std::pair<std::string, std::string>{"127.10.0.100", "127.20.0.20"}, {"2001:db8::1", "::1"}}) {
         auto wire = make_proxy_v2(src, 40000, dst, 25) + "EHLO";

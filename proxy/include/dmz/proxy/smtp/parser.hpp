@@ -46,15 +46,24 @@ int parse_reply(std::string_view in, reply& out, std::size_t& consumed);
 /// line over 1000 octets, marks it refused, but reading goes on to the real end so the
 /// session stays in step. Output keeps the wire form (dot-stuffing preserved) minus the
 /// final ".\r\n".
+///
+/// In `raw` mode it reads BDAT chunks (RFC 3030) instead: the session hands it exactly
+/// the chunks' octets, no line ends the message (`finish()` after the LAST chunk does),
+/// there is no dot-stuffing, and the same checks apply, so that a message taken by BDAT
+/// can go on by DATA with the same meaning. A last line without CRLF is refused too.
 class data_reader {
 public:
-    explicit data_reader(std::uint64_t max_size) : max_size_(max_size) {}
-    /// Consumes a prefix of `in`; returns how much. `done()` once the end arrived.
+    explicit data_reader(std::uint64_t max_size, bool raw = false) : max_size_(max_size), raw_(raw) {}
+    /// Consumes a prefix of `in`; returns how much. `done()` once the end arrived. In raw
+    /// mode it consumes all of `in`.
     std::size_t feed(std::string_view in);
+    /// Raw mode: the LAST chunk has been fed.
+    void finish();
     bool done() const { return done_; }
     /// Empty when the message may be forwarded; else the reply that refuses it.
     const std::string& refusal() const { return refusal_; }
     const std::string& message() const { return message_; }
+    std::string take_message() { return std::move(message_); }
     std::uint64_t size() const { return size_; }
 
 private:
@@ -62,6 +71,7 @@ private:
         if (refusal_.empty()) refusal_ = std::move(r);
     }
     std::uint64_t max_size_;
+    bool raw_ = false;
     std::string message_;
     std::string line_;  ///< the current line so far (bounded)
     std::uint64_t size_ = 0;
@@ -70,6 +80,11 @@ private:
     std::size_t line_len_ = 0;
     std::string refusal_;
 };
+
+/// Dot-stuffing (RFC 5321 4.5.2) for a message of CRLF-terminated lines: a line that starts
+/// with "." gets one more in front. And its undoing.
+std::string dot_stuff(std::string_view message);
+std::string dot_unstuff(std::string_view stuffed);
 
 /// The PROXY protocol v2 header (haproxy.org/download/2.9/doc/proxy-protocol.txt).
 struct proxy_header {
