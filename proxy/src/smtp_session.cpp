@@ -456,6 +456,13 @@ private:
                 co_return;
             }
             if (lr == smtp::line_result::too_long) {
+                if (names_bdat(in_.data())) {
+                    // Octets follow a BDAT line, and how many is unknown: stop.
+                    say("500 5.5.2 Line too long in a BDAT command; closing");
+                    tx_.fault = "bad-request";
+                    close_transaction("", "");
+                    co_return;
+                }
                 say("500 5.5.2 Line too long (the limit is 512 octets)");
                 if (!co_await skip_line()) co_return;
                 if (++bad >= max_bad_commands) break;
@@ -466,6 +473,12 @@ private:
             smtp::command cmd;
             std::string err;
             if (!smtp::parse_command(text, cmd, err)) {
+                if (names_bdat(text)) {
+                    say("501 5.5.4 Syntax: BDAT <size> [LAST]; closing");
+                    tx_.fault = "bad-request";
+                    close_transaction("", "");
+                    co_return;
+                }
                 say(err);
                 ++bad_commands_;
                 if (++bad >= max_bad_commands) break;
@@ -478,6 +491,12 @@ private:
         }
         say("421 4.7.0 " + name_ + " too many errors, closing");
         close_transaction("", "");
+    }
+
+    /// A command line that starts with the BDAT verb (octets follow it).
+    static bool names_bdat(std::string_view line) {
+        if (line.size() < 4 || rules::to_lower(std::string(line.substr(0, 4))) != "bdat") return false;
+        return line.size() == 4 || !std::isalnum(static_cast<unsigned char>(line[4]));
     }
 
     /// Discards client bytes up to the next CRLF (after an over-long line).
@@ -508,6 +527,12 @@ private:
     /// 1 handled, 0 a client error (counted), -1 end of session.
     task<int> handle(smtp::command& cmd) {
         const auto& v = cmd.verb;
+        if (chunks_ && v != "BDAT" && v != "RSET" && v != "QUIT") {
+            // A BDAT message in progress holds its chunks: only more chunks, RSET or QUIT
+            // (so a client cannot keep them alive with other commands).
+            say("503 5.5.1 Only BDAT, RSET or QUIT while a BDAT message is in progress");
+            co_return 0;
+        }
         if (v == "EHLO" || v == "HELO") {
             if (cmd.argument.empty()) {
                 say("501 5.5.4 " + v + " needs a domain or address literal");
@@ -576,6 +601,12 @@ private:
             say("501 5.5.4 STARTTLS takes no argument");
             co_return 0;
         }
+        if (in_transaction_) {
+            // RFC 3207 resets the session after the handshake; a transaction half-made in
+            // the clear (and open upstream) is refused instead, as Postfix does.
+            say("503 5.5.1 STARTTLS inside a mail transaction; send RSET first");
+            co_return 0;
+        }
         say("220 2.0.0 Ready to start TLS");
         if (!co_await flush()) co_return -1;
         // Anything the client pipelined behind STARTTLS was sent in the clear and is not
@@ -587,7 +618,6 @@ private:
         co_await down_.handshake(true, ec);
         if (ec) co_return -1;
         // RFC 3207: the client starts over with EHLO.
-        if (in_transaction_) close_transaction("", "");
         ehlo_.clear();
         co_return 1;
     }
@@ -797,18 +827,17 @@ private:
     task<bool> mail_and_rcpt(const std::string& rcpt_line, smtp::reply& mail, smtp::reply& r) {
         std::string wire = pending_mail_ + "\r\n";
         if (up_pipelining_) wire += rcpt_line + "\r\n";
+        up_mail_open_ = true;
         if (!co_await send_upstream(wire)) co_return false;
         if (!co_await read_upstream(mail)) co_return false;
+        if (mail.code == 421) co_return true;  // closing: no answer to the RCPT will come
         if (up_pipelining_) {
             // Read even after a refused MAIL: the upstream answers every pipelined command.
             if (!co_await read_upstream(r)) co_return false;
         } else if (mail.code / 100 == 2) {
             if (!co_await exchange_upstream(rcpt_line, r)) co_return false;
         }
-        if (mail.code / 100 == 2) {
-            pending_mail_.clear();
-            up_mail_open_ = true;
-        }
+        if (mail.code / 100 == 2) pending_mail_.clear();
         co_return true;
     }
 
@@ -821,6 +850,9 @@ private:
         if (!co_await mail_and_rcpt(rcpt_line, m, r)) co_return -1;
         if (m.code / 100 == 2) co_return 1;
         // The refused sender is this recipient's answer; the next RCPT tries MAIL again.
+        // A 552 (message size) would read as "try later" at RCPT (RFC 5321 4.5.3.1.10),
+        // so it is passed on as 550 with the same words.
+        if (m.code == 552) m.code = 550;
         if (!relay_reply(m)) co_return -2;
         auto why = std::to_string(m.code) + " " + m.text();
         tx_.rcpt_refused.emplace_back(path, why);
@@ -907,10 +939,6 @@ private:
             say("501 5.5.4 DATA takes no argument");
             co_return 0;
         }
-        if (chunks_) {
-            say("503 5.5.1 DATA after BDAT in one transaction");
-            co_return 0;
-        }
         say("354 Start mail input; end with <CRLF>.<CRLF>");
         smtp::data_reader reader(lcfg().limits.max_message_size);
         while (true) {
@@ -957,6 +985,15 @@ private:
             say("501 5.5.4 Syntax: BDAT <size> [LAST]; closing");
             tx_.fault = "bad-request";
             tx_.detail = "a malformed BDAT command";
+            close_transaction("", "");
+            co_return -1;
+        }
+        if (size > lcfg().limits.max_message_size) {
+            // Reading and dropping that many octets is no use to anyone: refuse and stop.
+            say("552 5.3.4 A chunk bigger than the maximum message size (" +
+                std::to_string(lcfg().limits.max_message_size) + "); closing");
+            tx_.fault = "bad-request";
+            tx_.detail = "a BDAT chunk of " + std::to_string(size) + " octets";
             close_transaction("", "");
             co_return -1;
         }
@@ -1011,25 +1048,24 @@ private:
     /// Sends a whole, checked message upstream and gives the client the upstream's answer.
     /// By BDAT when the upstream offers CHUNKING (one write, one reply), else by DATA.
     /// `raw`: the message came by BDAT; otherwise it is in DATA's wire form (dot-stuffed).
-    task<int> deliver(const std::string& msg, bool raw) {
+    task<int> deliver(std::string& msg, bool raw) {
         smtp::reply r;
         error_code ec;
         if (up_chunking_) {
-            std::string unstuffed = raw ? std::string() : smtp::dot_unstuff(msg);
-            const std::string& payload = raw ? msg : unstuffed;
-            std::string head = "BDAT " + std::to_string(payload.size()) + " LAST\r\n";
-            std::array<asio::const_buffer, 2> bufs{asio::buffer(head), asio::buffer(payload)};
+            if (!raw) smtp::dot_unstuff_in_place(msg);
+            std::string head = "BDAT " + std::to_string(msg.size()) + " LAST\r\n";
+            std::array<asio::const_buffer, 2> bufs{asio::buffer(head), asio::buffer(msg)};
             co_await up_->stream.write(bufs, ec);
         } else {
             if (!co_await exchange_upstream("DATA", r)) co_return co_await upstream_lost();
             if (r.code != 354) {
                 if (!relay_reply(r)) co_return -1;
+                if (!co_await reset_upstream()) co_return co_await upstream_lost();
                 close_transaction(std::to_string(r.code) + " " + r.text(), "");
                 co_return 1;
             }
-            std::string stuffed = raw ? smtp::dot_stuff(msg) : std::string();
-            const std::string& payload = raw ? stuffed : msg;
-            std::array<asio::const_buffer, 2> bufs{asio::buffer(payload), asio::buffer(".\r\n", 3)};
+            if (raw) smtp::dot_stuff_in_place(msg);
+            std::array<asio::const_buffer, 2> bufs{asio::buffer(msg), asio::buffer(".\r\n", 3)};
             co_await up_->stream.write(bufs, ec);
         }
         if (ec) {
@@ -1101,7 +1137,8 @@ private:
     bool in_transaction_ = false;
     /// The transaction's MAIL command, not yet sent upstream (it goes with the first RCPT).
     std::string pending_mail_;
-    bool up_mail_open_ = false;  ///< the upstream accepted MAIL for this transaction
+    /// MAIL went upstream in this transaction (accepted or not): RSET resets it there.
+    bool up_mail_open_ = false;
     std::optional<smtp::data_reader> chunks_;  ///< the BDAT chunks of this transaction so far
     bool bdat_failed_ = false;                 ///< a chunk was refused: the client must RSET
     std::uint64_t rcpt_count_ = 0;

@@ -95,10 +95,10 @@ class SmtpTiers(unittest.TestCase):
         self.fe = self.be = None
 
     def up(self, sink=True, fe_mode=None, fe_listener=None, be_listener=None, relay_fe=True, relay_be=True,
-           fe_target=None, be_target=None, sink_pipelining=True, sink_chunking=False):
+           fe_target=None, be_target=None, sink_pipelining=True, sink_chunking=False, sink_max_size=None):
         if sink:
             self.sink = s.start_sink(self.lab, "sink", SINK, self.ports["sink"], line_ends=self.SINK_LINE_ENDS,
-                                     pipelining=sink_pipelining, chunking=sink_chunking)
+                                     pipelining=sink_pipelining, chunking=sink_chunking, max_size=sink_max_size)
         else:   # a sink handle with nothing listening: its port stays free
             self.sink = s.Sink("sink", SINK, self.ports["sink"], self.lab.path("sink.store"),
                                self.lab.path("sink.jsonl"), None)
@@ -888,6 +888,24 @@ class DeferredMail(SmtpTiers):
         self.assertEqual([x["verb"] for x in self.sink.commands() if x["verb"] in ("MAIL", "RCPT", "RSET", "DATA")], [],
                          "the sink heard nothing of either transaction\n" + self.diag())
 
+    def test_size_refused_by_the_sink_is_a_permanent_refusal_at_rcpt(self):
+        self.up(sink_max_size=1000)
+        c = self.ready()
+        self.assertEqual(c.cmd("MAIL FROM:<a@example.net> SIZE=5000").code, 250, "within the front-end's limit")
+        r = c.cmd("RCPT TO:<admin@contoso.com>")
+        # The sink's 552 to MAIL would read as "try later" at RCPT (RFC 5321 4.5.3.1.10).
+        self.assertEqual((r.code, r.text), (550, "5.3.4 Message size exceeds fixed limit"), "%r\n%s" % (r, self.diag()))
+
+    def test_starttls_inside_a_transaction_is_503(self):
+        self.up()
+        c = self.ready()
+        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
+        self.assertEqual(c.cmd("RCPT TO:<admin@contoso.com>").code, 250)
+        r = c.cmd("STARTTLS")
+        self.assertEqual(r.code, 503, r)
+        self.assertEqual(c.cmd("RSET").code, 250)
+        self.assertEqual(c.cmd("STARTTLS").code, 220, "after RSET it is fine")
+
     def test_ehlo_mid_transaction_resets_it_upstream_too(self):
         self.up()
         c = self.ready()
@@ -999,7 +1017,9 @@ class Chunking(SmtpTiers):
         c = self.ready()
         self.transaction(c)
         line = b"y" * 998 + b"\r\n"
-        chunk = line * (MAX_MESSAGE // len(line) + 1)
+        chunk = line * (MAX_MESSAGE // len(line) // 2 + 1)   # two of them are over the limit
+        c.send(bdat(chunk))
+        self.assertEqual(c.reply().code, 250)
         c.send(bdat(chunk))
         r = c.reply()
         self.assertEqual(r.code, 552, r)
@@ -1011,6 +1031,41 @@ class Chunking(SmtpTiers):
         self.assertEqual(rs[-1].code, 250, rs)
         self.assertEqual(self.sink.count(), 1)
 
+    def test_only_bdat_rset_or_quit_while_chunks_are_held(self):
+        self.up()
+        c = self.ready()
+        self.transaction(c)
+        c.send(bdat(b"Subject: x\r\n"))
+        self.assertEqual(c.reply().code, 250)
+        for cmd in ("NOOP", "MAIL FROM:<b@example.net>", "EHLO again.example"):
+            r = c.cmd(cmd)
+            self.assertEqual(r.code, 503, "%s: %r" % (cmd, r))
+        c.send(bdat(b"\r\nbody\r\n", last=True))
+        r = c.reply()
+        self.assertEqual(r.code, 250, r)
+        [(qid, stored, meta)] = self.sink.messages()
+        self.assertEqual(stored, b"Subject: x\r\n\r\nbody\r\n")
+        self.assertEqual(c.cmd("NOOP").code, 250, "the message is done")
+
+    def test_chunk_over_max_message_size_closes_at_once(self):
+        self.up()
+        c = self.ready()
+        self.transaction(c)
+        r = c.cmd("BDAT %d" % (10 ** 15))
+        self.assertEqual(r.code, 552, r)
+        self.assertTrue(c.closed_by_peer(), "nobody reads a petabyte to stay in step")
+
+    def test_bdat_lines_that_do_not_parse_close_the_session(self):
+        self.up()
+        for line in (b"BDAT\t5", b"BDAT " + b"9" * 600 + b" LAST"):
+            c = self.ready()
+            self.transaction(c)
+            c.send(line + b"\r\nRSET\r\n")
+            r = c.reply()
+            self.assertIn(r.code, (500, 501), r)
+            self.assertIn("closing", r.text, r)
+            self.assertTrue(c.closed_by_peer(), "the octets after a BDAT line are not commands: %r" % line[:20])
+
     def test_data_after_bdat_and_malformed_bdat(self):
         self.up()
         c = self.ready()
@@ -1019,6 +1074,7 @@ class Chunking(SmtpTiers):
         self.assertEqual(c.reply().code, 250)
         r = c.cmd("DATA")
         self.assertEqual(r.code, 503, r)
+        self.assertIn("BDAT", r.text, r)
         r = c.cmd("BDAT twelve LAST")
         self.assertEqual(r.code, 501, r)
         self.assertTrue(c.closed_by_peer(), "how many octets follow is unknown: the session ends")

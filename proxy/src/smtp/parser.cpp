@@ -169,7 +169,9 @@ std::size_t data_reader::feed(std::string_view in) {
                 done_ = true;
                 break;
             }
-            if (line_len_ + 2 > max_text_line) refuse("554 5.6.0 Message refused: a line longer than 1000 octets");
+            // In DATA the dot that stuffing added is not part of the line (RFC 5321 4.5.2).
+            std::size_t stuffed_dot = !raw_ && !line_.empty() && line_[0] == '.' ? 1 : 0;
+            if (line_len_ - stuffed_dot + 2 > max_text_line) refuse("554 5.6.0 Message refused: a line longer than 1000 octets");
             size_ += line_.size() + 2;
             if (size_ > max_size_) refuse("552 5.3.4 Message size exceeds fixed maximum message size");
             if (refusal_.empty()) {
@@ -192,39 +194,58 @@ std::size_t data_reader::feed(std::string_view in) {
         ++line_len_;
         if (line_.size() < max_text_line + 2) line_.push_back(c);  // keep memory bounded on absurd lines
     }
-    if (!refusal_.empty()) message_.clear();
+    if (!refusal_.empty()) std::string().swap(message_);  // a refused message keeps no memory
     return i;
 }
 
 void data_reader::finish() {
     if (pending_cr_) refuse("554 5.6.0 Message refused: a bare CR is not a line ending (SMTP smuggling shape)");
     else if (line_len_ > 0) refuse("554 5.6.0 Message refused: the last line has no CRLF");
-    if (!refusal_.empty()) message_.clear();
+    if (!refusal_.empty()) std::string().swap(message_);
     done_ = true;
 }
 
-std::string dot_stuff(std::string_view message) {
-    std::string out;
-    out.reserve(message.size() + 16);
-    bool line_start = true;
-    for (char c : message) {
-        if (line_start && c == '.') out.push_back('.');
-        out.push_back(c);
-        line_start = c == '\n';
+namespace {
+/// Positions of the dots that start a line.
+std::vector<std::size_t> leading_dots(std::string_view m) {
+    std::vector<std::size_t> at;
+    std::size_t i = 0;
+    while (i < m.size()) {
+        if (m[i] == '.') at.push_back(i);
+        auto nl = m.find('\n', i);
+        if (nl == std::string_view::npos) break;
+        i = nl + 1;
     }
-    return out;
+    return at;
+}
+}  // namespace
+
+void dot_stuff_in_place(std::string& message) {
+    auto at = leading_dots(message);
+    if (at.empty()) return;
+    std::string out;
+    out.reserve(message.size() + at.size());
+    std::size_t from = 0;
+    for (auto i : at) {
+        out.append(message, from, i - from);
+        out.push_back('.');
+        from = i;
+    }
+    out.append(message, from, std::string::npos);
+    message.swap(out);
 }
 
-std::string dot_unstuff(std::string_view stuffed) {
-    std::string out;
-    out.reserve(stuffed.size());
-    bool line_start = true;
-    for (char c : stuffed) {
-        bool skip = line_start && c == '.';
-        line_start = c == '\n';
-        if (!skip) out.push_back(c);
+void dot_unstuff_in_place(std::string& stuffed) {
+    auto at = leading_dots(stuffed);
+    if (at.empty()) return;
+    std::size_t to = at[0];
+    for (std::size_t k = 0; k < at.size(); ++k) {
+        std::size_t from = at[k] + 1, end = k + 1 < at.size() ? at[k + 1] : stuffed.size();
+        std::copy(stuffed.begin() + static_cast<std::ptrdiff_t>(from), stuffed.begin() + static_cast<std::ptrdiff_t>(end),
+                  stuffed.begin() + static_cast<std::ptrdiff_t>(to));  // leftwards: no overlap hazard
+        to += end - from;
     }
-    return out;
+    stuffed.resize(to);
 }
 
 int parse_proxy_v2(std::string_view in, proxy_header& out, std::string& error) {

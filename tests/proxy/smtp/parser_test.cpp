@@ -152,15 +152,35 @@ TEST(SmtpChunks, SameChecksAsData) {
               std::string::npos);
 }
 
+std::string stuffed(std::string m) {
+    dot_stuff_in_place(m);
+    return m;
+}
+std::string unstuffed(std::string m) {
+    dot_unstuff_in_place(m);
+    return m;
+}
+
 TEST(SmtpChunks, DotStuffingRoundTrip) {
     const std::string raw = ".\r\n..x\r\nplain.\r\n.\r\n";
-    EXPECT_EQ(dot_stuff(raw), "..\r\n...x\r\nplain.\r\n..\r\n");
-    EXPECT_EQ(dot_unstuff(dot_stuff(raw)), raw);
-    EXPECT_EQ(dot_stuff(""), "");
+    EXPECT_EQ(stuffed(raw), "..\r\n...x\r\nplain.\r\n..\r\n");
+    EXPECT_EQ(unstuffed(stuffed(raw)), raw);
+    EXPECT_EQ(stuffed(""), "");
+    EXPECT_EQ(stuffed("no dots\r\nat all.\r\n"), "no dots\r\nat all.\r\n");
+    EXPECT_EQ(unstuffed("..a\r\nb\r\n..c\r\n.\r\n"), ".a\r\nb\r\n.c\r\n\r\n");
     // What a DATA client sent, read by data_reader, then unstuffed: what BDAT carries on.
-    auto [done, stuffed] = read_data("..hidden\r\n.x\r\nbody\r\n.\r\n");
+    auto [done, wire] = read_data("..hidden\r\n.x\r\nbody\r\n.\r\n");
     EXPECT_TRUE(done);
-    EXPECT_EQ(dot_unstuff(stuffed), ".hidden\r\nx\r\nbody\r\n");
+    EXPECT_EQ(unstuffed(wire), ".hidden\r\nx\r\nbody\r\n");
+}
+
+TEST(SmtpData, TheStuffedDotDoesNotCountInTheLineLimit) {
+    // 998 octets of text plus CRLF is the longest line; stuffed, it has one more dot.
+    auto line = "." + std::string(997, 'a');
+    auto ok = read_data("." + line + "\r\n.\r\n");
+    EXPECT_EQ(ok.second, "." + line + "\r\n");
+    auto over = read_data(".." + line + "\r\n.\r\n");
+    EXPECT_NE(over.second.find("1000 octets"), std::string::npos);
 }
 
 TEST(ProxyV2, RoundTripIpv4AndIpv6) {

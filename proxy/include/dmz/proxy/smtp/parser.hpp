@@ -82,9 +82,10 @@ private:
 };
 
 /// Dot-stuffing (RFC 5321 4.5.2) for a message of CRLF-terminated lines: a line that starts
-/// with "." gets one more in front. And its undoing.
-std::string dot_stuff(std::string_view message);
-std::string dot_unstuff(std::string_view stuffed);
+/// with "." gets one more in front. And its undoing. In place: a message with no line
+/// starting with "." (nearly all) is not copied.
+void dot_stuff_in_place(std::string& message);
+void dot_unstuff_in_place(std::string& stuffed);
 
 /// The PROXY protocol v2 header (haproxy.org/download/2.9/doc/proxy-protocol.txt).
 struct proxy_header {
