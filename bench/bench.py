@@ -689,8 +689,17 @@ def main():
             return out
 
         if "throughput" not in skip:
-            tp = rounds(a.runs, "throughput", lambda name, c: {m: throughput(c, a.duration, m == "tls") for m in ("plain", "tls")})
+            def one_throughput(name, c):
+                r = {m: throughput(c, a.duration, m == "tls") for m in ("plain", "tls")}
+                log("%s: %s" % (name, "; ".join("%s %.0f req/s, p99 %.2f ms, CPU FE/BE %.1f/%.1f us" % (
+                    m, x["rps"], x["p99"], x["cpu_us_front-end"], x["cpu_us_back-end"]) for m, x in r.items())))
+                return r
+            tp = rounds(a.runs, "throughput", one_throughput)
             for name in names:
+                results[name]["rounds"] = {
+                    "plain": [x["plain"]["rps"] for x in tp[name]], "tls": [x["tls"]["rps"] for x in tp[name]],
+                    "p99": [x["plain"]["p99"] for x in tp[name]],
+                    "cpu": [x["plain"]["cpu_us_front-end"] + x["plain"]["cpu_us_back-end"] for x in tp[name]]}
                 for mode in ("plain", "tls"):
                     rs = [x[mode] for x in tp[name]]
                     r = results[name][mode] = {k: median([x[k] for x in rs])
@@ -722,6 +731,7 @@ def main():
                 r["smtp_msgs_s"] = median([x["msgs_s"] for x in sm[name]])
                 r["smtp_cpu_us"] = {k: median([x["cpu_us_" + k] for x in sm[name]]) for k in chains[name].tiers()}
                 r["smtp_errors"] = [e for x in sm[name] for e in x["errors"]]
+                r.setdefault("rounds", {})["smtp"] = [x["msgs_s"] for x in sm[name]]
                 log("%s: smtp %s msg/s, CPU µs/msg %s" % (name, ["%.0f" % x["msgs_s"] for x in sm[name]],
                                                         {k: "%.0f" % v for k, v in r["smtp_cpu_us"].items()}))
         if "upload" not in skip:
@@ -731,6 +741,7 @@ def main():
                 r["upload_mb_s"] = median([u["mb_s"] for u in ups[name]])
                 r["upload_first_byte_ms"] = median([u["first_byte_ms"] for u in ups[name]])
                 r["upload_peak_rss_mib"] = {k: max(u["peak_rss_mib"][k] for u in ups[name]) for k in ups[name][0]["peak_rss_mib"]}
+                r.setdefault("rounds", {})["upload"] = [u["mb_s"] for u in ups[name]]
                 log("%s: upload %s MB/s" % (name, ["%.0f" % u["mb_s"] for u in ups[name]]))
     finally:
         for p in procs:
@@ -796,6 +807,19 @@ def report(res, a):
         for m in errs:
             print("\n%s %s: %d non-2xx responses, socket errors %s" % (name, m, r[m]["errors"], r[m]["socket_errors"]))
     print("\nRatios in brackets: against nginx (throughput, p99, CPU FE+BE), against HAProxy (upload, SMTP).")
+    # The contenders of one round ran minutes apart at most: the ratio within each round,
+    # then its median, is the steadier comparison on a noisy box.
+    lines = []
+    for name, ref_name, keys in (("dmzproxy", "nginx", ("plain", "tls", "p99", "cpu")),
+                                 ("haproxy", "nginx", ("plain", "tls", "p99", "cpu")),
+                                 ("dmzproxy", "haproxy", ("upload", "smtp"))):
+        mine, ref = res.get(name, {}).get("rounds", {}), res.get(ref_name, {}).get("rounds", {})
+        for k in keys:
+            if mine.get(k) and ref.get(k):
+                rs = [x / y for x, y in zip(mine[k], ref[k]) if y]
+                lines.append("%s/%s %s: %s (median %.2f)" % (name, ref_name, k, " ".join("%.2f" % x for x in rs), median(rs)))
+    if lines:
+        print("Round by round: " + "; ".join(lines) + ".")
     print("Medians of %d runs of %d s (wrk -t1 -c50), %d connections for memory, %d MiB upload, %d SMTP runs of 6,000 messages; %s, %d cores." % (
         a.runs, a.duration, a.connections, a.upload_mib, max(a.runs, 5), os.uname().release, os.cpu_count()))
 
