@@ -662,6 +662,9 @@ class LabThroughBothTiers(unittest.TestCase):
         self.assertEqual(meta["mail_from"], "someone@example.net")
         self.assertEqual(meta["peer"], BE_INTERNAL)
         self.assertEqual(meta["service"], "frontend-transport")
+        # swaks spoke DATA; the host offers CHUNKING as Exchange does, so the back-end
+        # passed the message on as one BDAT, and the dot lines above arrive unstuffed.
+        self.assertEqual(meta["via"], "BDAT")
         with open(new[0][:-len(".json")] + ".eml", "rb") as f:
             eml = f.read()
         expected = ("\r\n".join(lines) + "\r\n").encode()
@@ -698,6 +701,8 @@ class LabThroughBothTiers(unittest.TestCase):
         found = wait_until(lambda: [p for p in self.stored("hub-transport")
                                     if token.encode() in read_bytes(p[:-len(".json")] + ".eml")], 10)
         self.assertTrue(found, "the message never reached the hub-transport store")
+        with open(found[0], encoding="utf-8") as f:
+            self.assertEqual(json.load(f)["via"], "DATA", "swaks straight to the host speaks DATA")
         with open(found[0], encoding="utf-8") as f:
             meta = json.load(f)
         self.assertTrue(meta["tls"], meta)

@@ -61,14 +61,15 @@ connection". `Authorization: Basic` is accepted there too (any password). Withou
 credentials: 401 with `WWW-Authenticate: NTLM` and `WWW-Authenticate: Basic realm="<name>"`.
 /owa and ActiveSync demand nothing but record a Basic user when one is sent.
 
-SMTP services: ESMTP with STARTTLS (same certificate), PIPELINING, SIZE, 8BITMIME and
-ENHANCEDSTATUSCODES. Only <CRLF>.<CRLF> ends DATA (a bare LF never does), and a leading
-dot is removed (un-dot-stuffing). Recipients outside the --accepted-domain domains get
+SMTP services: ESMTP with STARTTLS (same certificate), PIPELINING, SIZE, 8BITMIME,
+ENHANCEDSTATUSCODES and CHUNKING (BDAT, as Exchange offers it). Only <CRLF>.<CRLF> ends
+DATA (a bare LF never does), and a leading dot is removed (un-dot-stuffing); BDAT chunks
+are taken as they are. Recipients outside the --accepted-domain domains get
 `550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain`, as Exchange says.
 Each accepted message is stored as DIR/<service-name>/<queue-id>.eml (the message as
 received, un-dot-stuffed, without the final dot line) with a sidecar <queue-id>.json
 (queue_id, internal_id, mail_from, rcpts, peer, peer_port, ehlo, tls, size, sha256,
-service, role, time), the sidecar first, each by an atomic rename. The client gets
+service, role, time, via: DATA or BDAT), the sidecar first, each by an atomic rename. The client gets
 `250 2.6.0 <queue-id@fqdn> [InternalId=N] Queued mail for delivery`.
 
 Statistics, GET http://127.0.0.1:PORT/stats: JSON with `requests` per path prefix (owa,
@@ -1299,6 +1300,7 @@ class SmtpSession:
         self.mail_params = []
         self.rcpts = []
         self.refused = []
+        self.chunks = None   # BDAT octets so far (a bytearray) once BDAT started
 
     def log(self, event, **fields):
         obj = {"event": event, "time": now_iso(), "host": self.host.name, "service": self.service.name,
@@ -1402,6 +1404,7 @@ class SmtpSession:
             if self.tls is None and self.host.tls_context is not None:
                 lines.append("STARTTLS")
             lines.append("8BITMIME")
+            lines.append("CHUNKING")
             if self.peer[0] in self.host.xclient_from:
                 lines.append("XCLIENT LOGIN")
             self.reply(250, *lines)
@@ -1414,6 +1417,8 @@ class SmtpSession:
             return self.rcpt(arg)
         if verb == "DATA":
             return self.data(arg)
+        if verb == "BDAT":
+            return self.bdat(arg)
         if verb == "RSET":
             self.reset()
             self.reply(250, "2.0.0 Resetting")
@@ -1594,32 +1599,67 @@ class SmtpSession:
                     msg = bytearray()
                 else:
                     msg += line + b"\r\n"
+        self.finish(b"" if too_big else bytes(msg), too_big, "DATA")
+        return True
+
+    def bdat(self, arg):
+        """BDAT <size> [LAST] (RFC 3030): exactly <size> octets follow, read even when refused."""
+        parts = arg.split()
+        if not parts or not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
+            self.reply(501, "5.5.4 Invalid arguments")
+            return False   # where the octets end is unknown: close
+        size, last = int(parts[0]), len(parts) == 2
+        limit = self.host.max_message_size
+        if size > limit:
+            self.reply(552, "5.3.4 Message size exceeds fixed maximum message size")
+            return False
+        while len(self.buf) < size:
+            self.fill()
+        chunk = bytes(self.buf[:size])
+        del self.buf[:size]
+        self.pos = 0
+        if self.mail_from is None or not self.rcpts:
+            self.errors += 1
+            self.reply(503, "5.5.2 Need rcpt command" if self.mail_from is not None else "5.5.2 Need mail command")
+            return True
+        if self.chunks is None:
+            self.chunks = bytearray()
+        self.chunks += chunk
+        too_big = len(self.chunks) > limit
+        if too_big:
+            self.chunks = bytearray()
+        if not last and not too_big:
+            self.reply(250, "2.0.0 CHUNK received OK, %d octets" % size)
+            return True
+        self.finish(b"" if too_big else bytes(self.chunks), too_big, "BDAT")
+        return True
+
+    def finish(self, body, too_big, via):
+        """The end of a message (DATA or BDAT LAST): store it and say 250, or refuse it."""
         if too_big:
             self.log("smtp-message-refused", mail_from=self.mail_from, rcpts=self.rcpts, reason="too big")
             self.reply(552, "5.3.4 Message size exceeds fixed maximum message size")
             self.reset()
-            return True
-        body = bytes(msg)
+            return
         qid, internal = self.host.store.new_ids()
         meta = {"queue_id": qid, "internal_id": internal, "mail_from": self.mail_from, "rcpts": list(self.rcpts),
                 "rcpts_refused": list(self.refused), "mail_params": self.mail_params, "peer": self.peer[0],
                 "peer_port": self.peer[1], "ehlo": self.ehlo, "tls": self.tls, "size": len(body),
                 "sha256": hashlib.sha256(body).hexdigest(), "service": self.service.name,
                 "role": self.service.role, "host": self.host.name, "conn": self.id, "time": now_iso(),
-                "authenticated_as": self.login}
+                "authenticated_as": self.login, "via": via}
         try:
             self.host.store.put(self.service.name, qid, body, meta)
         except OSError as e:
             self.log("smtp-store-failed", error=str(e))
             self.reply(451, "4.3.0 Temporary server error. Please try again later")
             self.reset()
-            return True
+            return
         self.host.stats.smtp_event(self.service.name, "messages")
         self.host.stats.smtp_event(self.service.name, "bytes", len(body))
         self.log("message", **meta)
         self.reply(250, "2.6.0 <%s@%s> [InternalId=%d] Queued mail for delivery" % (qid, self.host.fqdn, internal))
         self.reset()
-        return True
 
 
 # ---------------------------------------------------------------- the host
