@@ -1,6 +1,7 @@
 #include "upstream.hpp"
 
 #include <sys/socket.h>
+#include <unistd.h>
 
 namespace dmz::proxy {
 
@@ -62,6 +63,23 @@ using namespace net;
             f = {502, fault_class::upstream_connect, "connecting to " + what + ": " + ec.message(), ""};
         co_return nullptr;
     }
+    // Boost 1.74's reactor added EPOLLOUT to this descriptor's epoll registration for the
+    // connect and never takes it off: every ACK of a request would then wake the worker,
+    // and a late wake-up leaves Asio's "try a read at once" flag set, so the next read of a
+    // response is a recvfrom that finds nothing. Registered afresh, the connection is
+    // watched for input only (writes that do not fit still add EPOLLOUT when they wait).
+    auto tls_state = s->release_tls();
+    auto fd = s->socket().release(ec);
+    tcp::socket fresh(io);
+    if (!ec) {
+        fresh.assign(ep.protocol(), fd, ec);
+        if (ec) ::close(fd);
+    }
+    if (ec) {
+        f = {502, fault_class::upstream_connect, "connected, but the socket could not be re-registered: " + ec.message(), ""};
+        co_return nullptr;
+    }
+    s.emplace(std::move(fresh), std::move(tls_state));
     s->socket().set_option(tcp::no_delay(true), ec);
     if (to.tls) {
         co_await s->handshake(false, ec);
