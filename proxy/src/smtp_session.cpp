@@ -403,7 +403,6 @@ private:
         pending_mail_.clear();
         up_mail_open_ = false;
         chunks_.reset();
-        bdat_failed_ = false;
         tx_ = access_record{};
         rcpt_count_ = 0;
     }
@@ -449,18 +448,14 @@ private:
             }
             if (lr == smtp::line_result::bare_lf || lr == smtp::line_result::bare_cr) {
                 // Framing in doubt: say so and stop, rather than guess where a command ends.
-                say("500 5.5.2 " + std::string(lr == smtp::line_result::bare_lf ? "bare LF" : "bare CR") +
-                    " in a command; closing");
-                tx_.fault = "bad-request";
-                close_transaction("", "");
+                end_in_doubt("500 5.5.2 " + std::string(lr == smtp::line_result::bare_lf ? "bare LF" : "bare CR") +
+                             " in a command; closing");
                 co_return;
             }
             if (lr == smtp::line_result::too_long) {
                 if (names_bdat(in_.data())) {
                     // Octets follow a BDAT line, and how many is unknown: stop.
-                    say("500 5.5.2 Line too long in a BDAT command; closing");
-                    tx_.fault = "bad-request";
-                    close_transaction("", "");
+                    end_in_doubt("500 5.5.2 Line too long in a BDAT command; closing");
                     co_return;
                 }
                 say("500 5.5.2 Line too long (the limit is 512 octets)");
@@ -474,9 +469,7 @@ private:
             std::string err;
             if (!smtp::parse_command(text, cmd, err)) {
                 if (names_bdat(text)) {
-                    say("501 5.5.4 Syntax: BDAT <size> [LAST]; closing");
-                    tx_.fault = "bad-request";
-                    close_transaction("", "");
+                    end_in_doubt("501 5.5.4 Syntax: BDAT <size> [LAST]; closing");
                     co_return;
                 }
                 say(err);
@@ -490,6 +483,15 @@ private:
             if (r == 0 && ++bad >= max_bad_commands) break;
         }
         say("421 4.7.0 " + name_ + " too many errors, closing");
+        close_transaction("", "");
+    }
+
+    /// The client's bytes can no longer be framed (or are not worth reading): the last
+    /// reply, the open transaction logged as a bad request, and the session ends.
+    void end_in_doubt(const std::string& reply, const std::string& detail = "") {
+        say(reply);
+        tx_.fault = "bad-request";
+        if (!detail.empty()) tx_.detail = detail;
         close_transaction("", "");
     }
 
@@ -982,25 +984,20 @@ private:
         if (ok && sp != std::string_view::npos) ok = last = rules::to_lower(std::string(arg.substr(sp + 1))) == "last";
         if (!ok) {
             // How many octets follow is unknown: framing in doubt, so say so and stop.
-            say("501 5.5.4 Syntax: BDAT <size> [LAST]; closing");
-            tx_.fault = "bad-request";
-            tx_.detail = "a malformed BDAT command";
-            close_transaction("", "");
+            end_in_doubt("501 5.5.4 Syntax: BDAT <size> [LAST]; closing", "a malformed BDAT command");
             co_return -1;
         }
         if (size > lcfg().limits.max_message_size) {
             // Reading and dropping that many octets is no use to anyone: refuse and stop.
-            say("552 5.3.4 A chunk bigger than the maximum message size (" +
-                std::to_string(lcfg().limits.max_message_size) + "); closing");
-            tx_.fault = "bad-request";
-            tx_.detail = "a BDAT chunk of " + std::to_string(size) + " octets";
-            close_transaction("", "");
+            end_in_doubt("552 5.3.4 A chunk bigger than the maximum message size (" +
+                             std::to_string(lcfg().limits.max_message_size) + "); closing",
+                         "a BDAT chunk of " + std::to_string(size) + " octets");
             co_return -1;
         }
         std::string refusal;
         if (!in_transaction_) refusal = "503 5.5.1 Need MAIL before BDAT";
         else if (tx_.rcpt_accepted.empty()) refusal = "554 5.5.1 No valid recipients";
-        else if (bdat_failed_) refusal = "503 5.5.1 An earlier BDAT of this transaction failed; send RSET";
+        else if (chunks_ && !chunks_->refusal().empty()) refusal = "503 5.5.1 An earlier BDAT of this transaction failed; send RSET";
         bool take = refusal.empty();
         if (take && !chunks_) chunks_.emplace(lcfg().limits.max_message_size, true);
         for (std::uint64_t left = size; left > 0;) {
@@ -1028,10 +1025,7 @@ private:
             tx_.fault = "bad-request";
             tx_.detail = chunks_->refusal();
             tx_.size = chunks_->size();
-            if (!last) {
-                bdat_failed_ = true;  // the client should RSET; further chunks are refused
-                co_return 1;
-            }
+            if (!last) co_return 1;  // the client should RSET; further chunks are refused
             if (!co_await reset_upstream()) co_return co_await upstream_lost();
             close_transaction("", "");
             co_return 1;
@@ -1077,7 +1071,8 @@ private:
         if (!relay_reply(r)) co_return -1;
         close_transaction(std::to_string(r.code) + " " + r.text(), r.code / 100 == 2 ? smtp::queue_id(r) : "");
         if (up_chunking_ && r.code / 100 != 2) {
-            // A refused BDAT leaves the upstream's transaction to be reset (RFC 3030 2).
+            // A refused BDAT leaves the upstream's transaction to be reset (RFC 3030 2); the
+            // transaction is logged already, so this RSET goes out unconditionally.
             smtp::reply rr;
             if (!co_await exchange_upstream("RSET", rr)) co_return co_await upstream_lost();
         }
@@ -1139,8 +1134,9 @@ private:
     std::string pending_mail_;
     /// MAIL went upstream in this transaction (accepted or not): RSET resets it there.
     bool up_mail_open_ = false;
-    std::optional<smtp::data_reader> chunks_;  ///< the BDAT chunks of this transaction so far
-    bool bdat_failed_ = false;                 ///< a chunk was refused: the client must RSET
+    /// The BDAT chunks of this transaction so far. Once its reader has refused the message,
+    /// further chunks are refused until RSET.
+    std::optional<smtp::data_reader> chunks_;
     std::uint64_t rcpt_count_ = 0;
     access_record tx_;
 };

@@ -156,6 +156,11 @@ class SmtpTiers(unittest.TestCase):
     def swaks(self, *args, source=h.CLIENT, timeout=60):
         return s.swaks("-s", h.FE_EXTERNAL, "-p", str(self.ports["fe"]), "-li", source, *args, timeout=timeout)
 
+    def transaction(self, c, rcpt="admin@contoso.com"):
+        """MAIL and one RCPT, both accepted."""
+        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
+        self.assertEqual(c.cmd("RCPT TO:<%s>" % rcpt).code, 250)
+
     def tls_client(self, source=h.CLIENT):
         c = self.client(source)
         self.assertEqual(c.ehlo().code, 250)
@@ -512,8 +517,7 @@ class Smuggling(SmtpTiers):
 
     def check_variant(self, variant):
         c = self.ready()
-        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
-        self.assertEqual(c.cmd("RCPT TO:<admin@contoso.com>").code, 250)
+        self.transaction(c)
         self.assertEqual(c.cmd("DATA").code, 354)
         for w in s.smuggling_writes(variant):
             c.send(w)
@@ -899,8 +903,7 @@ class DeferredMail(SmtpTiers):
     def test_starttls_inside_a_transaction_is_503(self):
         self.up()
         c = self.ready()
-        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
-        self.assertEqual(c.cmd("RCPT TO:<admin@contoso.com>").code, 250)
+        self.transaction(c)
         r = c.cmd("STARTTLS")
         self.assertEqual(r.code, 503, r)
         self.assertEqual(c.cmd("RSET").code, 250)
@@ -909,8 +912,7 @@ class DeferredMail(SmtpTiers):
     def test_ehlo_mid_transaction_resets_it_upstream_too(self):
         self.up()
         c = self.ready()
-        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
-        self.assertEqual(c.cmd("RCPT TO:<first@contoso.com>").code, 250)
+        self.transaction(c, "first@contoso.com")
         self.assertEqual(c.ehlo().code, 250)
         rs = c.send_mail("b@example.net", ["second@contoso.com"], message("after EHLO"))
         self.assertEqual([r.code for r in rs], [250, 250, 354, 250], "%r\n%s" % (rs, self.diag()))
@@ -932,10 +934,6 @@ def bdat(chunk, last=False):
 class Chunking(SmtpTiers):
     """Each tier takes BDAT and offers CHUNKING; between tiers the message goes by BDAT (no
     354 round trip), and to an upstream without CHUNKING by DATA, dot-stuffed."""
-
-    def transaction(self, c, rcpt="admin@contoso.com"):
-        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
-        self.assertEqual(c.cmd("RCPT TO:<%s>" % rcpt).code, 250)
 
     def test_bdat_chunks_reach_a_data_only_sink_intact(self):
         self.up()
@@ -1216,8 +1214,7 @@ class Timeouts(SmtpTiers):
     def test_idle_in_transaction_nothing_stored(self):
         self.up(fe_listener={"timeouts": {"command": "2s"}})
         c = self.ready()
-        self.assertEqual(c.cmd("MAIL FROM:<a@example.net>").code, 250)
-        self.assertEqual(c.cmd("RCPT TO:<admin@contoso.com>").code, 250)
+        self.transaction(c)
         self.assertEqual(c.cmd("DATA").code, 354)
         c.send(b"Subject: half\r\n\r\nhalf a message\r\n")
         r = c.reply(timeout=15.0)
