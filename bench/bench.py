@@ -220,6 +220,7 @@ def cert_files(tmp):
 class Contender:
     name = "?"
     smtp = True   # publishes SMTP (nginx-light has no mail or stream module)
+    floor = False  # a byte relay: plain throughput only
 
     def __init__(self, tmp, binary=None):
         self.tmp = os.path.join(tmp, self.name)
@@ -232,7 +233,8 @@ class Contender:
         wait_listening(BE, P_BE)
         self.fe = Proc("fe", self.argv("fe"), self.tmp)
         wait_listening(FE, P_FE)
-        wait_listening(FE, P_FE_TLS)
+        if not self.floor:
+            wait_listening(FE, P_FE_TLS)
         if self.smtp:
             wait_listening(FE, P_SMTP_FE)
 
@@ -422,6 +424,28 @@ class Haproxy(Contender):
         return ["haproxy", "-db", "-f", path]
 
 
+class Relay(Contender):
+    """The floor (bench/relay.c): a two-tier chain of byte relays, one upstream connection
+    per client connection. What any proxy with this I/O model costs before it parses,
+    checks or rewrites anything."""
+    smtp = False
+    floor = True
+
+    def argv(self, tier):
+        listen, nxt = ((FE, P_FE), (BE, P_BE)) if tier == "fe" else ((BE, P_BE), (ORIGIN, P_ORIGIN))
+        return [self.binary, self.mode, listen[0], str(listen[1]), nxt[0], str(nxt[1])]
+
+
+class RelayEpoll(Relay):
+    name = "relay-epoll"
+    mode = "epoll"
+
+
+class RelayUring(Relay):
+    name = "relay-uring"
+    mode = "uring"
+
+
 # ---------------------------------------------------------------- measurements
 
 def wrk(url, seconds, conns=50):
@@ -596,11 +620,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dmzproxy", required=True)
     ap.add_argument("--upload-tool", required=True, help="bench/upload.c, built")
+    ap.add_argument("--relay-tool", help="bench/relay.c, built: the relay-epoll and relay-uring floors")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=5000)
     ap.add_argument("--upload-mib", type=int, default=1024)
-    ap.add_argument("--only", default="dmzproxy,nginx,haproxy")
+    ap.add_argument("--only", default="dmzproxy,nginx,haproxy,relay-epoll,relay-uring")
     ap.add_argument("--skip", default="")
     ap.add_argument("--json", help="also write the raw results here")
     a = ap.parse_args()
@@ -665,9 +690,13 @@ def main():
                 u = json.loads(out)
                 rates.append((a.upload_mib << 20) / 1e6 / (u["end"] - u["start"]))
             results["origin direct"]["upload_mb_s"] = median(rates)
-        classes = {"dmzproxy": Dmzproxy, "nginx": Nginx, "haproxy": Haproxy}
+        classes = {"dmzproxy": Dmzproxy, "nginx": Nginx, "haproxy": Haproxy, "relay-epoll": RelayEpoll, "relay-uring": RelayUring}
         names = a.only.split(",")
-        chains = {name: classes[name](tmp, a.dmzproxy if name == "dmzproxy" else None) for name in names}
+        if not a.relay_tool:
+            names = [n for n in names if not classes[n].floor]
+        binaries = {"dmzproxy": a.dmzproxy, "relay-epoll": a.relay_tool, "relay-uring": a.relay_tool}
+        chains = {name: classes[name](tmp, binaries.get(name)) for name in names}
+        proxies = [n for n in names if not chains[n].floor]   # the floors take part in throughput only
         for name in names:
             results[name] = {}
 
@@ -690,17 +719,17 @@ def main():
 
         if "throughput" not in skip:
             def one_throughput(name, c):
-                r = {m: throughput(c, a.duration, m == "tls") for m in ("plain", "tls")}
+                r = {m: throughput(c, a.duration, m == "tls") for m in (("plain",) if c.floor else ("plain", "tls"))}
                 log("%s: %s" % (name, "; ".join("%s %.0f req/s, p99 %.2f ms, CPU FE/BE %.1f/%.1f us" % (
                     m, x["rps"], x["p99"], x["cpu_us_front-end"], x["cpu_us_back-end"]) for m, x in r.items())))
                 return r
             tp = rounds(a.runs, "throughput", one_throughput)
             for name in names:
                 results[name]["rounds"] = {
-                    "plain": [x["plain"]["rps"] for x in tp[name]], "tls": [x["tls"]["rps"] for x in tp[name]],
+                    "plain": [x["plain"]["rps"] for x in tp[name]], "tls": [x["tls"]["rps"] for x in tp[name] if "tls" in x],
                     "p99": [x["plain"]["p99"] for x in tp[name]],
                     "cpu": [x["plain"]["cpu_us_front-end"] + x["plain"]["cpu_us_back-end"] for x in tp[name]]}
-                for mode in ("plain", "tls"):
+                for mode in [m for m in ("plain", "tls") if m in tp[name][0]]:
                     rs = [x[mode] for x in tp[name]]
                     r = results[name][mode] = {k: median([x[k] for x in rs])
                                                for k in ("rps", "p50", "p99", "cpu_us_front-end", "cpu_us_back-end")}
@@ -709,8 +738,8 @@ def main():
         if "memory" not in skip:
             for tls in (False, True):
                 idle = rounds(a.runs, "idle connections" + (" (TLS)" if tls else ""),
-                              lambda name, c: idle_memory(c, a.connections, tls))
-                for name in names:
+                              lambda name, c: idle_memory(c, a.connections, tls), proxies)
+                for name in proxies:
                     results[name]["idle_kib_tls" if tls else "idle_kib_plain"] = median(idle[name])
 
             def held_one(name, c):
@@ -718,8 +747,8 @@ def main():
                 if n < a.connections:
                     log("%s: only %d of %d held requests reached the origin" % (name, n, a.connections))
                 return held
-            helds = rounds(a.runs, "held requests", held_one)
-            for name in names:
+            helds = rounds(a.runs, "held requests", held_one, proxies)
+            for name in proxies:
                 results[name]["held_kib"] = {k: median([x[k] for x in helds[name]]) for k in helds[name][0]}
         smtp_names = [n for n in names if chains[n].smtp]
         if "smtp" not in skip and smtp_names:
@@ -735,8 +764,8 @@ def main():
                 log("%s: smtp %s msg/s, CPU µs/msg %s" % (name, ["%.0f" % x["msgs_s"] for x in sm[name]],
                                                         {k: "%.0f" % v for k, v in r["smtp_cpu_us"].items()}))
         if "upload" not in skip:
-            ups = rounds(a.runs, "upload", lambda name, c: upload(c, a.upload_mib << 20, a.upload_tool))
-            for name in names:
+            ups = rounds(a.runs, "upload", lambda name, c: upload(c, a.upload_mib << 20, a.upload_tool), proxies)
+            for name in proxies:
                 r = results[name]
                 r["upload_mb_s"] = median([u["mb_s"] for u in ups[name]])
                 r["upload_first_byte_ms"] = median([u["first_byte_ms"] for u in ups[name]])
@@ -768,7 +797,7 @@ def report(res, a):
         print("| origin direct | %s | | %s | | | | %s | | | |" % (
             "%.0f" % d["rps"] if "rps" in d else "", "%.2f / %.2f" % (d["p50"], d["p99"]) if "rps" in d else "",
             "%.0f" % d["upload_mb_s"] if "upload_mb_s" in d else ""))
-    for name in ("dmzproxy", "nginx", "haproxy"):
+    for name in ("dmzproxy", "nginx", "haproxy", "relay-epoll", "relay-uring"):
         r = res.get(name)
         if not r:
             continue
@@ -776,13 +805,13 @@ def report(res, a):
         ref = ng if ng and "plain" in ng and name != "nginx" else None
         cells = ["", "", "", ""] if not p else [
             "%.0f%s" % (p["rps"], ratio(p["rps"], ref["plain"]["rps"]) if ref else ""),
-            "%.0f%s" % (t["rps"], ratio(t["rps"], ref["tls"]["rps"]) if ref else ""),
+            "%.0f%s" % (t["rps"], ratio(t["rps"], ref["tls"]["rps"]) if ref else "") if t else "",
             "%.2f / %.2f%s" % (p["p50"], p["p99"], ratio(p["p99"], ref["plain"]["p99"]) if ref else ""),
             "%.1f / %.1f%s" % (p["cpu_us_front-end"], p["cpu_us_back-end"],
                                ratio(p["cpu_us_front-end"] + p["cpu_us_back-end"],
                                      ref["plain"]["cpu_us_front-end"] + ref["plain"]["cpu_us_back-end"]) if ref else ""),
         ]
-        if "idle_kib_plain" in r:
+        if r.get("idle_kib_plain") is not None:
             cells.append("%.2f / %.2f" % (r["idle_kib_plain"], r["idle_kib_tls"]))
             cells.append("%.2f / %.2f" % (r["held_kib"]["front-end"], r["held_kib"]["back-end"]))
         else:
@@ -812,6 +841,7 @@ def report(res, a):
     lines = []
     for name, ref_name, keys in (("dmzproxy", "nginx", ("plain", "tls", "p99", "cpu")),
                                  ("haproxy", "nginx", ("plain", "tls", "p99", "cpu")),
+                                 ("relay-epoll", "nginx", ("plain", "cpu")), ("relay-uring", "nginx", ("plain", "cpu")),
                                  ("dmzproxy", "haproxy", ("upload", "smtp"))):
         mine, ref = res.get(name, {}).get("rounds", {}), res.get(ref_name, {}).get("rounds", {})
         for k in keys:
