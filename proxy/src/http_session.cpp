@@ -60,14 +60,16 @@ bool connection_auth(std::string_view v) { return starts_with_nocase(v, "ntlm") 
 
 /// Fields this tier never copies from one hop to the next: hop-by-hop fields, framing it
 /// re-creates, and the forwarding fields it writes itself.
-bool dropped_field(std::string_view n) {
-    static constexpr std::string_view names[] = {
-        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-        "proxy-authenticate", "proxy-authorization", "content-length", "host", "via", "x-forwarded-for",
-        "forwarded", "x-forwarded-proto", "x-forwarded-host"};
-    for (auto x : names)
-        if (http::iequals(n, x)) return true;
-    return false;
+bool dropped_field(http::field_id id) {
+    using enum http::field_id;
+    switch (id) {
+    case connection: case keep_alive: case proxy_connection: case te: case trailer: case transfer_encoding: case upgrade:
+    case proxy_authenticate: case proxy_authorization: case content_length: case host: case via: case x_forwarded_for:
+    case forwarded: case x_forwarded_proto: case x_forwarded_host:
+        return true;
+    default:
+        return false;
+    }
 }
 
 bool named_in(const std::vector<std::string>& tokens, std::string_view n) {
@@ -107,10 +109,19 @@ bool via_names(std::string_view via, std::string_view name) {
 
 
 void append_field(std::string& out, std::string_view name, std::string_view value) {
-    out.append(name);
-    out += ": ";
-    out.append(value);
-    out += "\r\n";
+    // One resize and two copies, not four appends (a head has a dozen fields, twice per
+    // request).
+    std::size_t at = out.size();
+    out.resize(at + name.size() + value.size() + 4);
+    char* p = out.data() + at;
+    if (!name.empty()) std::memcpy(p, name.data(), name.size());  // an empty view may hold nullptr
+    p += name.size();
+    *p++ = ':';
+    *p++ = ' ';
+    if (!value.empty()) std::memcpy(p, value.data(), value.size());
+    p += value.size();
+    *p++ = '\r';
+    *p = '\n';
 }
 
 std::string hex(std::size_t n) {
@@ -397,7 +408,7 @@ private:
     /// The value of cookie `name` in the request's Cookie fields, or "".
     static std::string cookie_value(const http::request_head& head, std::string_view name) {
         for (auto& f : head.fields) {
-            if (!http::iequals(f.name, "cookie")) continue;
+            if (f.id != http::field_id::cookie) continue;
             std::string_view c = f.value;
             while (!c.empty()) {
                 auto semi = c.find(';');
@@ -583,7 +594,7 @@ private:
             hl.max_fields += 16;
             hl.max_request_line += 1024;
         }
-        http::request_head head;
+        http::request_head& head = head_;
         http::parse_error perr;
         bool got_bytes = !in_.empty();
         bool parse_now = got_bytes;  // pipelined bytes from the previous request
@@ -656,7 +667,7 @@ private:
 
         // The same instance in Via: the request went around (TMG 12206).
         for (auto& f : head.fields)
-            if (http::iequals(f.name, "via") && via_names(f.value, rt_->name)) {
+            if (f.id == http::field_id::via && via_names(f.value, rt_->name)) {
                 in_.consume(head.head_size);
                 {
                     // Named, not a temporary in the co_await: GCC 12 destroys those twice.
@@ -672,7 +683,7 @@ private:
         if (trusted_peer_) {
             std::string_view last;
             for (auto& f : head.fields)
-                if (http::iequals(f.name, "x-forwarded-for")) {
+                if (f.id == http::field_id::x_forwarded_for) {
                     auto v = f.value;
                     auto comma = v.rfind(',');
                     last = comma == std::string_view::npos ? v : v.substr(comma + 1);
@@ -718,7 +729,7 @@ private:
 
         // ---- authenticate (basic and forms listeners validate Basic credentials) ----
         bool validates = lcfg().auth == rules::auth_mode::basic || lcfg().auth == rules::auth_mode::forms;
-        auto authz = head.get("authorization");
+        auto authz = head.get(http::field_id::authorization);
         if (validates && starts_with_nocase(authz, "basic ")) {
             user.clear();
             groups.clear();
@@ -808,7 +819,7 @@ private:
         bool rewrite_cookie = false;
         if (rule.exchange_guards) {
             for (auto& fld : head.fields) {
-                if (http::iequals(fld.name, "cookie")) {
+                if (fld.id == http::field_id::cookie) {
                     if (rules::contains_nocase(fld.value, "x-beresource=") || rules::contains_nocase(fld.value, "x-anonresource-backend")) {
                         in_.consume(head.head_size);
                         {
@@ -822,7 +833,7 @@ private:
                     if (rules::path_has_prefix(d.path.path, "/ecp") && rules::contains_nocase(fld.value, "securitytoken="))
                         rewrite_cookie = true;
                 }
-                if (http::iequals(fld.name, "x-rps-cat")) {
+                if (fld.id == http::field_id::x_rps_cat) {
                     in_.consume(head.head_size);
                     {
                         // Named, not a temporary in the co_await: GCC 12 destroys those twice.
@@ -874,12 +885,12 @@ private:
                                                                                                    : head.host);
         std::string via;
         for (auto& fld : head.fields) {
-            if (http::iequals(fld.name, "via")) {
+            if (fld.id == http::field_id::via) {
                 if (!via.empty()) via += ", ";
                 via.append(fld.value);
             }
-            if (dropped_field(fld.name) || named_in(head.connection_tokens, fld.name)) continue;
-            if (http::iequals(fld.name, "authorization")) {
+            if (dropped_field(fld.id) || named_in(head.connection_tokens, fld.name)) continue;
+            if (fld.id == http::field_id::authorization) {
                 // Delegation: none strips; basic forwards what this tier validated; pass-through
                 // leaves the client's own (NTLM/Negotiate) for the upstream.
                 if (deleg == rules::delegation::none) continue;
@@ -887,7 +898,7 @@ private:
                 if (deleg == rules::delegation::basic && (!validates || !starts_with_nocase(fld.value, "basic "))) continue;
                 if (connection_auth(fld.value)) auth_on_connection = true;
             }
-            if ((rewrite_cookie || forms) && http::iequals(fld.name, "cookie")) {
+            if ((rewrite_cookie || forms) && fld.id == http::field_id::cookie) {
                 // Exchange never sees this tier's session cookie, nor an ECP SecurityToken.
                 std::string c(fld.value);
                 if (rewrite_cookie) c = without_cookie(c, "SecurityToken");
@@ -1100,7 +1111,7 @@ private:
         };
 
         // ---- the response head ----
-        http::response_head resp;
+        http::response_head& resp = resp_;
         http::parse_error perr;
         http::limits rl{8192, 64 * 1024, 200};
         while (true) {
@@ -1193,7 +1204,7 @@ private:
         rec.status = resp.status;
 
         for (auto& fld : resp.fields)
-            if (http::iequals(fld.name, "www-authenticate") && connection_auth(fld.value)) auth_on_connection = true;
+            if (fld.id == http::field_id::www_authenticate && connection_auth(fld.value)) auth_on_connection = true;
 
         // ---- the response head toward the client ----
         bool chunk_to_client = resp.body == http::body_kind::chunked && !http10;
@@ -1209,11 +1220,11 @@ private:
         rh += "\r\n";
         std::string via;
         for (auto& fld : resp.fields) {
-            if (http::iequals(fld.name, "via")) {
+            if (fld.id == http::field_id::via) {
                 if (!via.empty()) via += ", ";
                 via.append(fld.value);
             }
-            if (dropped_field(fld.name) || named_in(resp.connection_tokens, fld.name)) continue;
+            if (dropped_field(fld.id) || named_in(resp.connection_tokens, fld.name)) continue;
             append_field(rh, fld.name, fld.value);
         }
         via += (via.empty() ? "" : ", ") + std::string("1.1 ") + rt_->name;
@@ -1223,7 +1234,7 @@ private:
         else if (chunk_to_client) append_field(rh, "Transfer-Encoding", "chunked");
         else if (method == "HEAD" || resp.status == 304) {
             // No body follows, but Content-Length describes the representation: keep it.
-            auto cl = resp.get("content-length");
+            auto cl = resp.get(http::field_id::content_length);
             if (!cl.empty()) append_field(rh, "Content-Length", cl);
         } else if (resp.body == http::body_kind::none && resp.status != 204) {
             append_field(rh, "Content-Length", "0");
@@ -1599,6 +1610,10 @@ private:
     bool relay_next_ = false, answer_next_ = false;
     std::optional<watchdog> up_dog_;  ///< the upstream read deadline while an answer is awaited
     access_record rec_;  ///< the current transaction's
+    /// The current request's and response's heads: members, so that their field vectors
+    /// are allocated once per connection, not once per request.
+    http::request_head head_;
+    http::response_head resp_;
     bool resumed_ = false;  ///< came back from the parking lot
     std::uint32_t served_ = 0;  ///< transactions this session object has run
     std::shared_ptr<upstream_conn> watch_up_;

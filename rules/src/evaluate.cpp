@@ -123,19 +123,21 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
         return d;
     }
     bool web = lst->proto != protocol::smtp;
-    std::optional<normalized_target> norm;
+    const normalized_target* norm = nullptr;
     if (web && f.target) {
-        norm = normalize_target(*f.target);
-        d.path = *norm;
+        d.path = normalize_target(*f.target);
+        norm = &d.path;
     }
     const rule* auth_candidate = nullptr;
     using o_t = examined_rule::outcome;
 
     for (auto& r : cfg_.rules) {
-        examined_rule ex{"", r.where, o_t::failed, "", ""};
+        // Filled only for a trace: the per-request path copies nothing per rule.
+        examined_rule ex{};
         auto note = [&](o_t result) {
             if (!opts.trace) return;
             ex.rule = r.name;
+            ex.where = r.where;
             ex.result = result;
             d.trace.push_back(std::move(ex));
         };
@@ -240,8 +242,10 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
             continue;
         }
         if (undecided) {
-            ex.condition = undecided_cond;
-            ex.reason = std::string(undecided_cond) + " not known yet";
+            if (opts.trace) {
+                ex.condition = undecided_cond;
+                ex.reason = std::string(undecided_cond) + " not known yet";
+            }
             note(o_t::undecided);
             d.result = verdict::undecided;
             d.why = fault::none;

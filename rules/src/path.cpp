@@ -102,6 +102,21 @@ bool contains_nocase(std::string_view haystack, std::string_view needle) {
 
 normalized_target normalize_target(std::string_view target) {
     normalized_target out;
+    // The common case, checked in one pass: printable ASCII with no escape, fragment or
+    // backslash, and no segment starting with '.'. Such a path is already normal, and
+    // decoding changes nothing; the full pass below gives the same result.
+    bool plain = !target.empty() && target.front() == '/';
+    for (std::size_t i = 0; plain && i < target.size(); ++i) {
+        char c = target[i];
+        plain = c > 0x20 && c < 0x7f && c != '%' && c != '#' && c != '\\' && !(c == '.' && target[i - 1] == '/');
+    }
+    if (plain) {
+        auto q = target.find('?');
+        out.path = std::string(target.substr(0, q));
+        if (q != std::string_view::npos) out.query = std::string(target.substr(q + 1));
+        out.decoded = std::string(target);
+        return out;
+    }
     auto qpos = target.find('?');
     std::string_view raw_path = target.substr(0, qpos);
     if (qpos != std::string_view::npos) out.query = std::string(target.substr(qpos + 1));

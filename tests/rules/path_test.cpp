@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cctype>
+#include <cstdio>
 #include <ostream>
 #include <string>
 #include <string_view>
@@ -133,6 +134,36 @@ TEST(Normalize, DecodedHoldsPathAndQueryDecodedOnce) {
     auto p = normalize_target("/o%77a/a%20b");
     EXPECT_EQ(p.decoded, "/owa/a b");
     EXPECT_EQ(p.path, "/owa/a%20b");
+}
+
+// A plain target (printable ASCII, no escape, fragment, backslash or segment starting with
+// '.') takes a one-pass shortcut. Spelling one of its path letters as an unreserved escape
+// sends the same target through the full pass: both must agree.
+TEST(Normalize, PlainTargetsShortcutAgreesWithTheFullPass) {
+    for (std::string t : {"/owa/", "/", "/owa", "/OWA/x", "//owa//x/", "/owa/a.b/c.", "/owa/x..y/", "/ews/Exchange.asmx",
+                          "/owa/?ae=Folder&t=IPF.Note", "/owa/?a=b?c", "/Microsoft-Server-ActiveSync?Cmd=Ping&User=a/../b",
+                          "/rpc/rpcproxy.dll?ex01.contoso.com:6001", "/owa/~user/+x!$&'()*,;=:@", "/mapi/emsmdb/?MailboxId=a@b.c"}) {
+        auto q = t.find('?');
+        auto letter = t.find_first_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ");
+        auto fast = normalize_target(t);
+        EXPECT_TRUE(fast.safe()) << t << ": " << fast.unsafe;
+        EXPECT_EQ(fast.decoded, t);
+        if (letter == std::string::npos || letter > q) continue;  // "/": no letter in the path
+        char hex[4];
+        std::snprintf(hex, sizeof hex, "%%%02X", static_cast<unsigned char>(t[letter]));
+        auto escaped = t.substr(0, letter) + hex + t.substr(letter + 1);
+        auto full = normalize_target(escaped);
+        EXPECT_TRUE(full.safe()) << escaped << ": " << full.unsafe;
+        EXPECT_EQ(fast.path, full.path) << t;
+        EXPECT_EQ(fast.query, full.query) << t;
+        EXPECT_EQ(fast.decoded, full.decoded) << t;
+    }
+    // What the shortcut must leave to the full pass.
+    EXPECT_FALSE(normalize_target("/owa/./../../ecp").safe());
+    EXPECT_EQ(normalize_target("/owa/.x/").path, "/owa/.x/");
+    EXPECT_FALSE(normalize_target("/owa/a\\b").safe());
+    EXPECT_FALSE(normalize_target("/owa/#x").safe());
+    EXPECT_FALSE(normalize_target(std::string("/owa/\x01")).safe());
 }
 
 TEST(Normalize, RefusedTargetsKeepTheRawPath) {

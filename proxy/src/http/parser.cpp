@@ -97,11 +97,56 @@ std::size_t find_head_end(std::string_view in, std::size_t start, parse_error& e
     return 0;
 }
 
+/// Whether none of the 8 bytes of `w` is below 0x20 or is 0x7f: a stretch of field value
+/// with no tab, CR or control byte (those go through the byte table).
+inline bool plain_value_word(std::uint64_t w) {
+    constexpr std::uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    std::uint64_t below = (w - ones * 0x20) & ~w & highs;
+    std::uint64_t x = w ^ (ones * 0x7f);
+    std::uint64_t del = (x - ones) & ~x & highs;
+    return (below | del) == 0;
+}
+
+/// One well-formed field line at the start of `lines` ("name:value" up to its CR, with a
+/// token name and value bytes only), in one pass. Returns the bytes it used (CRLF
+/// included), or 0 for anything else, which the careful path then words as an error.
+/// `lines` ends with a CRLF, and every CR in it is followed by LF (find_head_end).
+std::size_t plain_field_line(std::string_view lines, field& f) {
+    const char* p = lines.data();
+    const char* end = p + lines.size();
+    const char* q = p;
+    while (q < end && chars.token[static_cast<unsigned char>(*q)]) ++q;
+    if (q == p || q == end || *q != ':') return 0;
+    const char* v = q + 1;
+    const char* r = v;
+    while (end - r >= 8) {
+        std::uint64_t w;
+        std::memcpy(&w, r, 8);
+        if (!plain_value_word(w)) break;
+        r += 8;
+    }
+    while (r < end && chars.value[static_cast<unsigned char>(*r)]) ++r;
+    if (r + 1 >= end || *r != '\r') return 0;
+    std::string_view name(p, static_cast<std::size_t>(q - p)), value(v, static_cast<std::size_t>(r - v));
+    while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
+    while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
+    f = {name, value, classify_field(name)};
+    return static_cast<std::size_t>(r + 2 - p);
+}
+
 /// Parses field lines from `lines` (each ending in CRLF, the blank line excluded).
 bool parse_fields(std::string_view lines, const limits& lim, std::vector<field>& out, parse_error& err, int status) {
     out.clear();
     out.reserve(24);  // one allocation for a typical head, not five as the vector doubles
     while (!lines.empty()) {
+        field f;
+        if (auto used = plain_field_line(lines, f)) {
+            if (out.size() >= lim.max_fields)
+                return fail(err, status == 400 ? 431 : status, "too-many-fields", "more than " + std::to_string(lim.max_fields) + " fields");
+            out.push_back(f);
+            lines.remove_prefix(used);
+            continue;
+        }
         auto eol = lines.find("\r\n");
         auto line = lines.substr(0, eol);
         lines.remove_prefix(eol + 2);
@@ -125,9 +170,18 @@ bool parse_fields(std::string_view lines, const limits& lim, std::vector<field>&
         while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
         if (out.size() >= lim.max_fields)
             return fail(err, status == 400 ? 431 : status, "too-many-fields", "more than " + std::to_string(lim.max_fields) + " fields");
-        out.push_back({name, value});
+        out.push_back({name, value, classify_field(name)});
     }
     return true;
+}
+
+/// A fresh head that keeps the field vector's memory.
+template <class Head>
+void reset(Head& h) {
+    auto fields = std::move(h.fields);
+    fields.clear();
+    h = Head{};
+    h.fields = std::move(fields);
 }
 
 template <class F>
@@ -156,10 +210,10 @@ framing scan_framing(const std::vector<field>& fields) {
     bool cl_seen = false;
     std::vector<std::string_view> codings;
     for (auto& x : fields) {
-        if (iequals(x.name, "transfer-encoding")) {
+        if (x.id == field_id::transfer_encoding) {
             f.has_te = true;
             for_each_list_item(x.value, [&](std::string_view c) { codings.push_back(c); });
-        } else if (iequals(x.name, "content-length")) {
+        } else if (x.id == field_id::content_length) {
             f.has_cl = true;
             for_each_list_item(x.value, [&](std::string_view c) {
                 std::uint64_t v = 0;
@@ -177,7 +231,7 @@ framing scan_framing(const std::vector<field>& fields) {
                     cl_seen = true;
                 }
             });
-        } else if (iequals(x.name, "connection")) {
+        } else if (x.id == field_id::connection) {
             for_each_list_item(x.value, [&](std::string_view t) {
                 if (t.empty()) return;
                 std::string l(t);
@@ -263,14 +317,46 @@ bool is_token(std::string_view s) {
     return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return chars.token[static_cast<unsigned char>(c)]; });
 }
 
+field_id classify_field(std::string_view n) {
+    using enum field_id;
+    auto is = [&](std::string_view lower_name) { return iequals(n, lower_name); };
+    switch (n.size()) {
+    case 2: return is("te") ? te : other;
+    case 3: return is("via") ? via : other;
+    case 4: return is("host") ? host : other;
+    case 6: return is("cookie") ? cookie : is("expect") ? expect : other;
+    case 7: return is("trailer") ? trailer : is("upgrade") ? upgrade : other;
+    case 9: return is("forwarded") ? forwarded : is("x-rps-cat") ? x_rps_cat : other;
+    case 10: return is("connection") ? connection : is("keep-alive") ? keep_alive : other;
+    case 13: return is("authorization") ? authorization : other;
+    case 14: return is("content-length") ? content_length : other;
+    case 15: return is("x-forwarded-for") ? x_forwarded_for : other;
+    case 16: return is("proxy-connection") ? proxy_connection : is("www-authenticate") ? www_authenticate
+                    : is("x-forwarded-host") ? x_forwarded_host : other;
+    case 17: return is("transfer-encoding") ? transfer_encoding : is("x-forwarded-proto") ? x_forwarded_proto : other;
+    case 18: return is("proxy-authenticate") ? proxy_authenticate : other;
+    case 19: return is("proxy-authorization") ? proxy_authorization : other;
+    default: return other;
+    }
+}
+
+template <class Fields>
+static std::string_view first_value(const Fields& fields, field_id id) {
+    for (auto& f : fields)
+        if (f.id == id) return f.value;
+    return {};
+}
+
 std::string_view request_head::get(std::string_view name) const {
     for (auto& f : fields)
         if (iequals(f.name, name)) return f.value;
     return {};
 }
 
-std::size_t request_head::count(std::string_view name) const {
-    return static_cast<std::size_t>(std::count_if(fields.begin(), fields.end(), [&](auto& f) { return iequals(f.name, name); }));
+std::string_view request_head::get(field_id id) const { return first_value(fields, id); }
+
+std::size_t request_head::count(field_id id) const {
+    return static_cast<std::size_t>(std::count_if(fields.begin(), fields.end(), [&](auto& f) { return f.id == id; }));
 }
 
 std::string_view response_head::get(std::string_view name) const {
@@ -278,6 +364,8 @@ std::string_view response_head::get(std::string_view name) const {
         if (iequals(f.name, name)) return f.value;
     return {};
 }
+
+std::string_view response_head::get(field_id id) const { return first_value(fields, id); }
 
 result parse_request(std::string_view in, const limits& lim, request_head& out, parse_error& err) {
     // Tolerate a few empty lines before the request line (RFC 9112 2.2).
@@ -317,7 +405,7 @@ result parse_request(std::string_view in, const limits& lim, request_head& out, 
         fail(err, 431, "head-too-large", "request head larger than " + std::to_string(lim.max_head_bytes) + " bytes");
         return result::error;
     }
-    out = request_head{};
+    reset(out);
     out.head_size = end;
     auto line = first.substr(0, line_end);
 
@@ -344,10 +432,10 @@ result parse_request(std::string_view in, const limits& lim, request_head& out, 
     if (!parse_fields(fields_text, lim, out.fields, err, 400)) return result::error;
 
     // Host: exactly one (HTTP/1.1), well formed.
-    auto hosts = out.count("host");
+    auto hosts = out.count(field_id::host);
     if (hosts > 1) return fail(err, 400, "repeated-host", "more than one Host field"), result::error;
     if (hosts == 0 && out.version_minor == 1) return fail(err, 400, "missing-host", "HTTP/1.1 request without Host"), result::error;
-    out.host = out.get("host");
+    out.host = out.get(field_id::host);
     if (!valid_host(out.host)) return fail(err, 400, "bad-host", "malformed Host '" + printable(out.host) + "'"), result::error;
 
     // Request target forms.
@@ -389,8 +477,8 @@ result parse_request(std::string_view in, const limits& lim, request_head& out, 
 
     out.connection_tokens = std::move(fr.connection);
     out.keep_alive = out.version_minor == 1 ? !fr.conn_close : (fr.conn_keep_alive && !fr.conn_close);
-    out.upgrade = fr.conn_upgrade && out.count("upgrade") > 0;
-    auto expect = out.get("expect");
+    out.upgrade = fr.conn_upgrade && out.count(field_id::upgrade) > 0;
+    auto expect = out.get(field_id::expect);
     if (!expect.empty()) {
         if (!iequals(expect, "100-continue")) return fail(err, 417, "bad-expect", "unsupported expectation '" + printable(expect) + "'"), result::error;
         out.expect_continue = out.version_minor == 1;
@@ -413,7 +501,7 @@ result parse_response(std::string_view in, std::string_view request_method, cons
         }
         return result::need_more;
     }
-    out = response_head{};
+    reset(out);
     out.head_size = end;
     auto line_end = in.find("\r\n");
     auto line = in.substr(0, line_end);

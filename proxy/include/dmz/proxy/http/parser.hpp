@@ -9,9 +9,24 @@
 
 namespace dmz::http {
 
+/// The field names the proxy acts on, recognised once when a head is parsed, so that the
+/// per-field work after it compares a byte, not a name.
+enum class field_id : std::uint8_t {
+    other,
+    // hop-by-hop, framing, and the forwarding fields a tier writes itself
+    connection, keep_alive, proxy_connection, te, trailer, transfer_encoding, upgrade, proxy_authenticate,
+    proxy_authorization, content_length, host, via, x_forwarded_for, forwarded, x_forwarded_proto, x_forwarded_host,
+    // read, and passed on
+    authorization, cookie, expect, www_authenticate, x_rps_cat,
+};
+
+/// The id of a field name (any case); field_id::other for the rest.
+field_id classify_field(std::string_view name);
+
 struct field {
     std::string_view name;
     std::string_view value;  ///< without leading/trailing whitespace
+    field_id id = field_id::other;
 };
 
 enum class body_kind { none, length, chunked, until_close };
@@ -48,7 +63,8 @@ struct request_head {
     std::vector<std::string> connection_tokens;
     /// The field named `name` (case-insensitive); empty when absent. First one wins.
     std::string_view get(std::string_view name) const;
-    std::size_t count(std::string_view name) const;
+    std::string_view get(field_id id) const;
+    std::size_t count(field_id id) const;
 };
 
 struct response_head {
@@ -62,12 +78,15 @@ struct response_head {
     std::size_t head_size = 0;
     std::vector<std::string> connection_tokens;
     std::string_view get(std::string_view name) const;
+    std::string_view get(field_id id) const;
 };
 
 enum class result { done, need_more, error };
 
 /// Parses a request head from the start of `in`. need_more until the blank line has
-/// arrived; error as soon as the bytes so far can never form a valid head.
+/// arrived; error as soon as the bytes so far can never form a valid head. `out` is reset
+/// first; its field vector keeps its capacity, so a head reused request after request
+/// allocates nothing.
 result parse_request(std::string_view in, const limits& lim, request_head& out, parse_error& err);
 
 /// Parses a response head. `request_method` decides whether a body follows (HEAD).
