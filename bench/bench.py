@@ -692,7 +692,8 @@ def main():
             results["origin direct"]["upload_mb_s"] = median(rates)
         classes = {"dmzproxy": Dmzproxy, "nginx": Nginx, "haproxy": Haproxy, "relay-epoll": RelayEpoll, "relay-uring": RelayUring}
         names = a.only.split(",")
-        if not a.relay_tool:
+        if not a.relay_tool and any(classes[n].floor for n in names):
+            log("bench: no --relay-tool, so the relay floors are left out")
             names = [n for n in names if not classes[n].floor]
         binaries = {"dmzproxy": a.dmzproxy, "relay-epoll": a.relay_tool, "relay-uring": a.relay_tool}
         chains = {name: classes[name](tmp, binaries.get(name)) for name in names}

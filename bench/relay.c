@@ -130,7 +130,8 @@ static int run_epoll(int ls) {
             uint64_t d = evs[k].data.u64;
             if (d == UINT64_MAX) {
                 int c;
-                while ((c = accept4(ls, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0) {
+                while ((c = accept4(ls, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0 || errno == EINTR) {
+                    if (c < 0) continue;
                     int i = new_pair(c, 1);
                     if (i < 0) continue;
                     for (int s = 0; s < 2; ++s) {
@@ -138,13 +139,16 @@ static int run_epoll(int ls) {
                         epoll_ctl(ep, EPOLL_CTL_ADD, pairs[i]->fd[s], &a);
                     }
                 }
+                if (errno == EMFILE || errno == ENFILE) usleep(10000); /* out of descriptors: no busy loop */
                 continue;
             }
             int i = (int)(d >> 1), s = (int)(d & 1);
             struct pair* p = pairs[i];
             if (!p) continue; /* closed earlier in this batch */
-            int bad = 0;
-            if ((evs[k].events & EPOLLOUT) && p->pend[!s]) {
+            /* A hang-up or error on a side whose reading is paused would be reported at
+             * every wait: close the pair at once. */
+            int bad = (evs[k].events & (EPOLLHUP | EPOLLERR)) && p->pend[s];
+            if (!bad && (evs[k].events & EPOLLOUT) && p->pend[!s]) {
                 int r = ep_flush(i, !s);
                 if (r < 0) bad = 1;
                 if (r == 0) {
@@ -256,6 +260,11 @@ static int run_uring(int ls) {
                         ur_recv(k, 1);
                     }
                 }
+                if (res == -EINVAL) {
+                    fprintf(stderr, "relay: this kernel has no multishot accept\n");
+                    return 1;
+                }
+                if (res == -EMFILE || res == -ENFILE) usleep(10000); /* out of descriptors */
                 if (!(cqe->flags & IORING_CQE_F_MORE)) ur_accept(ls);
                 continue;
             }

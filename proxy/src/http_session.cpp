@@ -108,6 +108,39 @@ bool via_names(std::string_view via, std::string_view name) {
 }
 
 
+/// Field vectors of heads already re-serialized, kept for the next head on this worker.
+std::vector<std::vector<http::field>>& spare_fields() {
+    thread_local std::vector<std::vector<http::field>> spares;
+    return spares;
+}
+
+/// Gives `f` a spare vector's memory when it has none.
+void borrow_fields(std::vector<http::field>& f) {
+    auto& spares = spare_fields();
+    if (f.capacity() == 0 && !spares.empty()) {
+        f = std::move(spares.back());
+        spares.pop_back();
+    }
+}
+
+/// Takes `f`'s memory back to the spares (at most 64 of them), leaving `f` with none.
+void return_fields(std::vector<http::field>& f) {
+    auto& spares = spare_fields();
+    if (f.capacity() != 0 && spares.size() < 64) {
+        f.clear();
+        spares.push_back(std::move(f));
+    }
+    std::vector<http::field>().swap(f);
+}
+
+/// A head's field vector on loan from the spares, back when the head is done with (or at
+/// the latest when the loan ends): a request costs no allocation for its heads' fields, and
+/// a request waiting for its answer holds none.
+struct fields_loan {
+    std::vector<http::field>& fields;
+    ~fields_loan() { return_fields(fields); }
+};
+
 void append_field(std::string& out, std::string_view name, std::string_view value) {
     // One resize and two copies, not four appends (a head has a dozen fields, twice per
     // request).
@@ -594,13 +627,15 @@ private:
             hl.max_fields += 16;
             hl.max_request_line += 1024;
         }
-        http::request_head& head = head_;
+        http::request_head head;
+        fields_loan loan{head.fields};
         http::parse_error perr;
         bool got_bytes = !in_.empty();
         bool parse_now = got_bytes;  // pipelined bytes from the previous request
         down_dog_.arm(got_bytes || (first && !down_.is_tls()) ? lcfg().timeouts.head : lcfg().timeouts.idle);
         while (true) {
             if (parse_now) {
+                borrow_fields(head.fields);
                 auto r = http::parse_request(in_.data(), hl, head, perr);
                 if (r == http::result::done) break;
                 if (r == http::result::error) {
@@ -929,6 +964,7 @@ private:
         bool client_keep_alive = head.keep_alive;
         std::string method(head.method);
         in_.consume(head.head_size);  // the head's views end here
+        return_fields(head.fields);
         // While the request waits upstream (an ActiveSync Ping for minutes) it holds no
         // client buffer (the parsed head goes with transaction()'s frame).
         if (in_.empty()) in_.release();
@@ -1111,11 +1147,13 @@ private:
         };
 
         // ---- the response head ----
-        http::response_head& resp = resp_;
+        http::response_head resp;
+        fields_loan loan{resp.fields};
         http::parse_error perr;
         http::limits rl{8192, 64 * 1024, 200};
         while (true) {
             if (!up->in.empty()) {
+                borrow_fields(resp.fields);  // only now: a held request waits without one
                 auto r = http::parse_response(up->in.data(), method, rl, resp, perr);
                 if (r == http::result::error) {
                     {
@@ -1247,6 +1285,7 @@ private:
         bool upstream_keep = resp.keep_alive;
         auto resp_body = resp.body;
         auto resp_length = resp.content_length;
+        return_fields(resp.fields);  // the response head is done with
         {
             // The head, and as much of a length-framed body as already arrived with it, in
             // one write: a small response costs one send, not two.
@@ -1610,10 +1649,6 @@ private:
     bool relay_next_ = false, answer_next_ = false;
     std::optional<watchdog> up_dog_;  ///< the upstream read deadline while an answer is awaited
     access_record rec_;  ///< the current transaction's
-    /// The current request's and response's heads: members, so that their field vectors
-    /// are allocated once per connection, not once per request.
-    http::request_head head_;
-    http::response_head resp_;
     bool resumed_ = false;  ///< came back from the parking lot
     std::uint32_t served_ = 0;  ///< transactions this session object has run
     std::shared_ptr<upstream_conn> watch_up_;
