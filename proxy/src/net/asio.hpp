@@ -23,10 +23,14 @@ namespace asio = boost::asio;
 namespace ssl = boost::asio::ssl;
 using tcp = asio::ip::tcp;
 using error_code = boost::system::error_code;
+/// Coroutines run on a worker's io_context: bound to its concrete executor type, not to
+/// the type-erased any_io_executor, every resumption skips a virtual dispatch.
+using executor = asio::io_context::executor_type;
 template <class T = void>
-using task = asio::awaitable<T>;
+using task = asio::awaitable<T, executor>;
+inline constexpr asio::use_awaitable_t<executor> use_task{};
 
-inline auto redirect(error_code& ec) { return asio::redirect_error(asio::use_awaitable, ec); }
+inline auto redirect(error_code& ec) { return asio::redirect_error(use_task, ec); }
 
 /// A connection, plain or TLS: one code path for both (CONVENTIONS 3).
 ///
