@@ -431,6 +431,19 @@ class Relay(Contender):
     smtp = False
     floor = True
 
+    def stop(self):
+        super().stop()
+        # An io_uring instance is torn down after its process has gone, and holds the
+        # listening socket until then: wait (3 s at most) until both ports are free.
+        deadline = time.monotonic() + 3
+        for host, port in ((FE, P_FE), (BE, P_BE)):
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection((host, port), timeout=0.2).close()
+                    time.sleep(0.05)
+                except OSError:
+                    break
+
     def argv(self, tier):
         listen, nxt = ((FE, P_FE), (BE, P_BE)) if tier == "fe" else ((BE, P_BE), (ORIGIN, P_ORIGIN))
         return [self.binary, self.mode, listen[0], str(listen[1]), nxt[0], str(nxt[1])]

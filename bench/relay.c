@@ -53,7 +53,12 @@ static struct sockaddr_in address(const char* host, const char* port) {
 static int listener(struct sockaddr_in a) {
     int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), one = 1;
     setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (bind(s, (struct sockaddr*)&a, sizeof a) != 0 || listen(s, 4096) != 0) {
+    /* A relay stopped just before may still hold the port for a moment: an io_uring
+     * instance is torn down after its process has gone. Wait up to 3 s for it. */
+    int r;
+    for (int tries = 0; (r = bind(s, (struct sockaddr*)&a, sizeof a)) != 0 && errno == EADDRINUSE && tries < 300; ++tries)
+        usleep(10000);
+    if (r != 0 || listen(s, 4096) != 0) {
         perror("relay: listen");
         exit(1);
     }
