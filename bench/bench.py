@@ -710,6 +710,15 @@ def main():
             names = [n for n in names if not classes[n].floor]
         binaries = {"dmzproxy": a.dmzproxy, "relay-epoll": a.relay_tool, "relay-uring": a.relay_tool}
         chains = {name: classes[name](tmp, binaries.get(name)) for name in names}
+        for name in [n for n in names if chains[n].floor]:
+            # A floor that cannot start here (io_uring disabled, say) is left out, not fatal.
+            try:
+                chains[name].start()
+            except RuntimeError as e:
+                log("%s: left out, it does not start here (%s; its output is in %s)" % (name, e, chains[name].tmp))
+                names.remove(name)
+            finally:
+                chains[name].stop()
         proxies = [n for n in names if not chains[n].floor]   # the floors take part in throughput only
         for name in names:
             results[name] = {}
