@@ -134,43 +134,36 @@ std::size_t plain_field_line(std::string_view lines, field& f) {
     return static_cast<std::size_t>(r + 2 - p);
 }
 
+/// Why the field line at the start of `lines` is refused: plain_field_line() takes every
+/// well-formed line, so this runs only for the first one it did not take.
+bool refuse_field_line(std::string_view lines, parse_error& err, int status) {
+    auto line = lines.substr(0, lines.find("\r\n"));
+    if (line.front() == ' ' || line.front() == '\t')
+        return fail(err, status, "obs-fold", "a field line folded onto the next (obs-fold)");
+    auto colon = line.find(':');
+    if (colon == std::string_view::npos)
+        return fail(err, status, "bad-field", "a field line without ':': '" + printable(line) + "'");
+    auto name = line.substr(0, colon);
+    if (name.empty()) return fail(err, status, "bad-field-name", "an empty field name");
+    if (name.back() == ' ' || name.back() == '\t')
+        return fail(err, status, "space-before-colon", "whitespace between field name and ':' ('" + printable(name) + "')");
+    for (unsigned char c : name)
+        if (!chars.token[c]) return fail(err, status, "bad-field-name", "invalid character in field name '" + printable(name) + "'");
+    return fail(err, status, "bad-field-value", "control character in the value of '" + std::string(name) + "'");
+}
+
 /// Parses field lines from `lines` (each ending in CRLF, the blank line excluded).
 bool parse_fields(std::string_view lines, const limits& lim, std::vector<field>& out, parse_error& err, int status) {
     out.clear();
     out.reserve(24);  // one allocation for a typical head, not five as the vector doubles
-    while (!lines.empty()) {
+    while (!lines.empty() && !lines.starts_with("\r\n")) {
         field f;
-        if (auto used = plain_field_line(lines, f)) {
-            if (out.size() >= lim.max_fields)
-                return fail(err, status == 400 ? 431 : status, "too-many-fields", "more than " + std::to_string(lim.max_fields) + " fields");
-            out.push_back(f);
-            lines.remove_prefix(used);
-            continue;
-        }
-        auto eol = lines.find("\r\n");
-        auto line = lines.substr(0, eol);
-        lines.remove_prefix(eol + 2);
-        if (line.empty()) break;
-        if (line.front() == ' ' || line.front() == '\t')
-            return fail(err, status, "obs-fold", "a field line folded onto the next (obs-fold)");
-        auto colon = line.find(':');
-        if (colon == std::string_view::npos)
-            return fail(err, status, "bad-field", "a field line without ':': '" + printable(line) + "'");
-        auto name = line.substr(0, colon);
-        if (name.empty()) return fail(err, status, "bad-field-name", "an empty field name");
-        if (name.back() == ' ' || name.back() == '\t')
-            return fail(err, status, "space-before-colon", "whitespace between field name and ':' ('" + printable(name) + "')");
-        for (unsigned char c : name)
-            if (!chars.token[c]) return fail(err, status, "bad-field-name", "invalid character in field name '" + printable(name) + "'");
-        auto value = line.substr(colon + 1);
-        for (unsigned char c : value)
-            if (!chars.value[c])
-                return fail(err, status, "bad-field-value", "control character in the value of '" + std::string(name) + "'");
-        while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
-        while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
+        auto used = plain_field_line(lines, f);
+        if (used == 0) return refuse_field_line(lines, err, status);
         if (out.size() >= lim.max_fields)
             return fail(err, status == 400 ? 431 : status, "too-many-fields", "more than " + std::to_string(lim.max_fields) + " fields");
-        out.push_back({name, value, classify_field(name)});
+        out.push_back(f);
+        lines.remove_prefix(used);
     }
     return true;
 }
@@ -340,18 +333,23 @@ field_id classify_field(std::string_view n) {
     }
 }
 
-template <class Fields>
-static std::string_view first_value(const Fields& fields, field_id id) {
+/// The first field's value that `match` takes; empty when none does.
+template <class Match>
+static std::string_view first_value(const std::vector<field>& fields, Match match) {
     for (auto& f : fields)
-        if (f.id == id) return f.value;
+        if (match(f)) return f.value;
     return {};
 }
 
-std::string_view request_head::get(std::string_view name) const {
-    for (auto& f : fields)
-        if (iequals(f.name, name)) return f.value;
-    return {};
+static std::string_view first_value(const std::vector<field>& fields, field_id id) {
+    return first_value(fields, [&](const field& f) { return f.id == id; });
 }
+
+static std::string_view first_value(const std::vector<field>& fields, std::string_view name) {
+    return first_value(fields, [&](const field& f) { return iequals(f.name, name); });
+}
+
+std::string_view request_head::get(std::string_view name) const { return first_value(fields, name); }
 
 std::string_view request_head::get(field_id id) const { return first_value(fields, id); }
 
@@ -359,11 +357,7 @@ std::size_t request_head::count(field_id id) const {
     return static_cast<std::size_t>(std::count_if(fields.begin(), fields.end(), [&](auto& f) { return f.id == id; }));
 }
 
-std::string_view response_head::get(std::string_view name) const {
-    for (auto& f : fields)
-        if (iequals(f.name, name)) return f.value;
-    return {};
-}
+std::string_view response_head::get(std::string_view name) const { return first_value(fields, name); }
 
 std::string_view response_head::get(field_id id) const { return first_value(fields, id); }
 
