@@ -286,19 +286,34 @@ namespace {
 /// reads outside strings and comments, and in a multi-line basic string about the one after
 /// a backslash and the first one after a line-ending backslash. All of those are syntax
 /// errors but the last. This finds the first such character (a BOM that starts the text
-/// aside) before toml++ sees it: a small lexer that knows where toml++ reads a string (a
-/// quote that starts a key or a value; in a bare value such as `5'x"y` or `4{"z"` it reads
-/// on to whitespace, ']', '}', ',' or '#'). Returns its byte offset, or npos.
+/// aside) before toml++ sees it: a small lexer that takes a quote for the start of a string
+/// only where a key or a value starts (after '=', '[', '{', ',', a key's '.', or a line
+/// break). toml++ reads a bare value up to whitespace, ']', '}', ',' or '#', quotes and
+/// brackets included. After a value that starts with a digit, one space and a digit (a date,
+/// then perhaps a time) it looks ahead: it takes the byte after that digit whatever it is (a
+/// line break too), then reads on to the next of those terminators. Returns the character's
+/// byte offset, or npos.
 std::size_t toml_unsafe_character(std::string_view t, bool& in_string) {
     enum class state { top, comment, basic, literal, ml_basic, ml_literal } st = state::top;
     bool key = true;          // a key comes next (else a value)
-    bool in_token = false;    // inside a bare key or value
+    bool start = true;        // a key or a value may start here
+    bool in_value = false;    // inside a bare value
+    bool digit_value = false; // that value starts with a digit
     std::string open;         // '[' table header, 'a' array, '{' inline table
     std::size_t i = t.starts_with("\xef\xbb\xbf") ? 3 : 0;
     auto run_of = [&](char q) {
         std::size_t n = 0;
         while (i + n < t.size() && t[i + n] == q) ++n;
         return n;
+    };
+    auto terminator = [](char c) {
+        return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f' || c == ']' || c == '}' ||
+               c == ',' || c == '#';
+    };
+    auto line_break = [&] {
+        in_value = false;
+        if (open.empty()) key = true;
+        start = true;  // in brackets too: what follows a value without ',' is an error toml++ stops at
     };
     // Each round moves i forward by at least one byte.
     while (i < t.size()) {
@@ -307,52 +322,74 @@ std::size_t toml_unsafe_character(std::string_view t, bool& in_string) {
         switch (st) {
         case state::top: {
             if (u >= 0x80) return in_string = false, i;
-            if (in_token && !key && c != ' ' && c != '\t' && c != '\r' && c != '\n' && c != ']' && c != '}' &&
-                c != ',' && c != '#')
-                break;  // toml++ reads a bare value up to one of those, quotes and brackets included
-            bool token_char = false;
-            switch (c) {
-            case ' ': case '\t': case '\r': break;
-            case '\n':
-                if (open.empty()) key = true;
+            if (c == '\n') {
+                line_break();
                 break;
+            }
+            if (in_value && !terminator(c)) break;
+            if (in_value && digit_value && c == ' ' && i + 1 < t.size() && t[i + 1] >= '0' && t[i + 1] <= '9') {
+                // toml++'s look-ahead for a date-time's time. A valid time holds only ASCII and
+                // ends at a terminator, so what it reads past is read again as usual.
+                std::size_t j = i + 2;
+                if (j < t.size() && static_cast<unsigned char>(t[j]) >= 0x80) return in_string = false, j;
+                if (j < t.size()) ++j;
+                for (; j < t.size() && !terminator(t[j]); ++j)
+                    if (static_cast<unsigned char>(t[j]) >= 0x80) return in_string = false, j;
+                in_value = false;
+                start = false;
+                i = j;
+                continue;
+            }
+            in_value = false;
+            switch (c) {
+            case ' ': case '\t': case '\r': case '\v': case '\f': break;
             case '#': st = state::comment; break;
-            case '=': key = false; break;
+            case '=':
+                key = false;
+                start = true;
+                break;
             case '[':
                 open += key && (open.empty() || open.back() == '[') ? '[' : 'a';
+                start = true;
                 break;
             case '{':
                 open += '{';
                 key = true;
+                start = true;
                 break;
             case ']': case '}':
                 if (!open.empty()) open.pop_back();
+                start = false;
                 break;
             case ',':
                 if (!open.empty()) key = open.back() == '{';
+                start = true;
                 break;
-            case '.': token_char = !key; break;  // a key's separator, a value's decimal point
+            case '.':
+                start = key;  // a key's separator; in a value, part of it
+                in_value = !key;
+                digit_value = false;
+                break;
             case '"': case '\'':
-                if (in_token) {
-                    token_char = true;  // after a bare key: a syntax error toml++ stops at
-                    break;
-                }
+                if (!start) break;  // not where a string can start: toml++ stops here or reads it as bare
                 {
                     bool triple = run_of(c) >= 3;
                     st = c == '"' ? (triple ? state::ml_basic : state::basic) : (triple ? state::ml_literal : state::literal);
                     i += triple ? 3 : 1;
+                    start = false;
                 }
                 continue;
-            default: token_char = true;
+            default:
+                start = false;
+                in_value = !key;
+                digit_value = c >= '0' && c <= '9';
             }
-            in_token = token_char;
             break;
         }
         case state::comment:
             if (c == '\n') {
                 st = state::top;
-                in_token = false;
-                if (open.empty()) key = true;
+                line_break();
             }
             break;
         case state::basic:

@@ -127,10 +127,24 @@ TEST(Config, NonAsciiWhereTomlppMisreadsItIsCfg001) {
     EXPECT_FALSE(r.parsed);
     expect_at(only(r, "CFG001"), 2, 18);
     EXPECT_NE(only(r, "CFG001").message.find("outside a string"), std::string::npos);
-    for (std::string text : {"a = 1\xc3\xa9\n", "i=5'/\xef\xb3\xbf.\n", "K=4.'.{{{\"\xd0\x8a\"\n", "\xcc\xaa"}) {
+    // After "date space digit" toml++ looks ahead for a time: past the digit it takes one
+    // byte whatever it is, then reads to a terminator, into what looks like a string.
+    for (std::string text : {"a = 1\xc3\xa9\n", "i=5'/\xef\xb3\xbf.\n", "K=4.'.{{{\"\xd0\x8a\"\n", "\xcc\xaa",
+                             "e = [1979-05-5a 5 \"\xc3\xbc\"]\n", "e = [1979-05-27 0,\"\xc3\xbc\"]\n",
+                             "e = 1979-05-27 07:32:00\xc3\xbc\n", "e = 1979-05-27 0\xc3\xbc\n"}) {
         auto bad = load(text);
         EXPECT_FALSE(bad.parsed) << text;
         EXPECT_EQ(only(bad, "CFG001").where.line, 1) << text;
+    }
+    auto next_line = load("e = 1979-05-27 0\n\"\xc3\xbc\" = 1\n");  // the byte taken is the line break
+    EXPECT_FALSE(next_line.parsed);
+    expect_at(only(next_line, "CFG001"), 2, 2);
+    // A date-time's time is all the look-ahead reads: strings and comments after it are fine.
+    for (std::string text : {"e = [1979-05-27 07:32:00, \"\xc3\xbc\"] # caf\xc3\xa9\n",
+                             "e = 1979-05-27 07:32:00Z # caf\xc3\xa9\n"}) {
+        auto dated = load(text);
+        EXPECT_TRUE(dated.parsed) << text << dump(dated.diags);
+        for (auto& d : dated.diags) EXPECT_NE(d.code, "CFG001") << text << dump(dated.diags);
     }
     // In a multi-line string, the first character after a line-ending backslash.
     auto ml = load("[instance]\ndescription = \"\"\"\\\n  \xc2\xa7\"\"\"\n");
