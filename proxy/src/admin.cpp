@@ -210,6 +210,11 @@ std::string render_metrics(const admin_view& v) {
       << "# HELP dmzproxy_smtp_relay_denied_total Recipients refused as relaying.\n"
       << "# TYPE dmzproxy_smtp_relay_denied_total counter\n"
       << "dmzproxy_smtp_relay_denied_total{" << inst << "} " << c.smtp_relay_denied << "\n";
+    o << "# HELP dmzproxy_faults_total HTTP requests and SMTP transactions that ended in a fault, by protocol, fault "
+         "class and side (client, tier, upstream).\n# TYPE dmzproxy_faults_total counter\n";
+    for (auto& [k, n] : c.faults)
+        o << "dmzproxy_faults_total{" << inst << ",protocol=\"" << std::get<0>(k) << "\",class=\"" << rules::to_string(std::get<1>(k))
+          << "\",side=\"" << rules::to_string(std::get<2>(k)) << "\"} " << n << "\n";
     o << "# HELP dmzproxy_auth_failures_total Refused credentials by reason.\n# TYPE dmzproxy_auth_failures_total counter\n";
     for (auto& [reason, n] : c.auth_failures)
         o << "dmzproxy_auth_failures_total{" << inst << ",reason=\"" << label(reason) << "\"} " << n << "\n";

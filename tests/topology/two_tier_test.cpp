@@ -192,7 +192,7 @@ TEST_F(TwoTier, EcpIsARuleFaultThatTheTestRuleTellsApart) {
     ASSERT_EQ(ex.tiers.size(), 1u);
     EXPECT_EQ(ex.tiers[0].matched_rule, "default deny");
     EXPECT_EQ(ex.tiers[0].action, "deny");
-    EXPECT_EQ(ex.tiers[0].decision.why, rules::fault::no_rule_matched);
+    EXPECT_EQ(ex.tiers[0].decision.why, rules::fault_class::no_rule_matched);
     ASSERT_TRUE(ex.with_test_rules);
     EXPECT_EQ(*ex.with_test_rules, outcome::ok);
     EXPECT_EQ(ex.with_test_rules_reached, "exchange");
