@@ -151,7 +151,7 @@ task<> admin_accept(worker& w, std::shared_ptr<tcp::acceptor> acc, const admin_v
             if (ec == asio::error::operation_aborted || !acc->is_open()) co_return;
             continue;
         }
-        asio::co_spawn(w.io, admin_session(w, std::move(s), v), asio::detached);
+        spawn_guarded(w, "admin session", admin_session(w, std::move(s), v));
     }
 }
 
@@ -275,7 +275,7 @@ void start_admin(worker& w, const rules::bind_endpoint& at, const admin_view& vi
     if (!ec) acc->bind(ep, ec);
     if (!ec) acc->listen(64, ec);
     if (ec) throw std::runtime_error("admin endpoint: cannot listen on " + at.to_string() + ": " + ec.message());
-    asio::co_spawn(w.io, admin_accept(w, acc, view), asio::detached);
+    spawn_guarded(w, "admin accept loop", admin_accept(w, acc, view));
 }
 
 }  // namespace dmz::proxy

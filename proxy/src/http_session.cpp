@@ -30,10 +30,6 @@ using http::starts_with_nocase;
 using http::via_names;
 using clock_type = std::chrono::steady_clock;
 
-std::uint64_t next_connection_id() {
-    static std::atomic<std::uint64_t> next{1};
-    return next.fetch_add(1, std::memory_order_relaxed);
-}
 
 namespace {
 
@@ -146,7 +142,7 @@ public:
         w_.shutdown_hooks[id_] = [weak] {
             if (auto self = weak.lock()) self->drain();
         };
-        asio::co_spawn(w_.io, [self = shared_from_this()]() { return self->run(); }, asio::detached);
+        spawn_guarded(w_, "http session", [self = shared_from_this()]() { return self->run(); });
     }
 
     /// The instance drains: an idle keep-alive connection closes now; one with a request in
@@ -900,11 +896,9 @@ private:
         // answer (401, 413) before the body ends, and RPC channels stream for hours.
         auto sig = std::make_shared<pump_signal>(w_.io.get_executor());
         if (has_body) {
-            asio::co_spawn(w_.io,
-                           [self = shared_from_this(), up, sig, body, content_length, idle = to.timeouts.idle, limit = rule.max_body]() {
+            spawn_guarded(w_, "http request body pump", [self = shared_from_this(), up, sig, body, content_length, idle = to.timeouts.idle, limit = rule.max_body]() {
                                return self->pump_request(up, sig, body, content_length, idle, limit);
-                           },
-                           asio::detached);
+                           });
         } else {
             sig->done = sig->ok = true;
         }
@@ -1157,8 +1151,7 @@ private:
 
     void spawn_watch(const std::shared_ptr<upstream_conn>& up) {
         watch_sig_ = std::make_shared<pump_signal>(w_.io.get_executor());
-        asio::co_spawn(w_.io, [self = shared_from_this(), up, sig = watch_sig_]() { return self->watch(up, sig); },
-                       asio::detached);
+        spawn_guarded(w_, "http client watch", [self = shared_from_this(), up, sig = watch_sig_]() { return self->watch(up, sig); });
     }
 
     task<> watch(std::shared_ptr<upstream_conn> up, std::shared_ptr<pump_signal> sig) {

@@ -84,4 +84,10 @@ void metrics::parked(int delta) {
     std::lock_guard lock(m_);
     c_.parked += delta;
 }
+void metrics::escaped(const char* protocol) {
+    if (!on) return;
+    std::lock_guard lock(m_);
+    ++c_.faults[{protocol, rules::fault_class::internal, rules::fault_side::tier}];
+}
+
 }  // namespace dmz::proxy

@@ -45,6 +45,8 @@ struct metrics {
     void connection(const std::string& listener, int delta);
     void auth_failed(const std::string& reason);
     void parked(int delta);
+    /// An exception escaped a session of `protocol` ("http", "smtp", "admin").
+    void escaped(const char* protocol);
 
     counts snapshot() const {
         std::lock_guard lock(m_);

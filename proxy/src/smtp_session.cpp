@@ -54,7 +54,7 @@ public:
         w_.shutdown_hooks[id_] = [weak] {
             if (auto self = weak.lock()) self->shutdown();
         };
-        asio::co_spawn(w_.io, [self = shared_from_this()]() { return self->run(); }, asio::detached);
+        spawn_guarded(w_, "smtp session", [self = shared_from_this()]() { return self->run(); });
     }
 
     /// The instance stops: the client hears 421 at its next command (RFC 5321 3.8).
@@ -358,8 +358,7 @@ private:
         };
         auto n_bytes = std::make_shared<counters>();
         // client -> upstream in its own coroutine; upstream -> client here.
-        asio::co_spawn(w_.io,
-                       [self = shared_from_this(), n_bytes]() -> task<> {
+        spawn_guarded(w_, "smtp tcp pipe", [self = shared_from_this(), n_bytes]() -> task<> {
                            error_code ec;
                            if (!self->in_.empty()) {
                                auto d = self->in_.data();
@@ -376,8 +375,7 @@ private:
                                n_bytes->up += n;
                            }
                            self->up_->stream.shutdown_send();
-                       },
-                       asio::detached);
+                       });
         std::array<char, 16384> buf;
         error_code ec;
         while (true) {
@@ -1136,15 +1134,6 @@ private:
 
 }  // namespace
 
-std::atomic<int>& smtp_sessions() {
-    static std::atomic<int> n{0};
-    return n;
-}
-
-std::atomic<int>& http_sessions() {
-    static std::atomic<int> n{0};
-    return n;
-}
 
 void start_smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s) {
     std::make_shared<smtp_session>(w, std::move(rt), l, std::move(s))->start();
