@@ -396,11 +396,7 @@ class Response:
         self.closed = closed  # the server closed the connection after this response
 
     def header(self, name):
-        name = name.lower()
-        for n, v in self.headers:
-            if n.lower() == name:
-                return v
-        return None
+        return next((v for n, v in self.headers if n.lower() == name.lower()), None)
 
     def json(self):
         return json.loads(self.body.decode("utf-8"))
