@@ -214,6 +214,7 @@ def main(argv=None):
     elif any(s.protocol == "https" for s in services):
         ap.error("an https service needs --cert and --key")
 
+    serve.hold_stop_signals()     # before binding: a SIGTERM from now on is a clean stop
     host = Host(args, services, tls_context)
     for s in services:
         try:
@@ -230,7 +231,6 @@ def main(argv=None):
               file=sys.stderr, flush=True)
         return 1
 
-    serve.hold_stop_signals()
     threading.Thread(target=stats_server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
                      name="stats").start()
     for s in services:
