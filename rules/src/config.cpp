@@ -491,7 +491,8 @@ private:
             r_.only_keys(*ut, path, {"groups", "description"});
             r_.str(*ut, "description", path);
             for (auto& [g, where] : r_.located_strings(*ut, "groups", path)) {
-                bool ok = std::any_of(c.groups.begin(), c.groups.end(), [&](auto& x) { return x.name == g; });
+                // An init-capture: clang 14 cannot capture a structured binding itself.
+                bool ok = std::any_of(c.groups.begin(), c.groups.end(), [&g = g](auto& x) { return x.name == g; });
                 if (!ok) dangling(where, path + ".groups", "group", g, group_names(c));
                 u.groups.push_back(g);
             }
@@ -643,7 +644,7 @@ private:
             ru.users.push_back(u);
         }
         for (auto& [g, where] : r_.located_strings(rt, "groups", path)) {
-            if (std::none_of(c.groups.begin(), c.groups.end(), [&](auto& x) { return x.name == g; }))
+            if (std::none_of(c.groups.begin(), c.groups.end(), [&g = g](auto& x) { return x.name == g; }))
                 dangling(where, path + ".groups", "group", g, group_names(c));
             ru.groups.push_back(g);
         }

@@ -120,6 +120,32 @@ TEST(Config, TomlSyntaxErrorIsCfg001AndNotParsed) {
     EXPECT_EQ(only(r2, "CFG001").where.line, 1);
 }
 
+TEST(Config, NonAsciiWhereTomlppMisreadsItIsCfg001) {
+    // toml++ 3.3 reaches __builtin_unreachable() when it classifies some non-ASCII
+    // characters as whitespace or not (found by fuzz_config): the loader stops first.
+    auto r = load("[listeners.web]\nprotocol = \"http\"\xc3\xa9\n");
+    EXPECT_FALSE(r.parsed);
+    expect_at(only(r, "CFG001"), 2, 18);
+    EXPECT_NE(only(r, "CFG001").message.find("outside a string"), std::string::npos);
+    for (std::string text : {"a = 1\xc3\xa9\n", "i=5'/\xef\xb3\xbf.\n", "K=4.'.{{{\"\xd0\x8a\"\n", "\xcc\xaa"}) {
+        auto bad = load(text);
+        EXPECT_FALSE(bad.parsed) << text;
+        EXPECT_EQ(only(bad, "CFG001").where.line, 1) << text;
+    }
+    // In a multi-line string, the first character after a line-ending backslash.
+    auto ml = load("[instance]\ndescription = \"\"\"\\\n  \xc2\xa7\"\"\"\n");
+    EXPECT_FALSE(ml.parsed);
+    expect_at(only(ml, "CFG001"), 3, 3);
+    EXPECT_NE(only(ml, "CFG001").hint.find("\\uXXXX"), std::string::npos);
+
+    // Everywhere else non-ASCII is fine: strings, comments, a BOM first.
+    auto ok = load("\xef\xbb\xbf# Gr\xc3\xbc\xc3\x9f" "e\n[instance]\ndescription = \"B\xc3\xbcro M\xc3\xbcnchen\" # \xc3\xa9\n" +
+                   base + "[groups.equipe]\ndescription = \"\"\"Zeile\n\xc3\xbc \\\n  x \xc3\xbc\"\"\"\n" +
+                   "[groups.b]\ndescription = '''a\\\n\xc3\xbc'''\n");
+    EXPECT_TRUE(ok.parsed) << dump(ok.diags);
+    EXPECT_FALSE(has_errors(ok.diags)) << dump(ok.diags);
+}
+
 TEST(Config, UnknownKeyIsCfg002WithDidYouMean) {
     std::string text = "[listeners.web]\nprotocl = \"https\"\nbind = [\"127.0.0.1:8443\"]\n";
     auto r = load(text);

@@ -128,8 +128,10 @@ int parse_reply(std::string_view in, reply& out, std::size_t& consumed) {
         auto r = next_line(in.substr(pos), max_text_line, line, used);
         if (r == line_result::need_more) return 0;
         if (r != line_result::line) return -1;
-        if (line.size() < 3 || !std::isdigit(static_cast<unsigned char>(line[0])) ||
-            !std::isdigit(static_cast<unsigned char>(line[1])) || !std::isdigit(static_cast<unsigned char>(line[2])))
+        // Reply-code = %x32-35 %x30-35 %x30-39 (RFC 5321 4.2): anything else ("019", "600")
+        // could not be relayed as it came (wire() writes the code as a number).
+        if (line.size() < 3 || line[0] < '2' || line[0] > '5' || line[1] < '0' || line[1] > '5' ||
+            !std::isdigit(static_cast<unsigned char>(line[2])))
             return -1;
         int code = (line[0] - '0') * 100 + (line[1] - '0') * 10 + (line[2] - '0');
         if (out.code && code != out.code) return -1;
@@ -251,7 +253,8 @@ void dot_unstuff_in_place(std::string& stuffed) {
 int parse_proxy_v2(std::string_view in, proxy_header& out, std::string& error) {
     out = proxy_header{};
     auto n = std::min<std::size_t>(in.size(), 12);
-    if (std::memcmp(in.data(), v2_signature, n) != 0) {
+    // memcmp must not see the null pointer of an empty view, even for 0 bytes.
+    if (n > 0 && std::memcmp(in.data(), v2_signature, n) != 0) {
         error = "not a PROXY protocol v2 header";
         return -1;
     }
