@@ -70,12 +70,12 @@ void evaluate_some(const instance_config& c) {
             DMZ_FUZZ_CHECK(traced.matched == fast.matched && traced.rule_name == fast.rule_name);
             DMZ_FUZZ_CHECK(!traced.rule_name.empty());
             if (traced.result == verdict::allow) {
-                DMZ_FUZZ_CHECK(traced.matched != nullptr && traced.why == fault::none);
+                DMZ_FUZZ_CHECK(traced.matched != nullptr && traced.why == fault_class::none);
                 bool ours = false;
                 for (auto& r : cfg.rules) ours = ours || &r == traced.matched;
                 DMZ_FUZZ_CHECK(ours);
             }
-            if (traced.result == verdict::deny) DMZ_FUZZ_CHECK(traced.why != fault::none);
+            if (traced.result == verdict::deny) DMZ_FUZZ_CHECK(traced.why != fault_class::none);
         }
     }
 }

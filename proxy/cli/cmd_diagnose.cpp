@@ -40,7 +40,7 @@ command add_diagnose(CLI::App& app) {
         if (lab.is_discarded()) throw std::runtime_error(o->state + "/lab.json is not valid JSON");
         bool mapped = lab.value("ports_mapped", false);
         auto topo_file = o->topology.empty() ? lab.value("topology", std::string()) : o->topology;
-        topology::load_settings ls{o->state, mapped};
+        topology::load_settings ls{o->state, mapped, lab.value("shift", 0)};
         auto res = topology::load(topo_file, ls);
         if (!res.topo || rules::has_errors(res.diags)) {
             print_diagnostics(std::cerr, res.diags);

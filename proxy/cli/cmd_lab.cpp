@@ -1,4 +1,5 @@
-// dmzproxy lab up [TOPOLOGY] [--detach] | lab status [--json] | lab reload | lab down   (--state DIR)
+// dmzproxy lab up [TOPOLOGY] [--detach] [--shift N] | lab status [--json] | lab reload | lab down
+// (--state DIR)
 #include <unistd.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@ namespace {
 struct lab_cli {
     std::string topology, state = "lab-state", scenario;
     bool detach = false, json = false;
+    int shift = 0;
 };
 
 /// The source tree this binary was built from: topologies and the simulated host live there.
@@ -40,6 +42,11 @@ command add_lab(CLI::App& app) {
     auto* up = sub->add_subcommand("up", "Start the lab (foreground with a live log; --detach to return once ready)");
     up->add_option("topology", o->topology, "topology file (default: topology/exchange-two-tier.toml)");
     up->add_flag("--detach", o->detach, "return once everything listens");
+    up->add_option("--shift", o->shift,
+                   "move every address of the topology N /16 blocks up inside 127.0.0.0/8 "
+                   "(127.10.0.10 -> 127.(10+N).0.10), "
+                   "to run beside another lab")
+        ->check(CLI::Range(0, 255));
     up->add_option("--scenario", o->scenario,
                    "start a broken lab from topology/scenarios/lab/NAME.toml (host-https-down, back-end-not-on-dmz, "
                    "host-certificate-lacks-name, front-end-denies-activesync, only-test-rule-allows, open-relay, pre-authentication)");
@@ -93,6 +100,7 @@ command add_lab(CLI::App& app) {
         }
         lo.state = o->state;
         lo.detach = o->detach;
+        lo.shift = o->shift;
         lo.dmzproxy = fs::read_symlink("/proc/self/exe").string();
         lo.hosts_program = (root / "topology" / "hosts" / "exchange_host.py").string();
         lo.set_user = [](const std::string& store, const std::string& user, const std::string& password,

@@ -19,6 +19,7 @@ struct run_cli {
     unsigned threads = 0;
     double drain_timeout = 10;
     bool map_ports = false;
+    int shift = 0;
 };
 
 /// Listeners with `issuer = "lab"` get their certificates from the lab CA, made on first use.
@@ -51,6 +52,10 @@ command add_run(CLI::App& app) {
         ->check(CLI::Range(0.0, 86400.0));
     sub->add_option("--admin", o->admin, "ADDRESS:PORT of the admin endpoint (/metrics, /status, /reload), overriding [instance] admin");
     sub->add_flag("--map-ports", o->map_ports, "topology: run privileged ports P < 1024 on 10000 + P (for labs without root)");
+    sub->add_option(
+           "--shift", o->shift,
+           "topology: move every address N /16 blocks up inside 127.0.0.0/8 (as lab up --shift)")
+        ->check(CLI::Range(0, 255));
     return [o]() -> int {
         if (o->config.empty() && o->topology.empty()) {
             std::cerr << "dmzproxy run: give -c CONFIG or -t TOPOLOGY --instance NAME\n";
@@ -80,6 +85,7 @@ command add_run(CLI::App& app) {
                 topology::load_settings ls;
                 ls.state_dir = o->state;
                 ls.map_privileged_ports = o->map_ports;
+                ls.shift = o->shift;
                 auto res = topology::load(o->topology, ls);
                 parsed = res.parsed;
                 if (!res.topo || rules::has_errors(res.diags)) {

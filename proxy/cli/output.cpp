@@ -199,7 +199,7 @@ void print_explanation(std::ostream& os, const topology::probe& p, const topolog
             if (!e.condition.empty() && e.result != rules::examined_rule::outcome::matched) os << e.condition << ": ";
             os << e.reason << "\n";
         }
-        if (!tr.decision.matched && tr.decision.why == rules::fault::no_rule_matched)
+        if (!tr.decision.matched && tr.decision.why == rules::fault_class::no_rule_matched)
             os << "    " << std::left << std::setw(28) << "default deny" << std::setw(15) << "match" << "no earlier rule matched\n";
         os << "    => " << (tr.action == "allow" ? "ALLOW" : "DENY") << " by " << tr.matched_rule << ": " << tr.decision.reason << "\n";
         if (!tr.target.empty()) os << "    -> forwards to " << tr.target << "\n";

@@ -127,8 +127,13 @@ void access_log::write(const access_record& r) {
                         {"bytes_in", r.bytes_in},
                         {"bytes_out", r.bytes_out},
                         {"duration_ms", r.duration_ms},
-                        {"fault", r.fault}};
-    if (!r.detail.empty()) j["detail"] = r.detail;
+                        {"fault", rules::to_string(r.fault.cls)}};
+    if (r.fault) {
+        j["fault_side"] = rules::to_string(r.fault.side);
+        j["retryable"] = r.fault.retryable;
+    }
+    const auto& detail = r.fault.detail.empty() ? r.note : r.fault.detail;
+    if (!detail.empty()) j["detail"] = detail;
     if (r.protocol == "smtp") {
         j["protocol"] = "smtp";
         j["ehlo"] = r.ehlo;

@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "dmz/rules/fault.hpp"
+
 namespace spdlog {
 class logger;
 namespace sinks {
@@ -30,8 +32,8 @@ struct access_record {
     int status = 0;
     std::uint64_t bytes_in = 0, bytes_out = 0;
     double duration_ms = 0;
-    std::string fault;   ///< fault class, "" when none
-    std::string detail;  ///< fault detail
+    rules::fault fault;  ///< what went wrong, when anything did
+    std::string note;    ///< what the log says when nothing went wrong ("forms login")
     std::string upstream_conn;  ///< "new", "reused", "pinned"
     // SMTP (protocol == "smtp"): one line per mail transaction
     std::string protocol = "http";

@@ -151,7 +151,7 @@ task<> admin_accept(worker& w, std::shared_ptr<tcp::acceptor> acc, const admin_v
             if (ec == asio::error::operation_aborted || !acc->is_open()) co_return;
             continue;
         }
-        asio::co_spawn(w.io, admin_session(w, std::move(s), v), asio::detached);
+        spawn_guarded(w, "admin session", admin_session(w, std::move(s), v));
     }
 }
 
@@ -210,6 +210,11 @@ std::string render_metrics(const admin_view& v) {
       << "# HELP dmzproxy_smtp_relay_denied_total Recipients refused as relaying.\n"
       << "# TYPE dmzproxy_smtp_relay_denied_total counter\n"
       << "dmzproxy_smtp_relay_denied_total{" << inst << "} " << c.smtp_relay_denied << "\n";
+    o << "# HELP dmzproxy_faults_total HTTP requests and SMTP transactions that ended in a fault, by protocol, fault "
+         "class and side (client, tier, upstream).\n# TYPE dmzproxy_faults_total counter\n";
+    for (auto& [k, n] : c.faults)
+        o << "dmzproxy_faults_total{" << inst << ",protocol=\"" << std::get<0>(k) << "\",class=\"" << rules::to_string(std::get<1>(k))
+          << "\",side=\"" << rules::to_string(std::get<2>(k)) << "\"} " << n << "\n";
     o << "# HELP dmzproxy_auth_failures_total Refused credentials by reason.\n# TYPE dmzproxy_auth_failures_total counter\n";
     for (auto& [reason, n] : c.auth_failures)
         o << "dmzproxy_auth_failures_total{" << inst << ",reason=\"" << label(reason) << "\"} " << n << "\n";
@@ -270,7 +275,7 @@ void start_admin(worker& w, const rules::bind_endpoint& at, const admin_view& vi
     if (!ec) acc->bind(ep, ec);
     if (!ec) acc->listen(64, ec);
     if (ec) throw std::runtime_error("admin endpoint: cannot listen on " + at.to_string() + ": " + ec.message());
-    asio::co_spawn(w.io, admin_accept(w, acc, view), asio::detached);
+    spawn_guarded(w, "admin accept loop", admin_accept(w, acc, view));
 }
 
 }  // namespace dmz::proxy

@@ -1,46 +1,10 @@
 #include "fault.hpp"
 
+#include "http/head_writer.hpp"
+
 namespace dmz::proxy {
 
-const char* to_string(fault_class f) {
-    switch (f) {
-    case fault_class::rule_denied: return "rule-denied";
-    case fault_class::no_rule_matched: return "no-rule-matched";
-    case fault_class::auth_required: return "auth-required";
-    case fault_class::auth_failed: return "auth-failed";
-    case fault_class::bad_request: return "bad-request";
-    case fault_class::upstream_connect: return "upstream-connect";
-    case fault_class::upstream_tls: return "upstream-tls";
-    case fault_class::upstream_timeout: return "upstream-timeout";
-    case fault_class::upstream_protocol: return "upstream-protocol";
-    }
-    return "?";
-}
-
-const char* reason_phrase(int status) {
-    switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 301: return "Moved Permanently";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 417: return "Expectation Failed";
-    case 431: return "Request Header Fields Too Large";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    case 508: return "Loop Detected";
-    default: return "Error";
-    }
-}
+using http::reason_phrase;
 
 namespace {
 /// Header values and HTML carry only what is safe in each.
@@ -69,7 +33,7 @@ const char* connection_field(bool keep_alive, bool http10) {
     return keep_alive ? (http10 ? "Connection: keep-alive\r\n" : "") : "Connection: close\r\n";
 }
 
-std::string render_fault(const fault_response& f, const std::string& instance, const std::string& role,
+std::string render_fault(const rules::fault& f, const std::string& instance, const std::string& role,
                          bool keep_alive, bool http10, const std::string& realm) {
     std::string cls = to_string(f.cls);
     std::string tier = role.empty() ? instance : instance + " (" + role + ")";

@@ -4,34 +4,18 @@
 #include <string>
 #include <string_view>
 
+#include "dmz/rules/fault.hpp"
+
 namespace dmz::proxy {
 
-enum class fault_class {
-    rule_denied,
-    no_rule_matched,
-    auth_required,
-    auth_failed,
-    bad_request,
-    upstream_connect,
-    upstream_tls,
-    upstream_timeout,
-    upstream_protocol,
-};
-const char* to_string(fault_class f);
-
-struct fault_response {
-    int status;
-    fault_class cls;
-    std::string detail;
-    std::string rule;  ///< may be empty
-};
+using rules::fault_class;
+using rules::make_fault;
 
 /// The whole response, head and body. `keep_alive` false adds Connection: close.
 /// `realm`: for 401, the Basic realm to ask for (the instance name when empty).
-std::string render_fault(const fault_response& f, const std::string& instance, const std::string& role,
+std::string render_fault(const rules::fault& f, const std::string& instance, const std::string& role,
                          bool keep_alive, bool http10, const std::string& realm = {});
 
-const char* reason_phrase(int status);
 
 /// Text made safe inside HTML and attribute values (control characters become '?').
 std::string html_escape(std::string_view s);

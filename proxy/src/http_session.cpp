@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include "dmz/proxy/http/parser.hpp"
+#include "dmz/rules/guards.hpp"
+#include "http/head_writer.hpp"
 #include "dmz/rules/path.hpp"
 #include "fault.hpp"
 #include "dmz/proxy/users.hpp"
@@ -18,12 +20,16 @@
 namespace dmz::proxy {
 
 using namespace net;
+using http::append_field;
+using http::connection_auth;
+using http::cookie_value;
+using http::hex;
+using http::reason_phrase;
+using http::host_without_port;
+using http::starts_with_nocase;
+using http::via_names;
 using clock_type = std::chrono::steady_clock;
 
-std::uint64_t next_connection_id() {
-    static std::atomic<std::uint64_t> next{1};
-    return next.fetch_add(1, std::memory_order_relaxed);
-}
 
 namespace {
 
@@ -49,64 +55,6 @@ std::string safe_return_path(std::string_view url) {
 std::int64_t unix_now() {
     return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
-
-bool starts_with_nocase(std::string_view s, std::string_view prefix) {
-    return s.size() >= prefix.size() && http::iequals(s.substr(0, prefix.size()), prefix);
-}
-
-/// Connection-bound authentication (NTLM, Negotiate/Kerberos): the upstream connection then
-/// belongs to this client connection alone.
-bool connection_auth(std::string_view v) { return starts_with_nocase(v, "ntlm") || starts_with_nocase(v, "negotiate"); }
-
-/// Fields this tier never copies from one hop to the next: hop-by-hop fields, framing it
-/// re-creates, and the forwarding fields it writes itself.
-bool dropped_field(http::field_id id) {
-    using enum http::field_id;
-    switch (id) {
-    case connection: case keep_alive: case proxy_connection: case te: case trailer: case transfer_encoding: case upgrade:
-    case proxy_authenticate: case proxy_authorization: case content_length: case host: case via: case x_forwarded_for:
-    case forwarded: case x_forwarded_proto: case x_forwarded_host:
-        return true;
-    default:
-        return false;
-    }
-}
-
-bool named_in(const std::vector<std::string>& tokens, std::string_view n) {
-    for (auto& t : tokens)
-        if (http::iequals(t, n)) return true;
-    return false;
-}
-
-/// "Mail.Contoso.com:443" -> "mail.contoso.com"; "[::1]:443" -> "::1".
-std::string host_without_port(std::string_view h) {
-    if (!h.empty() && h.front() == '[') {
-        auto close = h.find(']');
-        return rules::to_lower(h.substr(1, close == std::string_view::npos ? h.size() - 1 : close - 1));
-    }
-    auto colon = h.rfind(':');
-    return rules::to_lower(colon == std::string_view::npos ? h : h.substr(0, colon));
-}
-
-/// Whether a Via field lists `name` as a received-by (RFC 9110 7.6.3: "1.1 front-end").
-bool via_names(std::string_view via, std::string_view name) {
-    while (!via.empty()) {
-        auto comma = via.find(',');
-        auto item = via.substr(0, comma);
-        while (!item.empty() && (item.front() == ' ' || item.front() == '\t')) item.remove_prefix(1);
-        auto sp = item.find_first_of(" \t");
-        if (sp != std::string_view::npos) {
-            auto by = item.substr(sp + 1);
-            while (!by.empty() && (by.front() == ' ' || by.front() == '\t')) by.remove_prefix(1);
-            by = by.substr(0, by.find_first_of(" \t"));
-            if (http::iequals(by, name)) return true;
-        }
-        if (comma == std::string_view::npos) break;
-        via.remove_prefix(comma + 1);
-    }
-    return false;
-}
-
 
 /// Field vectors of heads already re-serialized, kept for the next head on this worker.
 std::vector<std::vector<http::field>>& spare_fields() {
@@ -141,47 +89,6 @@ struct fields_loan {
     ~fields_loan() { return_fields(fields); }
 };
 
-void append_field(std::string& out, std::string_view name, std::string_view value) {
-    // One resize and two copies, not four appends (a head has a dozen fields, twice per
-    // request).
-    std::size_t at = out.size();
-    out.resize(at + name.size() + value.size() + 4);
-    char* p = out.data() + at;
-    if (!name.empty()) std::memcpy(p, name.data(), name.size());  // an empty view may hold nullptr
-    p += name.size();
-    *p++ = ':';
-    *p++ = ' ';
-    if (!value.empty()) std::memcpy(p, value.data(), value.size());
-    p += value.size();
-    *p++ = '\r';
-    *p = '\n';
-}
-
-std::string hex(std::size_t n) {
-    char buf[20];
-    auto [p, ec] = std::to_chars(buf, buf + sizeof buf, n, 16);
-    (void)ec;
-    return std::string(buf, p);
-}
-
-/// Removes the cookie named `name` from a Cookie field value.
-std::string without_cookie(std::string_view cookies, std::string_view name) {
-    std::string out;
-    while (!cookies.empty()) {
-        auto semi = cookies.find(';');
-        auto item = cookies.substr(0, semi);
-        while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
-        auto eq = item.find('=');
-        if (!http::iequals(item.substr(0, eq), name) && !item.empty()) {
-            if (!out.empty()) out += "; ";
-            out.append(item);
-        }
-        if (semi == std::string_view::npos) break;
-        cookies.remove_prefix(semi + 1);
-    }
-    return out;
-}
-
 struct pump_signal {
     explicit pump_signal(asio::any_io_executor ex) : timer(ex) { timer.expires_at(clock_type::time_point::max()); }
     asio::steady_timer timer;
@@ -190,7 +97,7 @@ struct pump_signal {
     std::uint64_t bytes = 0;
     /// Set when the client broke the body's framing or limit: the client's fault, not the
     /// upstream's, whatever the upstream read then reports.
-    std::optional<fault_response> client_fault;
+    std::optional<rules::fault> client_fault;
 };
 
 class http_session : public std::enable_shared_from_this<http_session> {
@@ -235,7 +142,7 @@ public:
         w_.shutdown_hooks[id_] = [weak] {
             if (auto self = weak.lock()) self->drain();
         };
-        asio::co_spawn(w_.io, [self = shared_from_this()]() { return self->run(); }, asio::detached);
+        spawn_guarded(w_, "http session", [self = shared_from_this()]() { return self->run(); });
     }
 
     /// The instance drains: an idle keep-alive connection closes now; one with a request in
@@ -417,13 +324,12 @@ private:
 
     /// Answers with a generated response; fills the record. Returns whether the connection
     /// may carry another request.
-    task<bool> send_fault(const fault_response& f, bool keep_alive, bool http10, access_record& rec) {
+    task<bool> send_fault(const rules::fault& f, bool keep_alive, bool http10, access_record& rec) {
         auto text = render_fault(f, rt_->name, rt_->role, keep_alive, http10, lcfg().realm);
         error_code ec;
         co_await down_.write(asio::buffer(text), ec);
         rec.status = f.status;
-        rec.fault = to_string(f.cls);
-        rec.detail = f.detail;
+        rec.fault = f;
         if (rec.rule.empty()) rec.rule = f.rule;
         rec.bytes_out += text.size();
         if (rec.action.empty()) rec.action = "deny";
@@ -431,31 +337,13 @@ private:
     }
 
     /// send_fault, then the access-log line.
-    task<bool> refuse(const fault_response& f, bool keep_alive, bool http10, access_record& rec, clock_type::time_point t0) {
+    task<bool> refuse(const rules::fault& f, bool keep_alive, bool http10, access_record& rec, clock_type::time_point t0) {
         bool keep = co_await send_fault(f, keep_alive, http10, rec);
         log(rec, t0);
         co_return keep;
     }
 
     // ---- forms sessions -------------------------------------------------------------------
-    /// The value of cookie `name` in the request's Cookie fields, or "".
-    static std::string cookie_value(const http::request_head& head, std::string_view name) {
-        for (auto& f : head.fields) {
-            if (f.id != http::field_id::cookie) continue;
-            std::string_view c = f.value;
-            while (!c.empty()) {
-                auto semi = c.find(';');
-                auto item = c.substr(0, semi);
-                while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
-                auto eq = item.find('=');
-                if (eq != std::string_view::npos && item.substr(0, eq) == name) return std::string(item.substr(eq + 1));
-                if (semi == std::string_view::npos) break;
-                c.remove_prefix(semi + 1);
-            }
-        }
-        return "";
-    }
-
     std::string cookie_attributes() const {
         return std::string("; Path=/; HttpOnly; SameSite=") + lcfg().session.same_site + (down_.is_tls() ? "; Secure" : "");
     }
@@ -578,8 +466,7 @@ private:
         rec.action = "login";
         if (method != "POST" || body != http::body_kind::length || length > max_login_body ||
             !rules::contains_nocase(content_type, "application/x-www-form-urlencoded")) {
-            fault_response fr{body == http::body_kind::chunked || length > max_login_body ? 413 : 400, fault_class::bad_request,
-                              "a login is a POST of a url-encoded form of at most " + std::to_string(max_login_body) + " bytes", ""};
+            rules::fault fr = make_fault(fault_class::bad_request, body == http::body_kind::chunked || length > max_login_body ? 413 : 400, "a login is a POST of a url-encoded form of at most " + std::to_string(max_login_body) + " bytes", "");
             co_return co_await refuse(fr, false, http10, rec, t0);
         }
         if (!co_await read_exactly(length)) co_return false;
@@ -593,8 +480,8 @@ private:
         auto r = user.empty() ? authenticator::result{} : w_.auth.check(user, password, lcfg().name, client.to_string(), lcfg().lockout);
         if (!r.ok) {
             // The same page for a wrong password, an unknown user and a locked-out one.
-            rec.fault = "auth-failed";
-            rec.detail = "forms login refused for '" + user + "' (" + (user.empty() ? std::string("no user name") : r.refusal) + ")";
+            rec.fault = make_fault(fault_class::auth_failed, 200,
+                                   "forms login refused for '" + user + "' (" + (user.empty() ? std::string("no user name") : r.refusal) + ")");
             auto resp = page(200, "Sign in", login_form(back, "The user name or password is incorrect."), keep, http10);
             co_return co_await answer(resp, 200, keep, rec, t0);
         }
@@ -608,7 +495,7 @@ private:
         s.id = base64url_encode(std::string(reinterpret_cast<char*>(rnd), sizeof rnd));
         // Basic delegation needs the password at every request: it travels sealed in the cookie.
         s.password = password;
-        rec.detail = "forms login";
+        rec.note = "forms login";
         auto resp = found_response(back, "Set-Cookie: " + session_cookie(s) + "\r\n", keep, http10);
         co_return co_await answer(resp, 302, keep, rec, t0);
     }
@@ -642,7 +529,7 @@ private:
                     rec.method = "-";
                     {
                         // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                        fault_response fr{perr.status, fault_class::bad_request, perr.code + ": " + perr.detail, ""};
+                        rules::fault fr = make_fault(fault_class::bad_request, perr.status, perr.code + ": " + perr.detail, "");
                         co_return co_await refuse(fr,
                                               false, false, rec, t0);
                     }
@@ -666,8 +553,8 @@ private:
                     rec.method = "-";
                     {
                         // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                        fault_response fr{408, fault_class::bad_request, "request-timeout: the request head did not arrive within " +
-                                                                                  std::to_string(lcfg().timeouts.head.count() / 1000) + " s", ""};
+                        rules::fault fr = make_fault(fault_class::bad_request, 408, "request-timeout: the request head did not arrive within " +
+                                                                                  std::to_string(lcfg().timeouts.head.count() / 1000) + " s", "");
                         co_return co_await refuse(fr,
                                               false, false, rec, t0);
                     }
@@ -706,8 +593,7 @@ private:
                 in_.consume(head.head_size);
                 {
                     // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                    fault_response fr{508, fault_class::rule_denied,
-                                           "loop: the request already passed through " + rt_->name + " (TMG 12206)", ""};
+                    rules::fault fr = make_fault(fault_class::rule_denied, 508, "loop: the request already passed through " + rt_->name + " (TMG 12206)", "");
                     co_return co_await refuse(fr,
                                           keep_if_refused, http10, rec, t0);
                 }
@@ -716,15 +602,7 @@ private:
         // The client: the peer, or what a trusted previous tier says it saw.
         rules::ip_address client = peer_;
         if (trusted_peer_) {
-            std::string_view last;
-            for (auto& f : head.fields)
-                if (f.id == http::field_id::x_forwarded_for) {
-                    auto v = f.value;
-                    auto comma = v.rfind(',');
-                    last = comma == std::string_view::npos ? v : v.substr(comma + 1);
-                }
-            while (!last.empty() && last.front() == ' ') last.remove_prefix(1);
-            if (auto a = rules::ip_address::parse(last)) client = *a;
+            if (auto a = rules::ip_address::parse(http::last_forwarded_for(head))) client = *a;
         }
         rec.original_client = client == peer_ ? peer_text_ : client.to_string();
 
@@ -783,12 +661,11 @@ private:
             if (user.empty()) {
                 in_.consume(head.head_size);
                 rec.user = tried_user;
-                fault_response fr{401, fault_class::auth_failed,
-                                  "the credentials" + (tried_user.empty() ? std::string() : " for '" + tried_user + "'") + " were refused",
-                                  ""};
+                rules::fault fr = make_fault(fault_class::auth_failed, 401, "the credentials" + (tried_user.empty() ? std::string() : " for '" + tried_user + "'") + " were refused",
+                                  "");
                 bool keep = co_await send_fault(fr, keep_if_refused, http10, rec);
                 // The client hears only "refused"; the log says why (no user enumeration).
-                rec.detail += why_refused.empty() ? "" : " (" + why_refused + ")";
+                rec.fault.detail += why_refused.empty() ? "" : " (" + why_refused + ")";
                 log(rec, t0);
                 co_return keep;
             }
@@ -809,7 +686,7 @@ private:
         auto d = rt_->policy->evaluate(f, {.trace = false});
         rec.rule = d.rule_name;
         rec.path = d.path.safe() ? d.path.path + (d.path.query.empty() ? "" : "?" + d.path.query) : std::string(head.target);
-        if (d.result != rules::verdict::allow && forms && d.why == rules::fault::auth_required && authz.empty() &&
+        if (d.result != rules::verdict::allow && forms && d.why == fault_class::auth_required && authz.empty() &&
             (head.method == "GET" || head.method == "HEAD") && rules::contains_nocase(head.get("accept"), "text/html")) {
             // A browser on a forms listener gets the login page; clients that cannot do forms
             // (ActiveSync, Outlook, EWS) get the Basic challenge below.
@@ -817,8 +694,8 @@ private:
             in_.consume(head.head_size);
             rec.rule = d.rule_name;
             rec.action = "login-page";
-            rec.fault = "auth-required";
-            rec.detail = session_problem.empty() ? "no session" : "session refused: " + session_problem;
+            rec.fault = make_fault(fault_class::auth_required, 302,
+                                   session_problem.empty() ? "no session" : "session refused: " + session_problem, d.rule_name);
             auto resp = found_response(std::string(login_path) + "?url=" + url_encode(back) +
                                            (session_problem.empty() ? "" : "&reason=expired"),
                                        session_problem.empty() ? "" : "Set-Cookie: " + expired_cookie() + "\r\n", keep_if_refused,
@@ -827,18 +704,9 @@ private:
         }
         if (d.result != rules::verdict::allow) {
             in_.consume(head.head_size);
-            int status = d.why == rules::fault::auth_required ? 401 : 403;
-            auto cls = d.why == rules::fault::auth_required ? fault_class::auth_required
-                       : d.why == rules::fault::rule_denied  ? fault_class::rule_denied
-                                                              : fault_class::no_rule_matched;
-            std::string detail = d.reason;
-            if (!d.path.safe()) detail = "path refused (" + d.path.unsafe + "); " + detail;
-            {
-                // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                fault_response fr{status, cls, detail, d.matched ? d.rule_name : std::string()};
-                co_return co_await refuse(fr, keep_if_refused,
-                                      http10, rec, t0);
-            }
+            auto fr = d.refusal();
+            if (!d.path.safe()) fr.detail = "path refused (" + d.path.unsafe + "); " + fr.detail;
+            co_return co_await refuse(fr, keep_if_refused, http10, rec, t0);
         }
         const rules::rule& rule = *d.matched;
         const rules::target& to = *rule.to;
@@ -851,53 +719,24 @@ private:
         rec.target = target_text_;
 
         // ---- the Exchange template's guards on headers ----
-        bool rewrite_cookie = false;
+        rules::exchange_guard guard(rule, d.path);
         if (rule.exchange_guards) {
             for (auto& fld : head.fields) {
-                if (fld.id == http::field_id::cookie) {
-                    if (rules::contains_nocase(fld.value, "x-beresource=") || rules::contains_nocase(fld.value, "x-anonresource-backend")) {
-                        in_.consume(head.head_size);
-                        {
-                            // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                            fault_response fr{403, fault_class::rule_denied,
-                                                   "refused by the Exchange template: a backend routing cookie (ProxyLogon shape)", rule.name};
-                            co_return co_await refuse(fr,
-                                                  keep_if_refused, http10, rec, t0);
-                        }
-                    }
-                    if (rules::path_has_prefix(d.path.path, "/ecp") && rules::contains_nocase(fld.value, "securitytoken="))
-                        rewrite_cookie = true;
-                }
-                if (fld.id == http::field_id::x_rps_cat) {
-                    in_.consume(head.head_size);
-                    {
-                        // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                        fault_response fr{403, fault_class::rule_denied,
-                                               "refused by the Exchange template: X-Rps-CAT from a client (ProxyShell shape)", rule.name};
-                        co_return co_await refuse(fr,
-                                              keep_if_refused, http10, rec, t0);
-                    }
-                }
+                if (fld.id == http::field_id::cookie) guard.cookie(fld.value);
+                if (fld.id == http::field_id::x_rps_cat) guard.rps_cat_field();
             }
-            if (rules::contains_nocase(d.path.decoded, "x-rps-cat")) {
+            if (auto refused = guard.refusal()) {
                 in_.consume(head.head_size);
-                {
-                    // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                    fault_response fr{403, fault_class::rule_denied,
-                                           "refused by the Exchange template: X-Rps-CAT in the URI (ProxyShell shape)", rule.name};
-                    co_return co_await refuse(fr,
-                                          keep_if_refused, http10, rec, t0);
-                }
+                co_return co_await refuse(*refused, keep_if_refused, http10, rec, t0);
             }
         }
         if (rule.max_body && head.body == http::body_kind::length && head.content_length > rule.max_body) {
             in_.consume(head.head_size);
             {
                 // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                fault_response fr{413, fault_class::bad_request,
-                                       "request body of " + std::to_string(head.content_length) + " bytes exceeds the rule's limit of " +
+                rules::fault fr = make_fault(fault_class::bad_request, 413, "request body of " + std::to_string(head.content_length) + " bytes exceeds the rule's limit of " +
                                            std::to_string(rule.max_body),
-                                       rule.name};
+                                       rule.name);
                 co_return co_await refuse(fr,
                                       false, http10, rec, t0);
             }
@@ -906,58 +745,23 @@ private:
         // ---- rewrite the head (re-serialized, never copied raw) ----
         bool auth_on_connection = false;
         auto deleg = rule.delegate.value_or(validates ? rules::delegation::basic : rules::delegation::pass_through);
-        std::string out;
-        out.reserve(head.head_size + 256);
-        out.append(head.method);
-        out += ' ';
-        out += d.path.path;
-        if (!d.path.query.empty() || head.target.find('?') != std::string_view::npos) {
-            out += '?';
-            out += d.path.query;
-        }
-        out += " HTTP/1.1\r\n";
-        append_field(out, "Host", to.host_policy == rules::host_header::target && !to.name.empty() ? std::string_view(to.name)
-                                                                                                   : head.host);
-        std::string via;
-        for (auto& fld : head.fields) {
-            if (fld.id == http::field_id::via) {
-                if (!via.empty()) via += ", ";
-                via.append(fld.value);
-            }
-            if (dropped_field(fld.id) || named_in(head.connection_tokens, fld.name)) continue;
-            if (fld.id == http::field_id::authorization) {
-                // Delegation: none strips; basic forwards what this tier validated; pass-through
-                // leaves the client's own (NTLM/Negotiate) for the upstream.
-                if (deleg == rules::delegation::none) continue;
-                if (have_session && deleg == rules::delegation::basic) continue;  // the session's own, below
-                if (deleg == rules::delegation::basic && (!validates || !starts_with_nocase(fld.value, "basic "))) continue;
-                if (connection_auth(fld.value)) auth_on_connection = true;
-            }
-            if ((rewrite_cookie || forms) && fld.id == http::field_id::cookie) {
-                // Exchange never sees this tier's session cookie, nor an ECP SecurityToken.
-                std::string c(fld.value);
-                if (rewrite_cookie) c = without_cookie(c, "SecurityToken");
-                if (forms) c = without_cookie(c, lcfg().session.cookie);
-                if (!c.empty()) append_field(out, "Cookie", c);
-                continue;
-            }
-            append_field(out, fld.name, fld.value);
-        }
-        if (have_session && deleg == rules::delegation::basic && !session.password.empty())
-            append_field(out, "Authorization", "Basic " + base64_encode(session.user + ":" + session.password));
-        via += (via.empty() ? "" : ", ") + std::string(http10 ? "1.0 " : "1.1 ") + rt_->name;
-        append_field(out, "Via", via);
-        if (to.client_policy == rules::client_address::forwarded) {
-            const auto& c = rec.original_client;
-            append_field(out, "X-Forwarded-For", c);
-            append_field(out, "X-Forwarded-Proto", down_.is_tls() ? "https" : "http");
-            append_field(out, "X-Forwarded-Host", head.host);
-            append_field(out, "Forwarded", "for=" + (client.is_v4() ? c : "\"[" + c + "]\"") +
-                                               ";proto=" + (down_.is_tls() ? "https" : "http"));
-        }
-        if (head.body == http::body_kind::length) append_field(out, "Content-Length", std::to_string(head.content_length));
-        else if (head.body == http::body_kind::chunked) append_field(out, "Transfer-Encoding", "chunked");
-        out += "\r\n";
+        http::request_rewrite rw;
+        rw.path = d.path.path;
+        rw.query = d.path.query;
+        rw.host = to.host_policy == rules::host_header::target && !to.name.empty() ? std::string_view(to.name) : head.host;
+        rw.tier = rt_->name;
+        rw.delegation = deleg;
+        rw.validated_basic = validates;
+        rw.session_replaces_authorization = have_session && deleg == rules::delegation::basic;
+        if (rw.session_replaces_authorization && !session.password.empty())
+            rw.session_authorization = "Basic " + base64_encode(session.user + ":" + session.password);
+        rw.strip_security_token = guard.strip_security_token();
+        if (forms) rw.session_cookie = lcfg().session.cookie;
+        rw.forwarded = to.client_policy == rules::client_address::forwarded;
+        rw.client = rec.original_client;
+        rw.client_v6 = !client.is_v4();
+        rw.tls = down_.is_tls();
+        std::string out = http::write_request_head(head, rw, auth_on_connection);
         bool expect_continue = head.expect_continue;
         auto body = head.body;
         auto content_length = head.content_length;
@@ -975,12 +779,11 @@ private:
             http::parse_error cerr;
             int v = co_await check_first_chunk(cerr);
             if (v < 0) {
-                fault_response fr{cerr.status, fault_class::bad_request, cerr.code + ": " + cerr.detail, rule.name};
+                rules::fault fr = make_fault(fault_class::bad_request, cerr.status, cerr.code + ": " + cerr.detail, rule.name);
                 co_return co_await refuse(fr, false, http10, rec, t0);
             }
             if (v == 0) {
-                rec.fault = "bad-request";
-                rec.detail = "the client closed before the chunked body began";
+                rec.fault = make_fault(fault_class::bad_request, 0, "the client closed before the chunked body began");
                 log(rec, t0);
                 co_return false;
             }
@@ -1048,15 +851,15 @@ private:
                 rec.upstream_conn = "pinned";
                 if (!still_open(*up)) {
                     up->stream.close();
-                    rec.fault = "upstream-connect";
-                    rec.detail = "the pinned upstream connection closed; closing the client connection with it";
+                    rec.fault = make_fault(fault_class::upstream_connect, 0,
+                                           "the pinned upstream connection closed; closing the client connection with it");
                     log(rec, t0);
                     co_return false;
                 }
             } else if ((up = w_.pool.take(key, to.timeouts.idle, has_body))) {
                 rec.upstream_conn = "reused";
             } else {
-                fault_response f{};
+                rules::fault f;
                 up = co_await connect_upstream(w_.io, w_.upstream_tls, to, key, f);
                 if (!up) {
                     f.rule = rule.name;
@@ -1074,15 +877,14 @@ private:
                 // The authenticated upstream is gone: the client connection goes too, so the
                 // client starts its handshake again instead of landing on a stranger's socket.
                 rec.status = 0;
-                rec.fault = "upstream-connect";
-                rec.detail = "the pinned upstream connection closed: " + ec.message();
+                rec.fault = make_fault(fault_class::upstream_connect, 0, "the pinned upstream connection closed: " + ec.message());
                 log(rec, t0);
                 co_return false;
             }
             if (fresh || attempt == 1)
                 {
                     // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                    fault_response fr{502, fault_class::upstream_connect, "sending to the upstream failed: " + ec.message(), rule.name};
+                    rules::fault fr = make_fault(fault_class::upstream_connect, 502, "sending to the upstream failed: " + ec.message(), rule.name);
                     co_return co_await refuse(fr,
                                           false, http10, rec, t0);
                 }
@@ -1094,11 +896,9 @@ private:
         // answer (401, 413) before the body ends, and RPC channels stream for hours.
         auto sig = std::make_shared<pump_signal>(w_.io.get_executor());
         if (has_body) {
-            asio::co_spawn(w_.io,
-                           [self = shared_from_this(), up, sig, body, content_length, idle = to.timeouts.idle, limit = rule.max_body]() {
+            spawn_guarded(w_, "http request body pump", [self = shared_from_this(), up, sig, body, content_length, idle = to.timeouts.idle, limit = rule.max_body]() {
                                return self->pump_request(up, sig, body, content_length, idle, limit);
-                           },
-                           asio::detached);
+                           });
         } else {
             sig->done = sig->ok = true;
         }
@@ -1127,7 +927,7 @@ private:
             if (client_gone_) {
                 keep_client = false;
                 f = fate::close;
-                if (rec.fault.empty()) rec.detail = "the client closed the connection while its answer was pending";
+                if (!rec.fault) rec.note = "the client closed the connection while its answer was pending";
             }
             if (!sig->done) {
                 up->stream.close();
@@ -1158,7 +958,7 @@ private:
                 if (r == http::result::error) {
                     {
                         // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                        fault_response fr{502, fault_class::upstream_protocol, perr.code + ": " + perr.detail, rule.name};
+                        rules::fault fr = make_fault(fault_class::upstream_protocol, 502, perr.code + ": " + perr.detail, rule.name);
                         co_await send_fault(fr, false,
                                         http10, rec);
                     }
@@ -1180,7 +980,7 @@ private:
                         if (resp.status == 101) {
                             {
                                 // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                                fault_response fr{502, fault_class::upstream_protocol, "the upstream switched protocols (101)", rule.name};
+                                rules::fault fr = make_fault(fault_class::upstream_protocol, 502, "the upstream switched protocols (101)", rule.name);
                                 co_await send_fault(fr,
                                                 false, http10, rec);
                             }
@@ -1219,17 +1019,15 @@ private:
                 } else if (up_dog.expired()) {
                     {
                         // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                        fault_response fr{504, fault_class::upstream_timeout,
-                                         "no answer from " + rec.target + " within " + std::to_string(to.timeouts.read.count() / 1000) + " s",
-                                         rule.name};
+                        rules::fault fr = make_fault(fault_class::upstream_timeout, 504, "no answer from " + rec.target + " within " + std::to_string(to.timeouts.read.count() / 1000) + " s",
+                                         rule.name);
                         co_await send_fault(fr,
                                         false, http10, rec);
                     }
                 } else if (rec.upstream_conn != "pinned") {
                     {
                         // Named, not a temporary in the co_await: GCC 12 destroys those twice.
-                        fault_response fr{502, fault_class::upstream_protocol,
-                                         "the upstream closed the connection without answering (" + ec.message() + ")", rule.name};
+                        rules::fault fr = make_fault(fault_class::upstream_protocol, 502, "the upstream closed the connection without answering (" + ec.message() + ")", rule.name);
                         co_await send_fault(fr,
                                         false, http10, rec);
                     }
@@ -1249,38 +1047,15 @@ private:
         bool close_delimited = resp.body == http::body_kind::until_close || (resp.body == http::body_kind::chunked && http10);
         if (close_delimited) close_client = true;
         if (!sig->done && resp.status >= 300) close_client = true;  // answered before the body ended
-        std::string rh;
-        rh.reserve(resp.head_size + 128);
-        rh += http10 ? "HTTP/1.0 " : "HTTP/1.1 ";
-        rh += std::to_string(resp.status);
-        rh += ' ';
-        rh.append(resp.reason.empty() ? std::string_view(reason_phrase(resp.status)) : resp.reason);
-        rh += "\r\n";
-        std::string via;
-        for (auto& fld : resp.fields) {
-            if (fld.id == http::field_id::via) {
-                if (!via.empty()) via += ", ";
-                via.append(fld.value);
-            }
-            if (dropped_field(fld.id) || named_in(resp.connection_tokens, fld.name)) continue;
-            append_field(rh, fld.name, fld.value);
-        }
-        via += (via.empty() ? "" : ", ") + std::string("1.1 ") + rt_->name;
-        append_field(rh, "Via", via);
-        if (!set_cookie_.empty()) append_field(rh, "Set-Cookie", set_cookie_);  // a forms session's refresh
-        if (resp.body == http::body_kind::length) append_field(rh, "Content-Length", std::to_string(resp.content_length));
-        else if (chunk_to_client) append_field(rh, "Transfer-Encoding", "chunked");
-        else if (method == "HEAD" || resp.status == 304) {
-            // No body follows, but Content-Length describes the representation: keep it.
-            auto cl = resp.get(http::field_id::content_length);
-            if (!cl.empty()) append_field(rh, "Content-Length", cl);
-        } else if (resp.body == http::body_kind::none && resp.status != 204) {
-            append_field(rh, "Content-Length", "0");
-        }
         if (w_.stopping) close_client = true;  // draining: this is the connection's last answer
-        if (close_client) append_field(rh, "Connection", "close");
-        else if (http10) append_field(rh, "Connection", "keep-alive");
-        rh += "\r\n";
+        http::response_rewrite rrw;
+        rrw.tier = rt_->name;
+        rrw.request_method = method;
+        rrw.http10 = http10;
+        rrw.chunk_to_client = chunk_to_client;
+        rrw.close_client = close_client;
+        rrw.set_cookie = set_cookie_;
+        std::string rh = http::write_response_head(resp, rrw);
         up->in.consume(resp.head_size);
         bool upstream_keep = resp.keep_alive;
         auto resp_body = resp.body;
@@ -1376,8 +1151,7 @@ private:
 
     void spawn_watch(const std::shared_ptr<upstream_conn>& up) {
         watch_sig_ = std::make_shared<pump_signal>(w_.io.get_executor());
-        asio::co_spawn(w_.io, [self = shared_from_this(), up, sig = watch_sig_]() { return self->watch(up, sig); },
-                       asio::detached);
+        spawn_guarded(w_, "http client watch", [self = shared_from_this(), up, sig = watch_sig_]() { return self->watch(up, sig); });
     }
 
     task<> watch(std::shared_ptr<upstream_conn> up, std::shared_ptr<pump_signal> sig) {
@@ -1548,14 +1322,13 @@ private:
                 http::parse_error perr;
                 if (!dec.feed(in_.data(), st, perr)) {
                     ok = false;  // framing in doubt: nothing more goes upstream
-                    sig->client_fault = fault_response{perr.status, fault_class::bad_request, perr.code + ": " + perr.detail, ""};
+                    sig->client_fault = make_fault(fault_class::bad_request, perr.status, perr.code + ": " + perr.detail, "");
                     break;
                 }
                 if (!st.data.empty()) {
                     if (limit && sig->bytes + st.data.size() > limit) {
                         ok = false;
-                        sig->client_fault = fault_response{413, fault_class::bad_request,
-                                                           "chunked request body exceeds the rule's limit of " + std::to_string(limit), ""};
+                        sig->client_fault = make_fault(fault_class::bad_request, 413, "chunked request body exceeds the rule's limit of " + std::to_string(limit), "");
                         break;
                     }
                     auto size_line = hex(st.data.size()) + "\r\n";

@@ -18,6 +18,7 @@ void metrics::counts::add(const counts& o) {
     for (auto& [k, v] : o.rule_hits) rule_hits[k] += v;
     pool_idle += o.pool_idle;
     parked += o.parked;
+    for (auto& [k, v] : o.faults) faults[k] += v;
 }
 
 void metrics::observe(const access_record& r, std::int64_t pool_idle) {
@@ -31,6 +32,7 @@ void metrics::observe(const access_record& r, std::int64_t pool_idle) {
         if (it == c_.rule_hits.end()) c_.rule_hits.emplace(r.rule, 1);
         else ++it->second;
     }
+    if (r.fault) ++c_.faults[{r.protocol, r.fault.cls, r.fault.side}];
     if (r.protocol == "smtp") {
         // One record per mail transaction: accepted when the next hop took the message.
         for (auto& [rcpt, reply] : r.rcpt_refused)
@@ -46,7 +48,7 @@ void metrics::observe(const access_record& r, std::int64_t pool_idle) {
     key_ += r.status > 0 ? static_cast<char>('0' + r.status / 100 % 10) : '0';
     key_ += "xx";
     key_ += '\0';
-    key_ += r.fault;
+    key_ += rules::to_string(r.fault.cls);
     auto it = c_.requests.find(key_);
     if (it == c_.requests.end()) c_.requests.emplace(key_, 1);
     else ++it->second;
@@ -82,4 +84,10 @@ void metrics::parked(int delta) {
     std::lock_guard lock(m_);
     c_.parked += delta;
 }
+void metrics::escaped(const char* protocol) {
+    if (!on) return;
+    std::lock_guard lock(m_);
+    ++c_.faults[{protocol, rules::fault_class::internal, rules::fault_side::tier}];
+}
+
 }  // namespace dmz::proxy

@@ -6,6 +6,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 
 #include "access_log.hpp"
 
@@ -29,6 +30,8 @@ struct metrics {
         std::map<std::string, std::uint64_t> rule_hits;  ///< HTTP and SMTP, by rule
         std::int64_t pool_idle = 0;  ///< idle upstream connections, as of the last request
         std::int64_t parked = 0;     ///< idle client connections in the parking lot
+        /// Faults of HTTP and SMTP transactions by protocol, class and side.
+        std::map<std::tuple<std::string, rules::fault_class, rules::fault_side>, std::uint64_t> faults;
 
         void add(const counts& o);
     };
@@ -42,6 +45,8 @@ struct metrics {
     void connection(const std::string& listener, int delta);
     void auth_failed(const std::string& reason);
     void parked(int delta);
+    /// An exception escaped a session of `protocol` ("http", "smtp", "admin").
+    void escaped(const char* protocol);
 
     counts snapshot() const {
         std::lock_guard lock(m_);

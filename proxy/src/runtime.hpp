@@ -2,6 +2,7 @@
 // What the running instance shares across its worker threads (immutable) and what each
 // worker owns alone (its io_context, upstream pool and client TLS contexts).
 #include <atomic>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <unordered_map>
@@ -142,6 +143,20 @@ struct worker {
 };
 
 std::uint64_t next_connection_id();
+
+/// An exception escaped a coroutine of this worker (a bug: the data plane reports failures
+/// as error codes and faults). Logged to standard error and counted as an `internal` fault;
+/// the worker goes on.
+void report_escaped(worker& w, const char* what, std::exception_ptr e) noexcept;
+
+/// Runs a coroutine on the worker. No coroutine is detached silently: an exception that
+/// escapes it reaches report_escaped().
+template <class F>
+void spawn_guarded(worker& w, const char* what, F&& f) {
+    net::asio::co_spawn(w.io, std::forward<F>(f), [&w, what](std::exception_ptr e) {
+        if (e) report_escaped(w, what, e);
+    });
+}
 
 /// SMTP sessions alive in the process (shutdown waits for their 421, not longer).
 std::atomic<int>& smtp_sessions();

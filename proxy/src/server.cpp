@@ -256,7 +256,7 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
     std::map<std::string, acceptor_group> endpoints;  // "address:port" -> its acceptors
     auto serve = [&](const std::string& key, const acceptor_group& group) {
         for (std::size_t i = 0; i < group.size(); ++i)
-            asio::co_spawn(workers[i]->io, accept_loop(*workers[i], key, group[i]), asio::detached);
+            spawn_guarded(*workers[i], "accept loop", accept_loop(*workers[i], key, group[i]));
     };
     for (auto& l : policy->config().listeners)
         for (auto& b : l.bind) {
@@ -407,7 +407,7 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
                 w.parked.close_all();  // idle keep-alive connections close now, parked ones too
             });
         auto until = std::chrono::steady_clock::now() + opts.drain_timeout;
-        asio::co_spawn(workers.front()->io, [&, until]() -> task<> {
+        spawn_guarded(*workers.front(), "drain", [&, until]() -> task<> {
             while ((http_sessions().load() > 0 || smtp_sessions().load() > 0) && std::chrono::steady_clock::now() < until) {
                 grace.expires_after(std::chrono::milliseconds(20));
                 error_code ignored;
@@ -417,7 +417,7 @@ int run_instance(std::shared_ptr<const rules::policy> policy, const run_options&
             if (left > 0) std::cerr << "dmzproxy: " << current->name << ": drain timeout, closing " << left << " connections\n";
             else std::cerr << "dmzproxy: " << current->name << ": drained\n";
             for (auto& w : workers) w->io.stop();
-        }, asio::detached);
+        });
     };
     listen = [&] {
         signals.async_wait([&](const error_code& ec, int sig) {

@@ -13,6 +13,7 @@
 #include <charconv>
 
 #include "dmz/proxy/smtp/parser.hpp"
+#include "dmz/proxy/smtp/replies.hpp"
 #include "dmz/rules/path.hpp"
 #include "runtime.hpp"
 
@@ -53,7 +54,7 @@ public:
         w_.shutdown_hooks[id_] = [weak] {
             if (auto self = weak.lock()) self->shutdown();
         };
-        asio::co_spawn(w_.io, [self = shared_from_this()]() { return self->run(); }, asio::detached);
+        spawn_guarded(w_, "smtp session", [self = shared_from_this()]() { return self->run(); });
     }
 
     /// The instance stops: the client hears 421 at its next command (RFC 5321 3.8).
@@ -163,7 +164,7 @@ private:
             // A session without a mail transaction still leaves a trace (probes, garbage,
             // a forged PROXY header from someone untrusted).
             auto r = record();
-            r.detail = "session without a mail transaction" + (bad_commands_ ? ", " + std::to_string(bad_commands_) + " bad commands" : std::string());
+            r.note = "session without a mail transaction" + (bad_commands_ ? ", " + std::to_string(bad_commands_) + " bad commands" : std::string());
             log(r, t0_);
         }
         co_await flush();
@@ -220,8 +221,7 @@ private:
                     say("421 4.7.0 " + name_ + " expected a PROXY protocol v2 header from " + peer_.to_string() + ": " + err);
                     auto r = record();
                     r.action = "deny";
-                    r.fault = "bad-request";
-                    r.detail = err;
+                    r.fault = make_fault(fault_class::bad_request, 0, err);
                     log(r, t0_);
                     co_return false;
                 }
@@ -241,12 +241,13 @@ private:
         f.who = rules::identity::anonymous;
         auto d = rt_->policy->evaluate(f, {.trace = false});
         if (d.result != rules::verdict::allow || !d.matched || !d.matched->to) {
-            say("554 5.7.1 " + name_ + " does not accept mail from " + client_.to_string() + ": " + d.reason);
+            auto refusal = smtp::connection_refusal(d, name_, client_.to_string());
+            say(refusal);
             auto r = record();
             r.rule = d.rule_name;
             r.action = "deny";
-            r.fault = d.why == rules::fault::rule_denied ? "rule-denied" : "no-rule-matched";
-            r.detail = d.reason;
+            r.fault = d.refusal();
+            r.fault.status = 554;
             log(r, t0_);
             co_return false;
         }
@@ -259,34 +260,33 @@ private:
     /// banner and says EHLO. On failure the client is told with 421 naming this tier.
     task<bool> open_upstream() {
         auto key = "smtp|" + endpoint_text(*target_->address, target_->port);
-        fault_response f{};
+        rules::fault f;
         up_ = co_await connect_upstream(w_.io, w_.upstream_tls, *target_, key, f);
-        auto fail = [&](const std::string& why, const char* cls) {
+        auto fail = [&](const std::string& why, fault_class cls) {
             say("421 4.4.1 " + name_ + " (" + rt_->name + "): " + why);
             auto r = record();
             r.action = "allow";
-            r.fault = cls;
-            r.detail = why;
+            r.fault = make_fault(cls, 421, why);
             log(r, t0_);
             if (up_) up_->stream.close();
             up_.reset();
         };
         if (!up_) {
-            fail(f.detail, to_string(f.cls));
+            fail(f.detail, f.cls);
             co_return false;
         }
         up_dog_ = std::make_unique<watchdog>(w_.io, up_->stream);
         if (target_->proxy_protocol.value_or(false)) {
             auto hdr = smtp::make_proxy_v2(client_.to_string(), 0, local_addr_, local_port_);
             if (!co_await send_upstream(hdr)) {
-                fail(upstream_fault_, "upstream-connect");
+                fail(upstream_fault_, fault_class::upstream_connect);
                 co_return false;
             }
         }
         if (target_->mode == rules::server_mode::tcp) co_return true;
         smtp::reply banner;
         if (!co_await read_upstream(banner)) {
-            fail(upstream_fault_, "upstream-protocol");
+            fail(upstream_fault_, fault_class::upstream_protocol);
             co_return false;
         }
         if (banner.code != 220) {
@@ -294,7 +294,7 @@ private:
             say(banner);
             auto r = record();
             r.action = "deny";
-            r.fault = "upstream-protocol";
+            r.fault = make_fault(fault_class::upstream_protocol, banner.code, "the next hop refused the session: " + banner.text());
             r.upstream_reply = std::to_string(banner.code) + " " + banner.text();
             log(r, t0_);
             co_return false;
@@ -302,12 +302,12 @@ private:
         smtp::reply ehlo;
         std::string ehlo_line = "EHLO " + name_, helo_line = "HELO " + name_;
         if (!co_await exchange_upstream(ehlo_line, ehlo)) {
-            fail(upstream_fault_, "upstream-protocol");
+            fail(upstream_fault_, fault_class::upstream_protocol);
             co_return false;
         }
         if (ehlo.code != 250) {
             if (!co_await exchange_upstream(helo_line, ehlo) || ehlo.code != 250) {
-                fail("the upstream refused EHLO and HELO: " + ehlo.text(), "upstream-protocol");
+                fail("the upstream refused EHLO and HELO: " + ehlo.text(), fault_class::upstream_protocol);
                 co_return false;
             }
         }
@@ -358,8 +358,7 @@ private:
         };
         auto n_bytes = std::make_shared<counters>();
         // client -> upstream in its own coroutine; upstream -> client here.
-        asio::co_spawn(w_.io,
-                       [self = shared_from_this(), n_bytes]() -> task<> {
+        spawn_guarded(w_, "smtp tcp pipe", [self = shared_from_this(), n_bytes]() -> task<> {
                            error_code ec;
                            if (!self->in_.empty()) {
                                auto d = self->in_.data();
@@ -376,8 +375,7 @@ private:
                                n_bytes->up += n;
                            }
                            self->up_->stream.shutdown_send();
-                       },
-                       asio::detached);
+                       });
         std::array<char, 16384> buf;
         error_code ec;
         while (true) {
@@ -393,7 +391,7 @@ private:
         auto r = record();
         r.bytes_in = n_bytes->up;
         r.bytes_out = n_bytes->down;
-        r.detail = "tcp mode";
+        r.note = "tcp mode";
         log(r, t0_);
     }
 
@@ -418,12 +416,15 @@ private:
         r.bytes_in = tx_.size;
         r.upstream_reply = upstream_reply;
         r.queue_id = queue;
-        const auto& code_from = upstream_reply.empty() ? tx_.detail : upstream_reply;
+        const auto& code_from = upstream_reply.empty() ? tx_.fault.detail : upstream_reply;
         r.status = code_from.size() >= 3 && std::isdigit(static_cast<unsigned char>(code_from[0])) ? std::atoi(code_from.substr(0, 3).c_str()) : 0;
         r.fault = tx_.fault;
-        r.detail = tx_.detail;
-        if (!identity_refused_.empty())
-            r.detail += (r.detail.empty() ? "" : "; ") + std::string("the next tier refused XCLIENT: ") + identity_refused_;
+        if (r.fault) r.fault.status = r.status;
+        r.note = tx_.note;
+        if (!identity_refused_.empty()) {
+            auto& d = r.fault ? r.fault.detail : r.note;
+            d += (d.empty() ? "" : "; ") + std::string("the next tier refused XCLIENT: ") + identity_refused_;
+        }
         if (r.rcpt_accepted.empty() && !r.rcpt_refused.empty()) r.action = "deny";
         log(r, tx_start_);
         reset_transaction();
@@ -490,8 +491,7 @@ private:
     /// reply, the open transaction logged as a bad request, and the session ends.
     void end_in_doubt(const std::string& reply, const std::string& detail = "") {
         say(reply);
-        tx_.fault = "bad-request";
-        if (!detail.empty()) tx_.detail = detail;
+        tx_.fault = make_fault(fault_class::bad_request, 0, detail.empty() ? tx_.fault.detail : detail);
         close_transaction("", "");
     }
 
@@ -717,9 +717,8 @@ private:
             auto rec = record();
             rec.user = user;
             rec.action = "deny";
-            rec.fault = "auth-failed";
             rec.status = 535;
-            rec.detail = "AUTH " + mech + " refused for '" + user + "' (" + r.refusal + ")";
+            rec.fault = make_fault(fault_class::auth_failed, 535, "AUTH " + mech + " refused for '" + user + "' (" + r.refusal + ")");
             log(rec, clock_type::now());
             co_return 0;
         }
@@ -858,7 +857,7 @@ private:
         if (!relay_reply(m)) co_return -2;
         auto why = std::to_string(m.code) + " " + m.text();
         tx_.rcpt_refused.emplace_back(path, why);
-        tx_.detail = "the upstream refused MAIL FROM: " + why;
+        tx_.note = "the upstream refused MAIL FROM: " + why;
         co_return 0;
     }
 
@@ -905,11 +904,9 @@ private:
         f.rcpt = cmd.path;
         auto d = rt_->policy->evaluate(f, {.trace = false});
         if (d.result != rules::verdict::allow) {
-            // evaluate() words relay refusals as "550 5.7.1 ..."; other denials get it here.
-            auto reason = d.reason.rfind("550 ", 0) == 0 ? d.reason : "550 5.7.1 " + d.reason;
-            if (reason.find("rule '") == std::string::npos) reason += " (rule '" + d.rule_name + "')";
+            auto reason = smtp::recipient_refusal(d);
             refuse(reason);
-            tx_.fault = "rule-denied";
+            tx_.fault = make_fault(fault_class::rule_denied, 550, tx_.fault.detail, d.rule_name);
             co_return 1;
         }
         smtp::reply r;
@@ -951,8 +948,7 @@ private:
             }
             if (!co_await read_client()) {
                 // The client vanished mid-message: nothing was forwarded, nothing is lost.
-                tx_.fault = "bad-request";
-                tx_.detail = timed_out_ ? "timed out in DATA" : "the client closed in DATA";
+                tx_.fault = make_fault(fault_class::bad_request, 0, timed_out_ ? "timed out in DATA" : "the client closed in DATA");
                 close_transaction("", "");
                 co_return -1;
             }
@@ -960,8 +956,7 @@ private:
         tx_.size = reader.size();
         if (!reader.refusal().empty()) {
             say(reader.refusal());
-            tx_.fault = "bad-request";
-            tx_.detail = reader.refusal();
+            tx_.fault = make_fault(fault_class::bad_request, 0, reader.refusal());
             smtp::reply r;
             if (!co_await exchange_upstream("RSET", r)) co_return co_await upstream_lost();
             close_transaction("", "");  // this tier refused it: the refusal is in `detail`
@@ -1003,8 +998,7 @@ private:
         for (std::uint64_t left = size; left > 0;) {
             if (in_.empty() && !co_await read_client()) {
                 // The client vanished mid-message: nothing was forwarded, nothing is lost.
-                tx_.fault = "bad-request";
-                tx_.detail = timed_out_ ? "timed out in BDAT" : "the client closed in BDAT";
+                tx_.fault = make_fault(fault_class::bad_request, 0, timed_out_ ? "timed out in BDAT" : "the client closed in BDAT");
                 close_transaction("", "");
                 co_return -1;
             }
@@ -1022,8 +1016,7 @@ private:
         if (!chunks_->refusal().empty()) {
             // Too big, a bare CR or LF, a long line: the message is refused, never forwarded.
             say(chunks_->refusal());
-            tx_.fault = "bad-request";
-            tx_.detail = chunks_->refusal();
+            tx_.fault = make_fault(fault_class::bad_request, 0, chunks_->refusal());
             tx_.size = chunks_->size();
             if (!last) co_return 1;  // the client should RSET; further chunks are refused
             if (!co_await reset_upstream()) co_return co_await upstream_lost();
@@ -1085,8 +1078,7 @@ private:
         say(r);
         if (r.code != 421) return true;
         upstream_ready_ = false;
-        tx_.fault = "upstream-protocol";
-        tx_.detail = "the upstream closed the session: " + r.text();
+        tx_.fault = make_fault(fault_class::upstream_protocol, r.code, "the upstream closed the session: " + r.text());
         close_transaction(std::to_string(r.code) + " " + r.text(), "");
         return false;
     }
@@ -1095,8 +1087,7 @@ private:
     /// end the session; a message not yet accepted upstream was not accepted here either.
     task<int> upstream_lost() {
         say("421 4.4.2 " + name_ + " (" + rt_->name + "): " + upstream_fault_ + "; try again later");
-        tx_.fault = "upstream-protocol";
-        tx_.detail = upstream_fault_;
+        tx_.fault = make_fault(fault_class::upstream_protocol, 421, upstream_fault_);
         close_transaction("", "");
         upstream_ready_ = false;
         co_return -1;
@@ -1143,15 +1134,6 @@ private:
 
 }  // namespace
 
-std::atomic<int>& smtp_sessions() {
-    static std::atomic<int> n{0};
-    return n;
-}
-
-std::atomic<int>& http_sessions() {
-    static std::atomic<int> n{0};
-    return n;
-}
 
 void start_smtp_session(worker& w, std::shared_ptr<const instance_runtime> rt, const listener_runtime& l, tcp::socket s) {
     std::make_shared<smtp_session>(w, std::move(rt), l, std::move(s))->start();

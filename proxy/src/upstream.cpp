@@ -25,14 +25,14 @@ std::string endpoint_text(const rules::ip_address& a, std::uint16_t port) {
 }
 
 net::task<std::shared_ptr<upstream_conn>> connect_upstream(net::asio::io_context& io, client_tls& tls, const rules::target& to,
-                                                       std::string key, fault_response& f) {
+                                                       std::string key, rules::fault& f) {
 using namespace net;
     std::optional<stream> s;
     if (to.tls) {
         try {
             s.emplace(tcp::socket(io), tls.context(to.ca_file));
         } catch (const std::exception& e) {
-            f = {502, fault_class::upstream_tls, e.what(), ""};
+            f = make_fault(fault_class::upstream_tls, 502, e.what());
             co_return nullptr;
         }
         prepare_client(s->native_tls(), to.name);
@@ -45,7 +45,7 @@ using namespace net;
     s->socket().open(ep.protocol(), ec);
     if (!ec && to.source) s->socket().bind(tcp::endpoint(asio::ip::make_address(to.source->to_string()), 0), ec);
     if (ec) {
-        f = {502, fault_class::upstream_connect, "cannot open a socket from " + (to.source ? to.source->to_string() : "any") + ": " + ec.message(), ""};
+        f = make_fault(fault_class::upstream_connect, 502, "cannot open a socket from " + (to.source ? to.source->to_string() : "any") + ": " + ec.message());
         co_return nullptr;
     }
     watchdog dog(io, *s);
@@ -54,13 +54,13 @@ using namespace net;
     if (ec) {
         auto what = endpoint_text(*to.address, to.port);
         if (dog.expired())
-            f = {502, fault_class::upstream_connect, "connecting to " + what + " timed out after " + std::to_string(to.timeouts.connect.count() / 1000) + " s (10060)", ""};
+            f = make_fault(fault_class::upstream_connect, 502, "connecting to " + what + " timed out after " + std::to_string(to.timeouts.connect.count() / 1000) + " s (10060)");
         else if (ec == asio::error::connection_refused)
-            f = {502, fault_class::upstream_connect, "connection refused by " + what + " (10061)", ""};
+            f = make_fault(fault_class::upstream_connect, 502, "connection refused by " + what + " (10061)");
         else if (ec == asio::error::network_unreachable || ec == asio::error::host_unreachable)
-            f = {502, fault_class::upstream_connect, "no route to " + what + " (10065)", ""};
+            f = make_fault(fault_class::upstream_connect, 502, "no route to " + what + " (10065)");
         else
-            f = {502, fault_class::upstream_connect, "connecting to " + what + ": " + ec.message(), ""};
+            f = make_fault(fault_class::upstream_connect, 502, "connecting to " + what + ": " + ec.message());
         co_return nullptr;
     }
     // Boost 1.74's reactor added EPOLLOUT to this descriptor's epoll registration for the
@@ -76,7 +76,7 @@ using namespace net;
         if (ec) ::close(fd);
     }
     if (ec) {
-        f = {502, fault_class::upstream_connect, "connected, but the socket could not be re-registered: " + ec.message(), ""};
+        f = make_fault(fault_class::upstream_connect, 502, "connected, but the socket could not be re-registered: " + ec.message());
         co_return nullptr;
     }
     s.emplace(std::move(fresh), std::move(tls_state));
@@ -84,8 +84,7 @@ using namespace net;
     if (to.tls) {
         co_await s->handshake(false, ec);
         if (ec) {
-            f = {502, dog.expired() ? fault_class::upstream_timeout : fault_class::upstream_tls,
-                 dog.expired() ? std::string("TLS handshake timed out") : describe_client_failure(s->native_tls(), ec, to.name), ""};
+            f = make_fault(dog.expired() ? fault_class::upstream_timeout : fault_class::upstream_tls, 502, dog.expired() ? std::string("TLS handshake timed out") : describe_client_failure(s->native_tls(), ec, to.name));
             co_return nullptr;
         }
     }

@@ -32,7 +32,7 @@ std::string endpoint_text(const rules::ip_address& a, std::uint16_t port);
 /// which: refused (10061), timed out (10060), no route (10065), name mismatch, untrusted
 /// chain, handshake failure.
 net::task<std::shared_ptr<upstream_conn>> connect_upstream(net::asio::io_context& io, client_tls& tls, const rules::target& to,
-                                                           std::string key, fault_response& f);
+                                                           std::string key, rules::fault& f);
 
 /// Whether an idle connection is still open (the peer has not closed it).
 bool still_open(upstream_conn& c);

@@ -13,14 +13,23 @@ const char* to_string(verdict v) {
     return "?";
 }
 
-const char* to_string(fault f) {
-    switch (f) {
-    case fault::none: return "";
-    case fault::rule_denied: return "rule-denied";
-    case fault::no_rule_matched: return "no-rule-matched";
-    case fault::auth_required: return "auth-required";
+const char* to_string(basis b) {
+    switch (b) {
+    case basis::allowed: return "allowed";
+    case basis::denied_by_rule: return "denied-by-rule";
+    case basis::exchange_template: return "exchange-template";
+    case basis::relay_trick: return "relay-trick";
+    case basis::relay_not_permitted: return "relay-not-permitted";
+    case basis::needs_authentication: return "needs-authentication";
+    case basis::no_rule_matched: return "no-rule-matched";
+    case basis::not_known_yet: return "not-known-yet";
     }
     return "?";
+}
+
+fault decision::refusal() const {
+    if (why == fault_class::none) return {};
+    return make_fault(why, why == fault_class::auth_required ? 401 : 403, reason, matched ? rule_name : std::string());
 }
 
 const char* to_string(examined_rule::outcome o) {
@@ -248,7 +257,8 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
             }
             note(o_t::undecided);
             d.result = verdict::undecided;
-            d.why = fault::none;
+            d.why = fault_class::none;
+            d.because = basis::not_known_yet;
             d.matched = &r;
             d.rule_name = r.name;
             d.where = r.where;
@@ -261,13 +271,15 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
         d.rule_name = r.name;
         d.where = r.where;
         d.result = r.act == action::allow ? verdict::allow : verdict::deny;
-        d.why = r.act == action::allow ? fault::none : fault::rule_denied;
+        d.why = r.act == action::allow ? fault_class::none : fault_class::rule_denied;
+        d.because = r.act == action::allow ? basis::allowed : basis::denied_by_rule;
         d.reason = r.act == action::allow ? "allowed by rule '" + r.name + "'" : "denied by rule '" + r.name + "'";
 
         if (r.act == action::allow && r.exchange_guards && norm &&
             contains_nocase(norm->decoded, "autodiscover") && contains_nocase(norm->decoded, "powershell")) {
             d.result = verdict::deny;
-            d.why = fault::rule_denied;
+            d.why = fault_class::rule_denied;
+            d.because = basis::exchange_template;
             d.reason = "refused by the Exchange template of rule '" + r.name +
                        "': the decoded URI names both autodiscover and powershell (ProxyShell/ProxyNotShell shape)";
         }
@@ -280,8 +292,9 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
                                                         [&](auto& s) { return source_contains(s, *f.client); });
             if (!trick.empty()) {
                 d.result = verdict::deny;
-                d.why = fault::rule_denied;
-                d.reason = "550 5.7.1 recipient " + std::string(*f.rcpt) + " uses " + trick +
+                d.why = fault_class::rule_denied;
+                d.because = basis::relay_trick;
+                d.reason = "recipient " + std::string(*f.rcpt) + " uses " + trick +
                            ", which is never relayed (rule '" + r.name + "')";
             } else if (accepted) {
                 d.smtp_disposition = "submit";
@@ -294,11 +307,13 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
                 d.reason = "relay to " + domain + " for client " + f.client->to_string() + " in relay_from (rule '" + r.name + "')";
             } else if (f.who == identity::unknown && r.relay_authenticated) {
                 d.result = verdict::undecided;
+                d.because = basis::not_known_yet;
                 d.reason = "relay to " + domain + " depends on authentication, not known yet";
             } else {
                 d.result = verdict::deny;
-                d.why = fault::rule_denied;
-                d.reason = "550 5.7.1 relay to " + domain + " denied: not an accepted domain of rule '" + r.name +
+                d.why = fault_class::rule_denied;
+                d.because = basis::relay_not_permitted;
+                d.reason = "relay to " + domain + " denied: not an accepted domain of rule '" + r.name +
                            "' (" + join(r.accepted_domains) + "), the session is not authenticated, and client " +
                            (f.client ? f.client->to_string() : std::string("?")) + " is not in relay_from [" +
                            join(r.relay_from) + "]";
@@ -310,14 +325,16 @@ decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
     d.rule_name = "default deny";
     d.result = verdict::deny;
     if (auth_candidate) {
-        d.why = fault::auth_required;
+        d.why = fault_class::auth_required;
+        d.because = basis::needs_authentication;
         d.matched = nullptr;
         d.rule_name = auth_candidate->name;
         d.where = auth_candidate->where;
         d.reason = "rule '" + auth_candidate->name + "' would allow this for an authenticated user";
         return d;
     }
-    d.why = fault::no_rule_matched;
+    d.why = fault_class::no_rule_matched;
+    d.because = basis::no_rule_matched;
     d.reason = "no rule matched; the built-in default rule denies";
     return d;
 }

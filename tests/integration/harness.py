@@ -1,10 +1,15 @@
 """Helpers for integration tests: real processes on loopback, driven by real clients.
 
 Everything binds inside 127.0.0.0/8 (on Linux all of it is routable on lo); every wait is
-bounded in time and count. Python 3 standard library plus the `openssl` and `curl`
-command-line tools.
+bounded in time and count, and waits for a condition (wait_for), never for a fixed time.
+Python 3 standard library plus the `openssl` and `curl` command-line tools.
 
-Addresses follow the default lab (topology/exchange-two-tier.toml):
+Addresses: each test module has its own. They follow the default lab
+(topology/exchange-two-tier.toml) moved SHIFT /16 blocks up, as `dmzproxy lab up --shift
+SHIFT` moves a lab: 127.B.x.y becomes 127.(B + SHIFT).x.y (lab_address). ctest gives each
+module its own shift (DMZ_TEST_SHIFT, tests/CMakeLists.txt), so no two modules running at
+once, and no lab a user runs from another clone (the default block), share an address.
+By hand the shift is 100. With the default lab's names:
   client      127.10.0.100  (External)
   front-end   127.10.0.10 (External leg), 127.20.0.10 (Perimeter leg)
   back-end    127.20.0.20 (Perimeter leg), 127.30.0.20 (Internal leg)
@@ -28,22 +33,33 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ORIGIN_PY = os.path.join(HERE, "origin.py")
 DMZPROXY = os.environ.get("DMZPROXY") or os.path.normpath(os.path.join(HERE, "..", "..", "build", "dmzproxy"))
 
-CLIENT = "127.10.0.100"
-FE_EXTERNAL = "127.10.0.10"
-FE_PERIMETER = "127.20.0.10"
-BE_PERIMETER = "127.20.0.20"
-BE_INTERNAL = "127.30.0.20"
-ORIGIN = "127.30.0.50"
-ORIGIN2 = "127.30.0.51"
+SHIFT = int(os.environ.get("DMZ_TEST_SHIFT") or 100)
+
+
+def lab_address(default):
+    """This module's counterpart of an address (or a range) of the default lab."""
+    octets = default.split(".")
+    assert octets[0] == "127" and 0 < int(octets[1]) + SHIFT <= 255, (default, SHIFT)
+    return ".".join([octets[0], str(int(octets[1]) + SHIFT)] + octets[2:])
+
+
+CLIENT = lab_address("127.10.0.100")
+FE_EXTERNAL = lab_address("127.10.0.10")
+FE_PERIMETER = lab_address("127.20.0.10")
+BE_PERIMETER = lab_address("127.20.0.20")
+BE_INTERNAL = lab_address("127.30.0.20")
+ORIGIN = lab_address("127.30.0.50")
+ORIGIN2 = lab_address("127.30.0.51")
+NETWORKS = {"Perimeter": [lab_address("127.20.0.0/16")], "Internal": [lab_address("127.30.0.0/16")]}
 PUBLIC_NAME = "mail.contoso.com"
 
-START_TIMEOUT = 10.0
-STOP_GRACE = 5.0
+START_TIMEOUT = 30.0   # generous: a loaded two-core machine starts Python slowly
+STOP_GRACE = 15.0
 
 
 # ---------------------------------------------------------------- waiting, ports, files
 
-def wait_for(predicate, timeout, interval=0.05, what="condition"):
+def wait_for(predicate, timeout, interval=0.05):
     """Poll `predicate` until it returns a truthy value (returned) or `timeout` passes
     (returns the last falsy value). Bounded in time and in count."""
     deadline = time.monotonic() + timeout
@@ -59,11 +75,21 @@ def wait_for(predicate, timeout, interval=0.05, what="condition"):
     return value
 
 
+_HANDED_OUT = set()
+
+
 def free_port(host):
-    """A port that was free on `host` a moment ago (bind port 0, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port that was free on `host` a moment ago (bind port 0, close), and that this
+    process has not handed out before: two ports asked for before either is bound differ.
+    The host is this module's own (see above), so no other module asks for its ports."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if (host, port) not in _HANDED_OUT:
+            _HANDED_OUT.add((host, port))
+            return port
+    raise RuntimeError("no fresh free port on %s" % host)
 
 
 def _proc_net_listening(host, port):
@@ -246,6 +272,16 @@ class Process:
             raise RuntimeError("%s does not listen on %s:%d after %.0f s\n%s" % (
                 self.name, host, port, timeout, self.output()))
 
+    def wait_output(self, text, timeout=START_TIMEOUT):
+        """Waits until `text` appears in the process's stderr (or it exits): raises if not."""
+        def said():
+            with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+                return text in f.read()
+        wait_for(lambda: self.proc.poll() is not None or said(), timeout, interval=0.02)
+        if not said():
+            raise RuntimeError("%s did not say %r within %.0f s (exit %s)\n%s" % (
+                self.name, text, timeout, self.proc.returncode, self.output()))
+
     def running(self):
         return self.proc.poll() is None
 
@@ -327,7 +363,11 @@ class Lab:
         cfg = self.write(name + ".toml", config_text)
         access = self.path(name + ".access.jsonl")
         argv = [DMZPROXY, "run", "-c", cfg, "--threads", str(threads), "--access-log", access] + list(extra_args)
-        return Proxy(name, cfg, access, self.start(name, argv, host, port), port)
+        process = self.start(name, argv, host, port)
+        # Listening is not enough: "ready" comes once its signal handlers are in place (a
+        # SIGTERM or SIGHUP before that would end it the default way).
+        process.wait_output(": ready, ")
+        return Proxy(name, cfg, access, process, port)
 
     def check(self, config_path):
         return subprocess.run([DMZPROXY, "check", "-q", "-c", config_path], capture_output=True, text=True,
@@ -396,11 +436,7 @@ class Response:
         self.closed = closed  # the server closed the connection after this response
 
     def header(self, name):
-        name = name.lower()
-        for n, v in self.headers:
-            if n.lower() == name:
-                return v
-        return None
+        return next((v for n, v in self.headers if n.lower() == name.lower()), None)
 
     def json(self):
         return json.loads(self.body.decode("utf-8"))

@@ -5,9 +5,11 @@ clients through both tiers to the simulated Exchange host (topology/hosts/exchan
 
 One lab, started in setUpClass, serves every test of `LabThroughBothTiers` (the lab takes a
 few seconds to start); `LabLifecycle` starts its own for the up/status/down round trip
-and for the port-already-taken refusal. The lab binds the topology's real addresses
-(127.10.0.10, 127.20.0.20, 127.30.0.50, ...) and ports (443, 25, 80, 2525; 10000 + P when
-ports below 1024 cannot be bound), so no other lab may run at the same time.
+and for the port-already-taken refusal. Each runs `lab up --shift SHIFT` (harness.SHIFT,
+this module's own): the topology's addresses (127.10.0.10, 127.20.0.20, 127.30.0.50, ...)
+move SHIFT /16 blocks up, so a default lab a user runs, or another module's lab, may run at
+the same time. Ports are the topology's (443, 25, 80, 2525; 10000 + P when ports below 1024
+cannot be bound).
 
 Clients: curl (--resolve, --cacert, --interface <External client_address>), swaks, and raw
 TLS sockets for Outlook Anywhere and MAPI. The host's statistics endpoint (lab status
@@ -32,14 +34,17 @@ import time
 import unittest
 import urllib.request
 
+import harness as h
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE_DIR = os.environ.get("DMZ_SOURCE_DIR") or os.path.normpath(os.path.join(HERE, "..", ".."))
 DMZPROXY = os.environ.get("DMZPROXY") or os.path.join(SOURCE_DIR, "build", "dmzproxy")
 TOPOLOGY = os.path.join(SOURCE_DIR, "topology", "exchange-two-tier.toml")
 
 PUBLIC_NAME = "mail.contoso.com"
-BE_INTERNAL = "127.30.0.20"      # the back-end's leg on Internal: the host's peer
-FE_EXTERNAL = "127.10.0.10"
+BE_INTERNAL = h.lab_address("127.30.0.20")     # the back-end's leg on Internal: the host's peer
+FE_EXTERNAL = h.lab_address("127.10.0.10")
+HOST_ADDRESS = h.lab_address("127.30.0.50")
 AS_VERSIONS = "2.5,12.0,12.1,14.0,14.1,16.0,16.1"
 AS_COMMANDS = ("Sync,SendMail,SmartForward,SmartReply,GetAttachment,GetHierarchy,CreateCollection,"
                "DeleteCollection,MoveCollection,FolderSync,FolderCreate,FolderDelete,FolderUpdate,MoveItems,"
@@ -64,8 +69,9 @@ def lab(state, *args, timeout=UP_TIMEOUT):
     return run([DMZPROXY, "lab", "--state", state, *args], timeout)
 
 
-def lab_up(state):
-    return lab(state, "up", "--detach", TOPOLOGY)
+def lab_up(state, topology=TOPOLOGY):
+    """`lab up --detach` on this module's shifted addresses."""
+    return lab(state, "up", "--detach", "--shift", str(h.SHIFT), topology)
 
 
 def lab_status(state):
@@ -237,30 +243,27 @@ class LabThroughBothTiers(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.state = tempfile.mkdtemp(prefix="dmz-lab-")
+        cls.tmp = tempfile.mkdtemp(prefix="dmz-lab-client-")
         cls.ping = None
+        cls.status = None
+        cls.addClassCleanup(cls.stop_lab)     # also when setUpClass fails half-way
         t0 = time.monotonic()
         try:
             res = lab_up(cls.state)
         except subprocess.TimeoutExpired:
-            lab_down(cls.state)
             raise AssertionError("lab up --detach did not return within %d s:\n%s" % (UP_TIMEOUT,
                                                                                      logs_tail(cls.state)))
         cls.up_seconds = time.monotonic() - t0
         if res.returncode != 0:
-            tail = logs_tail(cls.state)
-            lab_down(cls.state)
-            shutil.rmtree(cls.state, ignore_errors=True)
             raise AssertionError("lab up failed (exit %d):\nstdout:\n%s\nstderr:\n%s\n%s" % (
-                res.returncode, res.stdout, res.stderr, tail))
+                res.returncode, res.stdout, res.stderr, logs_tail(cls.state)))
         cls.up_output = res.stdout
         rc, st = lab_status(cls.state)
         cls.status_rc, cls.status = rc, st
         try:
             cls.derive(st)
         except (KeyError, IndexError, StopIteration, TypeError) as e:
-            lab_down(cls.state)
             raise AssertionError("lab status --json lacks %r: %s" % (e, json.dumps(st)[:3000]))
-        cls.tmp = tempfile.mkdtemp(prefix="dmz-lab-client-")
         if HAVE_CURL:
             cls.start_ping()
 
@@ -284,7 +287,7 @@ class LabThroughBothTiers(unittest.TestCase):
         cls.host_services = {s["name"]: s for s in host["services"]}
 
     @classmethod
-    def tearDownClass(cls):
+    def stop_lab(cls):
         res = lab_down(cls.state)
         if cls.ping is not None:          # a Ping still held (its test not run) ends with the lab
             cls.ping["thread"].join(timeout=20)
@@ -338,7 +341,15 @@ class LabThroughBothTiers(unittest.TestCase):
     def stats(cls):
         return http_get_json(cls.stats_url)
 
-    def find_request(self, token, timeout=5):
+    def through_both_tiers(self):
+        """A request that the tiers pass on, seen by the host: what was sent before it has had
+        every chance to arrive (a barrier, instead of waiting some time)."""
+        token = secrets.token_hex(6)
+        status, _, body, _ = self.curl("/owa/?barrier=%s" % token)
+        self.assertEqual(status, 200, body)
+        self.assertIsNotNone(self.find_request(token), "the host never recorded the barrier request")
+
+    def find_request(self, token, timeout=15):
         """The host's record of the request whose target carries `token` (None if never)."""
         def look():
             for rec in self.stats()["recent"]:
@@ -402,8 +413,9 @@ class LabThroughBothTiers(unittest.TestCase):
         self.assertTrue(any(u["name"] == "demo" and u["password"] for u in st["users"]), st["users"])
         nets = {n["name"]: n for n in st["networks"]}
         self.assertEqual(set(nets), {"External", "Perimeter", "Internal"})
-        self.assertEqual(nets["External"]["ranges"], ["127.10.0.0/16"])
-        self.assertEqual(nets["External"]["client_address"], "127.10.0.100")
+        self.assertEqual(nets["External"]["ranges"], [h.lab_address("127.10.0.0/16")])
+        self.assertEqual(nets["External"]["client_address"], h.lab_address("127.10.0.100"))
+        self.assertEqual(st["shift"], h.SHIFT)
         for n in nets.values():
             self.assertIsInstance(n["ranges"], list)
             self.assertIn("client_address", n)
@@ -428,7 +440,7 @@ class LabThroughBothTiers(unittest.TestCase):
         services = {s["name"]: s for s in host["services"]}
         self.assertEqual(set(services), {"web", "frontend-transport", "hub-transport"})
         for s in services.values():
-            self.assertEqual(s["address"], "127.30.0.50")
+            self.assertEqual(s["address"], HOST_ADDRESS)
         self.assertEqual(services["web"]["protocol"], "https")
         self.assertEqual(services["hub-transport"]["port"], 2525)
         self.assertEqual(services["frontend-transport"]["port"], 10025 if mapped else 25)
@@ -492,7 +504,7 @@ class LabThroughBothTiers(unittest.TestCase):
             self.assertEqual(status, 403, (path, body))
             err = (headers.get("x-dmz-error") or [""])[0]
             self.assertTrue(err.startswith("front-end;"), (path, err))
-        time.sleep(0.3)
+        self.through_both_tiers()
         after = self.stats()["requests"]
         self.assertEqual(after["ecp"], before["ecp"])
         self.assertEqual(after["powershell"], before["powershell"])
@@ -654,7 +666,7 @@ class LabThroughBothTiers(unittest.TestCase):
         self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
         self.assertRegex(res.stdout, r"250 2\.6\.0 <[0-9A-F]+@%s> \[InternalId=\d+\] Queued mail for delivery" %
                          re.escape(PUBLIC_NAME))
-        new = wait_until(lambda: sorted(set(self.stored("frontend-transport")) - before), 10)
+        new = wait_until(lambda: sorted(set(self.stored("frontend-transport")) - before), 20)
         self.assertEqual(len(new), 1, new)
         with open(new[0], encoding="utf-8") as f:
             meta = json.load(f)
@@ -680,8 +692,15 @@ class LabThroughBothTiers(unittest.TestCase):
         res = self.swaks("--from", "someone@example.net", "--to", "victim@fabrikam.com")
         self.assertNotEqual(res.returncode, 0, res.stdout)
         self.assertRegex(res.stdout, r"(?m)^<\*\* +550 5\.7\.1 ", res.stdout)
-        time.sleep(0.3)
-        self.assertEqual(set(self.stored("frontend-transport")), before)
+        # Then a message that does go through: once it is stored, the relay attempt before it
+        # has had every chance to arrive.
+        token = secrets.token_hex(8)
+        res = self.swaks("--from", "someone@example.net", "--to", "demo@contoso.com", "--body", "after %s" % token)
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        barrier = wait_until(lambda: [p for p in set(self.stored("frontend-transport")) - before
+                                      if token.encode() in read_bytes(p[:-len(".json")] + ".eml")], 20)
+        self.assertTrue(barrier, "the message after the relay attempt was never stored")
+        self.assertEqual(set(self.stored("frontend-transport")) - before, set(barrier))
         smtp_after = self.stats()["smtp"].get("frontend-transport", {})
         self.assertEqual(smtp_after.get("rcpt_refused", 0), smtp_before.get("rcpt_refused", 0),
                          "the relay attempt reached the host")
@@ -699,7 +718,7 @@ class LabThroughBothTiers(unittest.TestCase):
         self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
         self.assertIn("STARTTLS", res.stdout)
         found = wait_until(lambda: [p for p in self.stored("hub-transport")
-                                    if token.encode() in read_bytes(p[:-len(".json")] + ".eml")], 10)
+                                    if token.encode() in read_bytes(p[:-len(".json")] + ".eml")], 20)
         self.assertTrue(found, "the message never reached the hub-transport store")
         with open(found[0], encoding="utf-8") as f:
             self.assertEqual(json.load(f)["via"], "DATA", "swaks straight to the host speaks DATA")
@@ -786,7 +805,7 @@ class LabLifecycle(unittest.TestCase):
             # Nothing was left running: the host's web address does not answer.
             with socket.socket() as probe:
                 probe.settimeout(1)
-                self.assertNotEqual(probe.connect_ex(("127.30.0.50", 443 if port == 443 else 10443)), 0)
+                self.assertNotEqual(probe.connect_ex((HOST_ADDRESS, 443 if port == 443 else 10443)), 0)
         finally:
             holder.close()
 

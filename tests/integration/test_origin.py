@@ -15,13 +15,10 @@ class Origin(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.pki_lab = h.Lab(prefix="dmz-origin-pki-")
+        cls.addClassCleanup(cls.pki_lab.close)     # also when setUpClass fails half-way
         pki = h.Pki(cls.pki_lab.path("pki"))
         cls.ca = pki.ca_cert
         cls.cert = pki.leaf("mail", ["mail.contoso.com"])
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.pki_lab.close()
 
     def setUp(self):
         self.lab = h.Lab(prefix="dmz-origin-")

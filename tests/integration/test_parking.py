@@ -15,9 +15,9 @@ import unittest
 
 import harness as h
 
-ADMIN = "127.10.0.10"
+ADMIN = h.FE_EXTERNAL
 # A connection parks 50 ms after its last answer (up to one 50 ms deadline tick later).
-PARKED_BY = 3.0
+PARKED_BY = 10.0   # generous: a loaded machine answers /metrics slowly
 
 
 def request_bytes(path, host=h.PUBLIC_NAME):
@@ -133,15 +133,15 @@ class Parking(unittest.TestCase):
         self.park_and_wake()
 
     def test_parked_connection_closes_at_the_idle_timeout(self):
-        self.start(idle="1s")
+        self.start(idle="3s")
         s = self.connect()
-        self.assertEqual(self.get(s)[0], 200)
         t0 = time.monotonic()
-        self.wait_parked(1, timeout=0.9)
-        self.assertTrue(h.closed_within(s, 4.0), "the parked connection outlived its 1 s idle timeout")
+        self.assertEqual(self.get(s)[0], 200)
+        self.wait_parked(1, timeout=2.5)        # parked well before the idle timeout
+        self.assertTrue(h.closed_within(s, 10.0), "the parked connection outlived its 3 s idle timeout")
         took = time.monotonic() - t0
-        self.assertGreater(took, 0.8, "closed before the idle timeout")
-        self.assertTrue(h.wait_for(lambda: self.parked() == 0 and self.metric("dmzproxy_connections_active") == 0, 3.0),
+        self.assertGreater(took, 2.8, "closed before the idle timeout")
+        self.assertTrue(h.wait_for(lambda: self.parked() == 0 and self.metric("dmzproxy_connections_active") == 0, 10.0),
                         "the closed connection is still counted")
 
     def test_client_leaving_while_parked_is_forgotten(self):
@@ -152,7 +152,7 @@ class Parking(unittest.TestCase):
         self.wait_parked(5)
         for s in socks[:3]:
             s.close()
-        self.assertTrue(h.wait_for(lambda: self.parked() == 2 and self.metric("dmzproxy_connections_active") == 2, 3.0),
+        self.assertTrue(h.wait_for(lambda: self.parked() == 2 and self.metric("dmzproxy_connections_active") == 2, 10.0),
                         "parked %d, active %d" % (self.parked(), self.metric("dmzproxy_connections_active")))
         for s in socks[3:]:
             self.assertEqual(self.get(s)[0], 200)
@@ -164,7 +164,8 @@ class Parking(unittest.TestCase):
         self.wait_parked(1)
         whole = request_bytes("/owa/pieces")
         s.sendall(whole[:10])
-        time.sleep(0.3)
+        # The first piece wakes the parked connection (a session again) before the rest comes.
+        self.assertTrue(h.wait_for(lambda: self.parked() == 0, 10), "the first piece did not wake the connection")
         s.sendall(whole[10:])
         r = read_response(s)
         self.assertEqual(r[0], 200, r)
@@ -240,7 +241,7 @@ class Parking(unittest.TestCase):
         self.reload(self.config_text(port=h.free_port(h.FE_EXTERNAL)))
         s.sendall(request_bytes("/owa/gone"))
         self.assertIsNone(read_response(s, 5), "a connection of a listener that went away must close")
-        self.assertTrue(h.wait_for(lambda: self.parked() == 0 and self.metric("dmzproxy_connections_active") == 0, 3.0))
+        self.assertTrue(h.wait_for(lambda: self.parked() == 0 and self.metric("dmzproxy_connections_active") == 0, 10.0))
 
 
 class _Prefixed:

@@ -4,13 +4,19 @@ class and the right hop or tier (issue 5, item 5).
 
 Run from ctest (integration_scenarios), or by hand:
     DMZPROXY=build/dmzproxy DMZ_SOURCE_DIR=. python3 -m unittest -v test_scenarios
+
+Every lab here runs with `--shift SHIFT` (harness.SHIFT, this module's own), beside any other.
 """
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 import unittest
+
+import harness as h
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE_DIR = os.environ.get("DMZ_SOURCE_DIR") or os.path.normpath(os.path.join(HERE, "..", ".."))
@@ -30,7 +36,8 @@ class Scenario(unittest.TestCase):
         self.state = os.path.join(self._dir.name, "state")
         self.addCleanup(self._dir.cleanup)
         self.addCleanup(lambda: run([DMZPROXY, "lab", "--state", self.state, "down"], timeout=60))
-        res = run([DMZPROXY, "lab", "--state", self.state, "up", "--detach", "--scenario", self.scenario], timeout=90)
+        res = run([DMZPROXY, "lab", "--state", self.state, "up", "--detach", "--shift", str(h.SHIFT), "--scenario",
+                   self.scenario], timeout=90)
         self.assertEqual(res.returncode, 0, "lab up --scenario %s failed:\n%s%s" % (self.scenario, res.stdout, res.stderr))
 
     def diagnose(self, *args):
@@ -159,39 +166,35 @@ class Foreground(unittest.TestCase):
     (SIGINT) stops every process the lab started."""
 
     def test_live_log_then_ctrl_c_stops_everything(self):
-        import signal
-        import threading
-        import time
         d = tempfile.TemporaryDirectory(prefix="dmz-fg-")
         self.addCleanup(d.cleanup)
         state = os.path.join(d.name, "state")
         self.addCleanup(lambda: run([DMZPROXY, "lab", "--state", state, "down"], timeout=60))
-        proc = subprocess.Popen([DMZPROXY, "lab", "--state", state, "up"], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen([DMZPROXY, "lab", "--state", state, "up", "--shift", str(h.SHIFT)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(proc.stdout.close)
         lines = []
         reader = threading.Thread(target=lambda: [lines.append(l) for l in proc.stdout], daemon=True)
         reader.start()
-        deadline = time.time() + 30
-        st = {}
-        while time.time() < deadline and not st.get("running"):
-            time.sleep(0.2)
-            st = status_json(state)
-        self.assertTrue(st.get("running"), "lab did not come up:\n" + "".join(lines))
+        st = h.wait_for(lambda: proc.poll() is None and status_json(state).get("running") and status_json(state), 60,
+                        interval=0.2)
+        self.assertTrue(st, "lab did not come up:\n" + "".join(lines))
         fe = next(i for i in st["instances"] if i["role"] == "front-end")
         web = next(l for l in fe["listeners"] if l["protocol"] == "https" and l["network"] == "External")
+        client = next(n for n in st["networks"] if n["name"] == "External")["client_address"]
         url = "https://mail.contoso.com:%d/owa/" % web["port"]
         res = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", st["ca_file"], "--interface",
-                   "127.10.0.100", "--resolve", "mail.contoso.com:%d:%s" % (web["port"], web["address"]), url])
+                   client, "--resolve", "mail.contoso.com:%d:%s" % (web["port"], web["address"]), url])
         self.assertEqual(res.stdout, "200", res.stderr)
-        while time.time() < deadline and not any("[front-end]" in l and "Exchange/owa" in l for l in lines):
-            time.sleep(0.1)
-        self.assertTrue(any("[front-end]" in l and "/owa/" in l and "Exchange/owa" in l for l in lines),
-                        "no live log line for the request:\n" + "".join(lines))
-        self.assertTrue(any("[back-end]" in l and "Exchange/owa" in l for l in lines), "".join(lines))
+
+        def logged(tier):
+            return any("[%s]" % tier in l and "/owa/" in l and "Exchange/owa" in l for l in list(lines))
+        self.assertTrue(h.wait_for(lambda: logged("front-end") and logged("back-end"), 30),
+                        "no live log line for the request at each tier:\n" + "".join(lines))
         pids = [n["pid"] for n in st["instances"] + st["hosts"]]
         proc.send_signal(signal.SIGINT)
-        self.assertEqual(proc.wait(timeout=20), 0, "".join(lines))
+        self.assertEqual(proc.wait(timeout=60), 0, "".join(lines))
         for pid in pids:
             self.assertTrue(pid_gone(pid), "pid %d still runs after Ctrl-C" % pid)
         self.assertFalse(os.path.exists(os.path.join(state, "lab.json")))
@@ -208,7 +211,7 @@ class WithoutRoot(unittest.TestCase):
         state = os.path.join(d, "state")
         as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
         self.addCleanup(lambda: run([*as_nobody, DMZPROXY, "lab", "--state", state, "down"], timeout=60))
-        up = run([*as_nobody, DMZPROXY, "lab", "--state", state, "up", "--detach"], timeout=90)
+        up = run([*as_nobody, DMZPROXY, "lab", "--state", state, "up", "--detach", "--shift", str(h.SHIFT)], timeout=90)
         self.assertEqual(up.returncode, 0, up.stdout + up.stderr)
         self.assertIn("10000 + P", up.stdout)
         st = status_json(state, as_nobody)

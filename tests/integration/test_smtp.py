@@ -3,6 +3,8 @@
     client 127.10.0.100 --smtp--> front-end 127.10.0.10 --smtp + PROXY v2 (from 127.20.0.10)-->
         back-end 127.20.0.20 --smtp (from 127.30.0.20)--> sink 127.30.0.50 (smtp_sink.py)
 
+(the default lab's addresses: each module runs on them moved by its own shift, see harness.py)
+
 Every test starts its own sink and both dmzproxy instances (`dmzproxy run`) on free ports
 and stops them afterwards. It drives them with swaks, or with raw sockets where swaks
 cannot send the bytes, and asserts on what the client got, on what the sink stored and
@@ -31,12 +33,12 @@ import smtp_support as s
 
 FE, BE = "front-end", "back-end"
 FE_RULE, BE_RULE = "SMTP publishing", "SMTP to Exchange"
-SINK = h.ORIGIN                     # 127.30.0.50
-RELAY_HOST = "127.10.0.101"         # listed in relay_from
-UNTRUSTED = "127.20.0.99"           # on the Perimeter, not the front-end
-PERIMETER_CLIENT = "127.20.0.98"    # on the Perimeter, allowed by a back-end rule of its own
+SINK = h.ORIGIN
+RELAY_HOST = h.lab_address("127.10.0.101")        # listed in relay_from
+UNTRUSTED = h.lab_address("127.20.0.99")          # on the Perimeter, not the front-end
+PERIMETER_CLIENT = h.lab_address("127.20.0.98")   # on the Perimeter, allowed by a back-end rule of its own
 MAX_MESSAGE = 1024 * 1024           # the front-end's limits.max_message_size ("1MiB")
-NETWORKS = {"Perimeter": ["127.20.0.0/16"], "Internal": ["127.30.0.0/16"]}
+NETWORKS = h.NETWORKS
 SMTP_KEYS = {"protocol", "client", "original_client", "ehlo", "tls", "user", "mail_from", "rcpt_accepted",
              "rcpt_refused", "size", "upstream_reply", "queue_id", "rule", "duration_ms"}
 
@@ -47,21 +49,9 @@ PKI_LAB = None
 def setUpModule():
     global PKI, PKI_LAB
     PKI_LAB = h.Lab(prefix="dmz-smtp-pki-")
+    unittest.addModuleCleanup(PKI_LAB.close)   # also when setUpModule fails half-way
     pki = h.Pki(PKI_LAB.path("pki"))
     PKI = {"ca": pki.ca_cert, "mail": pki.leaf("mail", ["mail.contoso.com"])}
-
-
-def tearDownModule():
-    PKI_LAB.close()
-
-
-def distinct_free_port(host, taken):
-    for _ in range(20):
-        p = h.free_port(host)
-        if p not in taken:
-            taken.add(p)
-            return p
-    raise RuntimeError("no distinct free port on " + host)
 
 
 def message(subject, text=b"hello\r\n", extra_headers=b""):
@@ -88,9 +78,8 @@ class SmtpTiers(unittest.TestCase):
         self.addCleanup(self.lab.close)  # runs even when setUp fails half-way
         # Before lab.close: SIGTERM both tiers at once (each takes its shutdown grace).
         self.addCleanup(lambda: h.stop_together(self.lab.processes))
-        taken = set()
-        self.ports = {"fe": distinct_free_port(h.FE_EXTERNAL, taken), "be": distinct_free_port(h.BE_PERIMETER, taken),
-                      "sink": distinct_free_port(SINK, taken)}
+        self.ports = {"fe": h.free_port(h.FE_EXTERNAL), "be": h.free_port(h.BE_PERIMETER),
+                      "sink": h.free_port(SINK)}
         self.sink = None
         self.fe = self.be = None
 
@@ -191,9 +180,9 @@ class SmtpTiers(unittest.TestCase):
     def settle(self, fe_lines=1):
         """After the client is done: wait (bounded) for the front-end's log lines, then for
         every sink connection to close, so that anything forwarded would have arrived."""
-        self.wait_access(self.fe, fe_lines, timeout=3.0)
+        self.wait_access(self.fe, fe_lines, timeout=10.0)
         if self.sink and self.sink.process:
-            self.sink.wait_closed(timeout=3.0)
+            self.sink.wait_closed(timeout=10.0)
 
     def sink_rcpts(self):
         return [c["line"] for c in self.sink.commands("RCPT")]

@@ -12,8 +12,8 @@ import unittest
 import harness as h
 import smtp_support as s
 
-SINK_HOST = h.ORIGIN          # 127.30.0.50, the Exchange host stand-in
-SOURCE = h.BE_INTERNAL        # 127.30.0.20
+SINK_HOST = h.ORIGIN          # the Exchange host stand-in (127.30.0.50, shifted)
+SOURCE = h.BE_INTERNAL        # the back-end's Internal leg (127.30.0.20, shifted)
 
 
 class SinkTest(unittest.TestCase):
@@ -181,7 +181,7 @@ class Basics(SinkTest):
         c = self.ready()
         c.send_mail("a@example.net", ["b@contoso.com"], b"Subject: x\r\n\r\nbody\r\n")
         c.cmd("QUIT")
-        self.assertEqual(self.sink.wait_closed(1), 0, self.diag())
+        self.assertEqual(self.sink.wait_closed(1, timeout=10), 0, self.diag())
         events = [e["event"] for e in self.sink.entries()]
         self.assertEqual(events[:3], ["listen", "connect", "reply"])
         self.assertEqual(events[-1], "close")
@@ -304,7 +304,7 @@ class IdleTimeout(unittest.TestCase):
             c.cmd("DATA")
             c.send(b"Subject: cut\r\n\r\nhalf a message\r\n")
             c.sock.shutdown(socket.SHUT_RDWR)
-        self.assertEqual(sink.wait_closed(1), 0)
+        self.assertEqual(sink.wait_closed(1, timeout=10), 0)
         self.assertEqual(sink.count(), 0)
         [close] = sink.entries("close")
         self.assertEqual(close["reason"], "closed by peer")

@@ -3,6 +3,8 @@
     client 127.10.0.100 --https--> front-end 127.10.0.10 --https (from 127.20.0.10)-->
         back-end 127.20.0.20 --https (from 127.30.0.20)--> origin 127.30.0.50 (origin.py)
 
+(the default lab's addresses: each module runs on them moved by its own shift, see harness.py)
+
 Every test starts its own origins and both dmzproxy instances (`dmzproxy run`) on free
 ports and stops them afterwards (SIGTERM, then SIGKILL). It drives them with curl, or with
 raw sockets where curl cannot send the bytes, and asserts on what the client got, on
@@ -21,7 +23,7 @@ import unittest
 import harness as h
 
 FE, BE = "front-end", "back-end"
-ORIGIN3 = "127.30.0.52"
+ORIGIN3 = h.lab_address("127.30.0.52")
 DEFAULT_READ_TIMEOUT = 120  # README: target timeouts default to read 120 s
 ACCESS_KEYS = {"time", "instance", "conn", "client", "original_client", "user", "listener", "method",
                "host", "path", "rule", "action", "target", "status", "bytes_in", "bytes_out",
@@ -36,6 +38,7 @@ PKI_LAB = None
 def setUpModule():
     global PKI, PKI_LAB
     PKI_LAB = h.Lab(prefix="dmz-it-pki-")
+    unittest.addModuleCleanup(PKI_LAB.close)   # also when setUpModule fails half-way
     pki = h.Pki(PKI_LAB.path("pki"))
     other = h.Pki(PKI_LAB.path("other-ca"), ca_name="some other CA")
     PKI = {
@@ -44,10 +47,6 @@ def setUpModule():
         "wrong": pki.leaf("wrong", ["www.fabrikam.com"]),
         "untrusted": other.leaf("untrusted", ["mail.contoso.com"]),
     }
-
-
-def tearDownModule():
-    PKI_LAB.close()
 
 
 # One row per published path: (rule name, paths, methods, front-end target overrides,
@@ -86,15 +85,6 @@ def rules_table(ports):
     ]
 
 
-def distinct_free_port(host, taken):
-    for _ in range(20):
-        p = h.free_port(host)
-        if p not in taken:
-            taken.add(p)
-            return p
-    raise RuntimeError("no distinct free port on " + host)
-
-
 class TwoTier(unittest.TestCase):
     """Starts origins, the back-end and the front-end for each test."""
 
@@ -103,22 +93,21 @@ class TwoTier(unittest.TestCase):
     def setUp(self):
         self.lab = h.Lab()
         self.addCleanup(self.lab.close)  # runs even when setUp fails half-way
-        taken = set()
         self.ports = {
-            "fe": distinct_free_port(h.FE_EXTERNAL, taken),
-            "be": distinct_free_port(h.BE_PERIMETER, taken),
-            "origin": distinct_free_port(h.ORIGIN, taken),
-            "origin2": distinct_free_port(h.ORIGIN2, taken),
-            "origin3": distinct_free_port(ORIGIN3, taken),
-            "dead_origin": distinct_free_port(h.ORIGIN, taken),
-            "dead_backend": distinct_free_port(h.BE_PERIMETER, taken),
+            "fe": h.free_port(h.FE_EXTERNAL),
+            "be": h.free_port(h.BE_PERIMETER),
+            "origin": h.free_port(h.ORIGIN),
+            "origin2": h.free_port(h.ORIGIN2),
+            "origin3": h.free_port(ORIGIN3),
+            "dead_origin": h.free_port(h.ORIGIN),
+            "dead_backend": h.free_port(h.BE_PERIMETER),
         }
         ca = PKI["ca"]
         self.origin = self.lab.start_origin("origin", h.ORIGIN, self.ports["origin"], *PKI["mail"])
         self.origin2 = self.lab.start_origin("origin2", h.ORIGIN2, self.ports["origin2"], *PKI["wrong"])
         self.origin3 = self.lab.start_origin("origin3", ORIGIN3, self.ports["origin3"], *PKI["untrusted"])
 
-        networks = {"Perimeter": ["127.20.0.0/16"], "Internal": ["127.30.0.0/16"]}
+        networks = h.NETWORKS
         fe_rules, be_rules = [], []
         for name, paths, methods, fe_over, be_over in rules_table(self.ports):
             fe_target = {"address": h.BE_PERIMETER, "source": h.FE_PERIMETER, "port": self.ports["be"],
@@ -180,14 +169,22 @@ class TwoTier(unittest.TestCase):
 
     def settle(self):
         """After the front-end answered: wait (bounded) for its access-log line, written
-        when the transaction is over, then watch the origins for a short window, so that
-        anything forwarded would have arrived. Returns what the origins saw."""
-        self.wait_access(self.fe, 1, timeout=3.0)
+        when the transaction is over, then send a request that both tiers pass on and wait
+        until the origin has it: anything forwarded before it has had every chance to arrive.
+        Returns what the origins saw but that request."""
+        self.wait_access(self.fe, 1, timeout=10.0)
+        token = "/owa/settle-" + os.urandom(6).hex()
+        with self.connection() as c:
+            r = c.request("GET", token)
+        self.assertEqual(r.status, 200, "the settling request failed: %r\n%s" % (r, self.diag()))
+        self.assertTrue(h.wait_for(lambda: [q for q in self.origin.requests() if q["target"] == token], 15),
+                        "the origin never logged the settling request\n" + self.diag())
+        return [(o.name, q["method"], q["target"]) for o in (self.origin, self.origin2, self.origin3)
+                for q in o.requests() if not q["target"].startswith("/owa/settle-")]
 
-        def seen():
-            return [(o.name, r["method"], r["target"]) for o in (self.origin, self.origin2, self.origin3)
-                    for r in o.requests()]
-        return h.wait_for(seen, 0.5)
+    def be_access(self):
+        """The back-end's access log but for settle()'s own requests."""
+        return [e for e in self.be.access() if not (e.get("path") or "").startswith("/owa/settle-")]
 
     def assertOriginSawNothing(self, msg=""):
         self.assertEqual(self.settle(), [], "the origin must see no request. " + msg + "\n" + self.diag())
@@ -464,7 +461,7 @@ class Ntlm(TwoTier):
             r = a.request("GET", "/ntlm/pause-2", [("Authorization", "NTLM " + h.ntlm_authenticate("alice"))])
             self.assertEqual(r.status, 200, repr(r))
             for i in range(3, 5):
-                time.sleep(0.6)
+                time.sleep(0.6)     # deliberate: a pause longer than the parking delay is the point
                 r = a.request("GET", "/ntlm/pause-%d" % i)
                 self.assertEqual(r.status, 200, "after a pause: %r\n%s" % (r, self.diag()))
                 self.assertEqual(r.json()["user"], "alice")
@@ -502,9 +499,8 @@ class Streaming(TwoTier):
         # upstream connections, so the origin sees its connection end within seconds.
         with self.connection() as c:
             c.send(b"GET /silent/long HTTP/1.1\r\nHost: %s\r\n\r\n" % h.PUBLIC_NAME.encode())
-            self.assertTrue(h.wait_for(lambda: [q for q in self.origin.requests() if q["target"] == "/silent/long"], 5.0),
+            self.assertTrue(h.wait_for(lambda: [q for q in self.origin.requests() if q["target"] == "/silent/long"], 15),
                             "the held request never reached the origin\n" + self.diag())
-            time.sleep(1.0)  # well past the moment the tiers start watching the client
         conn = [q for q in self.origin.requests() if q["target"] == "/silent/long"][0]["conn"]
         t0 = time.monotonic()
         closed = h.wait_for(lambda: [e for e in self.origin.entries("close") if e["conn"] == conn], 5.0)
@@ -625,7 +621,7 @@ class Faults(TwoTier):
         r, res = self.curl(self.url("/fe-refused"))
         self.assertDmzError(r, FE, "upstream-connect", 502)
         self.assertOriginSawNothing()
-        self.assertEqual(self.be.access(), [])
+        self.assertEqual(self.be_access(), [])
 
     def test_upstream_silent(self):
         r, res = self.curl(self.url("/silent"))
@@ -643,7 +639,7 @@ class Faults(TwoTier):
         err = self.assertDmzError(r, FE, "upstream-tls", 502)
         self.assertIn("name mismatch", err[2].lower(), r.header("X-Dmz-Error"))
         self.assertOriginSawNothing()
-        self.assertEqual(self.be.access(), [], "no request over an unverified connection")
+        self.assertEqual(self.be_access(), [], "no request over an unverified connection")
 
     def test_upstream_certificate_untrusted(self):
         r, res = self.curl(self.url("/untrusted"))

@@ -7,6 +7,8 @@ keep-alive, pipelining).
     client 127.10.0.100 --https--> front-end 127.10.0.10 --https (from 127.20.0.10)-->
         back-end 127.20.0.20 --https (from 127.30.0.20)--> origin 127.30.0.50 (origin.py)
 
+(the default lab's addresses: each module runs on them moved by its own shift, see harness.py)
+
 Tests that need one tier only (the TLS listener, the redirect, slow clients) run the
 front-end straight in front of the origin. Every test starts its own processes on free
 ports and stops them afterwards. Clients: curl, `openssl s_client`, raw sockets.
@@ -30,8 +32,8 @@ import harness as h
 
 FE, BE = "front-end", "back-end"
 MIB = 1024 * 1024
-NETWORKS = {"Perimeter": ["127.20.0.0/16"], "Internal": ["127.30.0.0/16"]}
-CONTROL_TLS_SERVER = "127.10.0.11"  # an openssl s_server that still speaks TLS 1.0/1.1
+NETWORKS = h.NETWORKS
+CONTROL_TLS_SERVER = h.lab_address("127.10.0.11")  # an openssl s_server that still speaks TLS 1.0/1.1
 INTERNAL_NAME = "ex01.corp.contoso.com"
 FABRIKAM = "mail.fabrikam.com"
 MEMORY_LIMIT_KIB = 64 * 1024
@@ -43,16 +45,13 @@ PKI_LAB = None
 def setUpModule():
     global PKI, PKI_LAB
     PKI_LAB = h.Lab(prefix="dmz-it-more-pki-")
+    unittest.addModuleCleanup(PKI_LAB.close)   # also when setUpModule fails half-way
     pki = h.Pki(PKI_LAB.path("pki"))
     PKI = {
         "ca": pki.ca_cert,
         "mail": pki.leaf("mail", ["mail.contoso.com", "autodiscover.contoso.com", INTERNAL_NAME]),
         "fabrikam": pki.leaf("fabrikam", [FABRIKAM]),
     }
-
-
-def tearDownModule():
-    PKI_LAB.close()
 
 
 def note(text):
@@ -96,15 +95,6 @@ def config_text(name, role, listeners, rules, trust_forwarded_from=None, address
             r.setdefault("action", "allow")
         out.append(h.toml_table("[rules]", r))
     return "\n".join(out)
-
-
-def distinct_free_port(host, taken):
-    for _ in range(20):
-        p = h.free_port(host)
-        if p not in taken:
-            taken.add(p)
-            return p
-    raise RuntimeError("no distinct free port on " + host)
 
 
 def fields_of(request):
@@ -191,7 +181,6 @@ class Base(unittest.TestCase):
     def setUp(self):
         self.lab = h.Lab(prefix="dmz-it-more-")
         self.addCleanup(self.lab.close)
-        self.taken = set()
         self.ports = {}
         self.port("fe", h.FE_EXTERNAL)
         self.port("be", h.BE_PERIMETER)
@@ -210,7 +199,7 @@ class Base(unittest.TestCase):
         self.fe = self.start_proxy(FE, "front-end", self.fe_listeners(), self.fe_rules())
 
     def port(self, key, host):
-        self.ports[key] = distinct_free_port(host, self.taken)
+        self.ports[key] = h.free_port(host)
         return self.ports[key]
 
     def start_proxy(self, name, role, listeners, rules, **kw):
@@ -306,8 +295,10 @@ class Base(unittest.TestCase):
 
     def settle(self, fe_lines=1):
         """Wait (bounded) for the front-end's access-log lines, then watch the origins for a
-        short window so that anything forwarded would have arrived."""
-        self.wait_access(self.fe, fe_lines, timeout=3.0)
+        short window so that anything forwarded would have arrived. (A window, not a barrier
+        request as in test_web: these classes publish different paths, and a window can only
+        miss a stray request, never fail a good run.)"""
+        self.wait_access(self.fe, fe_lines, timeout=10.0)
         return h.wait_for(self.seen, 0.5)
 
     def assertOriginSawNothing(self, msg="", fe_lines=1):
@@ -913,7 +904,8 @@ class BoundedMemory(Base):
             deadline = time.monotonic() + 240
             while got < total and time.monotonic() < deadline:
                 if not paused and got >= MIB:
-                    # A slow reader for a moment: the proxies must not read ahead into memory.
+                    # A slow reader for a moment: the proxies must not read ahead into memory
+                    # (deliberate: the pause is what is tested).
                     time.sleep(1.0)
                     paused = True
                 c.sock.settimeout(30)

@@ -192,7 +192,7 @@ TEST_F(TwoTier, EcpIsARuleFaultThatTheTestRuleTellsApart) {
     ASSERT_EQ(ex.tiers.size(), 1u);
     EXPECT_EQ(ex.tiers[0].matched_rule, "default deny");
     EXPECT_EQ(ex.tiers[0].action, "deny");
-    EXPECT_EQ(ex.tiers[0].decision.why, rules::fault::no_rule_matched);
+    EXPECT_EQ(ex.tiers[0].decision.why, rules::fault_class::no_rule_matched);
     ASSERT_TRUE(ex.with_test_rules);
     EXPECT_EQ(*ex.with_test_rules, outcome::ok);
     EXPECT_EQ(ex.with_test_rules_reached, "exchange");
@@ -336,6 +336,45 @@ TEST_F(TwoTier, ClientsInsideAreJudgedByTheirNetwork) {
     EXPECT_EQ(in.result, outcome::network_fault) << describe(in);
     EXPECT_NE(in.reason.find("no address on the client's network Internal"), std::string::npos)
         << in.reason;
+}
+
+TEST(Shift, MovesEveryAddressOfTheLabAndWhatIsDerivedFromThem) {
+    topology::load_settings ls;
+    ls.shift = 100;
+    auto r = topology::load(DMZ_SOURCE_DIR "/topology/exchange-two-tier.toml", ls);
+    ASSERT_TRUE(r.topo && !rules::has_errors(r.diags)) << dump(r.diags);
+    auto& t = *r.topo;
+    EXPECT_EQ(t.network_of(*rules::ip_address::parse("127.110.0.100")), "External");
+    EXPECT_EQ(t.network_of(*rules::ip_address::parse("127.120.0.10")), "Perimeter");
+    EXPECT_EQ(t.network_of(*rules::ip_address::parse("127.20.0.10")), "External")
+        << "the default block is left";
+    EXPECT_EQ(t.node_at(*rules::ip_address::parse("127.130.0.50")), "exchange");
+    auto& fe = t.find_instance("front-end")->policy->config();
+    EXPECT_EQ(fe.find_listener("web")->bind.at(0).to_string(), "127.110.0.10:443");
+    ASSERT_TRUE(fe.rules.at(0).to && fe.rules[0].to->address && fe.rules[0].to->source);
+    EXPECT_EQ(fe.rules[0].to->address->to_string(), "127.120.0.20");
+    EXPECT_EQ(fe.rules[0].to->source->to_string(), "127.120.0.10");
+    auto& be = t.find_instance("back-end")->policy->config();
+    EXPECT_EQ(be.rules.at(0).to->address->to_string(), "127.130.0.50");
+
+    topology::probe p;
+    p.from = *rules::ip_address::parse("127.110.0.100");
+    p.url = "https://mail.contoso.com/owa/";
+    auto ex = topology::explain(t, p);
+    EXPECT_EQ(ex.result, outcome::ok) << describe(ex);
+}
+
+TEST(Shift, AnAddressPushedOutOf127Slash8IsAnError) {
+    topology::load_settings ls;
+    ls.shift = 230; // 127.30.0.50 would become 127.260.0.50
+    auto r = topology::load(DMZ_SOURCE_DIR "/topology/exchange-two-tier.toml", ls);
+    ASSERT_TRUE(rules::has_errors(r.diags));
+    EXPECT_NE(dump(r.diags).find("a shift of 230 moves 127.30.0.0/16 outside 127.0.0.0/8"),
+              std::string::npos)
+        << dump(r.diags);
+    EXPECT_NE(dump(r.diags).find("a shift of 230 moves 127.30.0.50 outside 127.0.0.0/8"),
+              std::string::npos)
+        << dump(r.diags);
 }
 
 } // namespace

@@ -4,6 +4,7 @@
 #include <set>
 #include <stdexcept>
 
+#include "dmz/proxy/smtp/replies.hpp"
 #include "dmz/rules/path.hpp"
 
 namespace dmz::topology {
@@ -262,9 +263,10 @@ explanation run(const topology& t, const probe& p, bool with_test_rules, bool ma
         ex.tiers.push_back(tr);
 
         if (d.result != rules::verdict::allow) {
-            ex.result = d.why == rules::fault::auth_required ? outcome::auth_fault : outcome::rule_fault;
+            ex.result = d.why == rules::fault_class::auth_required ? outcome::auth_fault : outcome::rule_fault;
             ex.stopped_at = in->name;
-            ex.reason = d.reason;
+            // SMTP words a refused recipient as the tier would answer it.
+            ex.reason = !h_web && f.rcpt ? smtp::recipient_refusal(d) : d.reason;
             return ex;
         }
         if (!to->address) return net_fault(in->name, "rule '" + d.rule_name + "' has no resolved target address");

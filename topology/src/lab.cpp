@@ -229,13 +229,22 @@ void print_log_line(const std::string& line) {
 int lab_up(const lab_options& o) {
     // 1. The topology, as it will run here.
     bool map = !may_bind_privileged();
-    load_settings settings{o.state, map};
+    load_settings settings{o.state, map, o.shift};
     auto res = load(o.topology, settings);
     if (!res.topo || rules::has_errors(res.diags)) {
+        // Addresses a shift pushes out of 127.0.0.0/8 leave follow-on errors: name those alone.
+        auto by_shift = [](const rules::diagnostic& d) {
+            return d.message.rfind("a shift of ", 0) == 0;
+        };
+        bool shift_fault = std::any_of(res.diags.begin(), res.diags.end(), by_shift);
         std::ostringstream msg;
         for (auto& d : res.diags)
-            if (d.level == rules::severity::error) msg << "\n  " << d.where.to_string() << ": " << d.code << ": " << d.message;
-        throw std::runtime_error("the topology has errors; run 'dmzproxy check -t " + o.topology + "'" + msg.str());
+            if (d.level == rules::severity::error && (!shift_fault || by_shift(d)))
+                msg << "\n  " << d.where.to_string() << ": " << d.code << ": " << d.message;
+        throw std::runtime_error(
+            (shift_fault ? "--shift " + std::to_string(o.shift) + " does not fit this topology"
+                         : "the topology has errors; run 'dmzproxy check -t " + o.topology + "'") +
+            msg.str());
     }
     auto& t = *res.topo;
     if (fs::exists(o.state + "/lab.json")) {
@@ -250,6 +259,10 @@ int lab_up(const lab_options& o) {
     fs::create_directories(o.state + "/logs");
     if (map)
         std::cout << "No privilege to bind ports below 1024: each such port P runs on 10000 + P (443 -> 10443, 25 -> 10025, 80 -> 10080).\n";
+    if (o.shift)
+        std::cout << "Shifted " << o.shift
+                  << " /16 blocks up: every address 127.B.x.y of the topology runs on 127.(B + "
+                  << o.shift << ").x.y.\n";
 
     // 2. Certificates: the lab CA, each listener's, each host's.
     auto pki = o.state + "/pki";
@@ -331,6 +344,8 @@ int lab_up(const lab_options& o) {
                                       "--threads", "1", "--access-log", o.state + "/logs/" + in->name + ".jsonl",
                                       "--admin", admin};
         if (map) argv.push_back("--map-ports");
+        if (o.shift)
+            argv.insert(argv.end(), {"--shift", std::to_string(o.shift)});
         auto pid = spawn(argv, o.state + "/logs/" + in->name + ".out");
         pids.push_back(pid);
         json listeners = json::array();
@@ -383,8 +398,8 @@ int lab_up(const lab_options& o) {
                             {"client_address", n.client_address ? json(n.client_address->to_string()) : json(nullptr)}});
     }
     json st = {{"topology", fs::absolute(o.topology).string()}, {"state", fs::absolute(o.state).string()},
-               {"ca_file", fs::absolute(ca.cert_file()).string()}, {"ports_mapped", map}, {"users", users},
-               {"networks", networks}, {"instances", instances}, {"hosts", hosts}, {"pids", pids}};
+               {"ca_file", fs::absolute(ca.cert_file()).string()}, {"ports_mapped", map}, {"shift", o.shift},
+               {"users", users}, {"networks", networks}, {"instances", instances}, {"hosts", hosts}, {"pids", pids}};
     {
         std::ofstream f(o.state + "/lab.json.tmp");
         f << st.dump(2) << "\n";
@@ -513,6 +528,8 @@ int lab_status(const std::string& state, bool as_json) {
     }
     std::cout << "Lab from " << st.value("topology", "?") << (all ? " is running" : " is partly DOWN") << "; CA "
               << st.value("ca_file", "?") << "\n";
+    if (st.value("shift", 0))
+        std::cout << "  shifted " << st.value("shift", 0) << " /16 blocks up\n";
     for (auto& in : st["instances"]) {
         std::cout << "  " << in["name"].get<std::string>() << " (" << in["role"].get<std::string>() << ") pid "
                   << in["pid"].get<int>() << (in["running"].get<bool>() ? "" : " NOT RUNNING") << "\n";

@@ -96,7 +96,31 @@ private:
             r_.error("CFG004", r_.at_key(t, key), path + "." + key,
                      "lab address '" + *s + "' is outside 127.0.0.0/8",
                      "a lab lives on loopback: give each network its own 127.x range");
+        else if (auto moved = shifted(*a))
+            a = moved;
+        else {
+            shift_error(r_.at_key(t, key), path + "." + key, *s);
+            return std::nullopt; // no follow-on errors about where it lies
+        }
         return a;
+    }
+
+    /// The address moved settings_.shift /16 blocks up; nullopt when it would leave 127.0.0.0/8.
+    std::optional<ip_address> shifted(const ip_address& a) const {
+        int block = a.bytes()[13] + settings_.shift;
+        if (block > 255)
+            return std::nullopt;
+        auto bytes = a.bytes();
+        bytes[13] = static_cast<std::uint8_t>(block);
+        return ip_address::from_bytes(bytes);
+    }
+
+    void shift_error(const source_location& where, const std::string& key,
+                     const std::string& what) {
+        r_.error("CFG004", where, key,
+                 "a shift of " + std::to_string(settings_.shift) + " moves " + what +
+                     " outside 127.0.0.0/8",
+                 "a lab's addresses stay on loopback: give a smaller shift");
     }
 
     void load_networks(const toml::table& nt, topology& t) {
@@ -117,7 +141,15 @@ private:
                 std::string err;
                 auto c = rules::cidr::parse(s, &err);
                 if (!c) r_.error("CFG004", where, path + ".ranges", "invalid CIDR: " + err);
-                else n.ranges.push_back(*c);
+                else if (settings_.shift == 0 || !c->base().is_v4() || c->base().bytes()[12] != 127)
+                    n.ranges.push_back(*c);
+                else if (c->prefix() < 16)
+                    r_.error("CFG004", where, path + ".ranges",
+                             "a shift cannot move " + s + ", wider than a /16");
+                else if (auto base = shifted(c->base()))
+                    n.ranges.emplace_back(*base, c->prefix128());
+                else
+                    shift_error(where, path + ".ranges", s);
             }
             if (tt->get("client_address")) {
                 n.client_address = address(*tt, "client_address", path);

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "dmz/rules/fault.hpp"
 #include "dmz/rules/model.hpp"
 #include "dmz/rules/path.hpp"
 
@@ -35,9 +36,19 @@ struct facts {
 enum class verdict { allow, deny, undecided };
 const char* to_string(verdict v);
 
-/// Why a transaction was refused, in DESIGN.md's fault classes.
-enum class fault { none, rule_denied, no_rule_matched, auth_required };
-const char* to_string(fault f);
+/// What a decision rests on, typed, so each protocol words it in its own terms (SMTP's
+/// "550 5.7.1", HTTP's 403 page); `decision::reason` is the same in words.
+enum class basis : std::uint8_t {
+    allowed,              ///< an allow rule matched
+    denied_by_rule,       ///< a deny rule matched
+    exchange_template,    ///< an allow rule's Exchange template refused the request's shape
+    relay_trick,          ///< a recipient with a source route, %-hack or similar
+    relay_not_permitted,  ///< not an accepted domain, not authenticated, not in relay_from
+    needs_authentication, ///< a rule would allow this for an authenticated user
+    no_rule_matched,      ///< the built-in default deny
+    not_known_yet,        ///< undecided: a condition's fact is not known at this stage
+};
+const char* to_string(basis b);
 
 struct examined_rule {
     std::string rule;
@@ -50,7 +61,8 @@ const char* to_string(examined_rule::outcome o);
 
 struct decision {
     verdict result = verdict::deny;
-    fault why = fault::no_rule_matched;
+    fault_class why = fault_class::no_rule_matched;  ///< none when allowed or undecided
+    basis because = basis::no_rule_matched;
     const rule* matched = nullptr;  ///< nullptr: the built-in default deny
     std::string rule_name;          ///< "default deny" when no rule matched
     source_location where;
@@ -59,6 +71,8 @@ struct decision {
     normalized_target path;  ///< set for web transactions with a target
     /// SMTP: "submit" or "relay" when allowed
     std::string smtp_disposition;
+    /// The refusal as a fault (401 for auth-required, 403 otherwise); none when allowed.
+    fault refusal() const;
     const target* to() const { return matched && result == verdict::allow && matched->to ? &*matched->to : nullptr; }
 };
 

@@ -14,6 +14,7 @@ struct lab_options {
     std::string dmzproxy;        ///< this executable, to start instances with
     std::string hosts_program;   ///< the simulated Exchange host (topology/hosts/exchange_host.py)
     int ready_timeout_s = 20;
+    int shift = 0; ///< move every address this many /16 blocks up (load_settings::shift)
     /// Sets a user's password and groups in a user store file (the composition root passes
     /// the proxy's user store; the lab puts its demo user in every instance's store).
     std::function<void(const std::string& store, const std::string& user, const std::string& password,

@@ -98,6 +98,10 @@ struct load_settings {
     /// Without the privilege to bind ports below 1024, every such port P (listeners,
     /// targets, host services) becomes mapped_port(P) = 10000 + P.
     bool map_privileged_ports = false;
+    /// Moves the whole topology `shift` /16 blocks up inside 127.0.0.0/8: every address and
+    /// range 127.B.x.y becomes 127.(B + shift).x.y, so that a second lab (a test's, say) runs
+    /// beside the default one. An address pushed past 127.255.255.255 is an error (CFG004).
+    int shift = 0;
 };
 
 std::uint16_t mapped_port(std::uint16_t port, bool map_privileged);
