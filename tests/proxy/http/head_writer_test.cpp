@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <string_view>
 
 #include "dmz/proxy/http/parser.hpp"
 #include "http/head_writer.hpp"
@@ -10,7 +11,9 @@ using namespace dmz::http;
 
 namespace {
 
-request_head parse(const std::string& text) {
+// The head's views point into `text`: a literal or a string that outlives the head (a
+// temporary std::string would be freed before the head is used; ASan found it).
+request_head parse(std::string_view text) {
     request_head h;
     parse_error err;
     EXPECT_EQ(parse_request(text, {}, h, err), result::done) << err.code << ": " << err.detail;
