@@ -361,67 +361,130 @@ std::string_view response_head::get(std::string_view name) const { return first_
 
 std::string_view response_head::get(field_id id) const { return first_value(fields, id); }
 
+namespace {
+
+/// Refuses early what can never become a request line: a TLS handshake on a plain port,
+/// binary, or a line longer than the limit. `line` is the first line so far, without CRLF.
+bool refuse_request_line(std::string_view line, const limits& lim, parse_error& err) {
+    for (unsigned char c : line)
+        if (c < 0x20 || c == 0x7f) {
+            if (c == '\r') break;
+            if (c == '\n') return fail(err, 400, "bare-lf", "a line ends in LF without CR");
+            return fail(err, 400, c == 0x16 ? "tls-on-plain" : "bad-request-line",
+                        c == 0x16 ? "a TLS handshake sent to a plain HTTP listener" : "control character in the request line");
+        }
+    if (line.size() > lim.max_request_line)
+        return fail(err, 414, "request-line-too-long", "request line longer than " + std::to_string(lim.max_request_line) + " bytes");
+    return true;
+}
+
+/// Where the request head that starts at `start` ends (`end`, past its blank line): done,
+/// need_more while it may still arrive within the limit, else error.
+result request_head_end(std::string_view in, std::size_t start, const limits& lim, std::size_t& end, parse_error& err) {
+    end = find_head_end(in, start, err, 400);
+    if (end == std::string_view::npos) return result::error;
+    if (end == 0 && in.size() <= lim.max_head_bytes) return result::need_more;
+    if (end == 0 || end > lim.max_head_bytes) {
+        fail(err, 431, "head-too-large", "request head larger than " + std::to_string(lim.max_head_bytes) + " bytes");
+        return result::error;
+    }
+    return result::done;
+}
+
+/// method SP request-target SP HTTP-version: the method and version into `out`, the target
+/// (characters checked, form not yet) into `target`.
+bool parse_request_line(std::string_view line, request_head& out, std::string_view& target, parse_error& err) {
+    auto malformed = [&] { return fail(err, 400, "bad-request-line", "malformed request line '" + printable(line) + "'"); };
+    auto sp1 = line.find(' ');
+    if (sp1 == std::string_view::npos || sp1 == 0) return malformed();
+    out.method = line.substr(0, sp1);
+    if (!is_token(out.method)) return fail(err, 400, "bad-method", "invalid method '" + printable(out.method) + "'");
+    auto rest = line.substr(sp1 + 1);
+    auto sp2 = rest.find(' ');
+    if (sp2 == std::string_view::npos || sp2 == 0) return malformed();
+    target = rest.substr(0, sp2);
+    auto version = rest.substr(sp2 + 1);
+    for (unsigned char c : target)
+        if (c <= 0x20 || c >= 0x7f) return fail(err, 400, "bad-target", "invalid character in the request target");
+    if (version == "HTTP/1.1") out.version_minor = 1;
+    else if (version == "HTTP/1.0") out.version_minor = 0;
+    else if (version.size() == 8 && version.substr(0, 5) == "HTTP/" && std::isdigit(static_cast<unsigned char>(version[5])) &&
+             version[6] == '.' && std::isdigit(static_cast<unsigned char>(version[7])))
+        return fail(err, 505, "bad-version", "HTTP version " + std::string(version.substr(5)) + " is not supported");
+    else
+        return malformed();
+    return true;
+}
+
+/// The request target's form (origin, asterisk, absolute; authority and CONNECT refused)
+/// into `out.target`, and for the absolute form `out.authority`, checked against Host.
+bool parse_request_target(std::string_view target, std::size_t hosts, request_head& out, parse_error& err) {
+    if (target.front() == '/') {
+        out.target = target;
+    } else if (target == "*") {
+        if (out.method != "OPTIONS") return fail(err, 400, "bad-target", "'*' is only valid with OPTIONS");
+        out.target = target;
+    } else if (target.size() > 8 && (iequals(target.substr(0, 7), "http://") || iequals(target.substr(0, 8), "https://"))) {
+        bool https = lower(target[4]) == 's';
+        auto after = target.substr(https ? 8 : 7);
+        auto slash = after.find_first_of("/?");
+        out.authority = after.substr(0, slash);
+        if (out.authority.empty() || out.authority.find('@') != std::string_view::npos || !valid_host(out.authority))
+            return fail(err, 400, "bad-target", "malformed authority in an absolute-form target");
+        if (hosts == 1 && !same_authority(out.authority, out.host, https))
+            return fail(err, 400, "authority-mismatch",
+                        "absolute-form authority '" + printable(out.authority) + "' disagrees with Host '" + printable(out.host) + "'");
+        out.target = slash == std::string_view::npos ? std::string_view("/") : after.substr(slash);
+        if (out.target.front() == '?') return fail(err, 400, "bad-target", "absolute-form target without a path");
+        if (out.host.empty()) out.host = out.authority;
+    } else if (out.method == "CONNECT") {
+        return fail(err, 405, "connect-refused", "CONNECT is not served by a publishing proxy");
+    } else {
+        return fail(err, 400, "bad-target", "request target is neither a path nor an absolute URL");
+    }
+    return true;
+}
+
+/// Body framing, keep-alive, Upgrade and Expect of a parsed request head.
+bool request_framing(request_head& out, parse_error& err) {
+    auto fr = scan_framing(out.fields);
+    if (fr.has_te && fr.has_cl) return fail(err, 400, "cl-and-te", "both Content-Length and Transfer-Encoding");
+    if (fr.has_te && out.version_minor == 0) return fail(err, 400, "te-in-http10", "Transfer-Encoding in an HTTP/1.0 request");
+    if (fr.te_bad || fr.cl_bad) return fail(err, 400, fr.te_bad ? "bad-transfer-encoding" : "bad-content-length", fr.detail);
+    if (fr.te_other) return fail(err, 501, "unsupported-transfer-coding", "transfer codings other than chunked are not supported");
+    if (fr.chunked) out.body = body_kind::chunked;
+    else if (fr.has_cl && fr.cl > 0) out.body = body_kind::length, out.content_length = fr.cl;
+    else out.body = body_kind::none;
+
+    out.connection_tokens = std::move(fr.connection);
+    out.keep_alive = out.version_minor == 1 ? !fr.conn_close : (fr.conn_keep_alive && !fr.conn_close);
+    out.upgrade = fr.conn_upgrade && out.count(field_id::upgrade) > 0;
+    auto expect = out.get(field_id::expect);
+    if (!expect.empty()) {
+        if (!iequals(expect, "100-continue")) return fail(err, 417, "bad-expect", "unsupported expectation '" + printable(expect) + "'");
+        out.expect_continue = out.version_minor == 1;
+    }
+    return true;
+}
+
+}  // namespace
+
 result parse_request(std::string_view in, const limits& lim, request_head& out, parse_error& err) {
     // Tolerate a few empty lines before the request line (RFC 9112 2.2).
     std::size_t start = 0;
     while (start + 1 < in.size() && start < 8 && in[start] == '\r' && in[start + 1] == '\n') start += 2;
 
-    // Refuse early what can never become a request line: a TLS handshake on a plain
-    // port, binary, or a line longer than the limit.
     auto first = in.substr(start);
     auto line_end = first.find("\r\n");
-    auto partial = first.substr(0, line_end);
-    for (unsigned char c : partial)
-        if (c < 0x20 || c == 0x7f) {
-            if (c == '\r') break;
-            if (c == '\n') {
-                fail(err, 400, "bare-lf", "a line ends in LF without CR");
-                return result::error;
-            }
-            fail(err, 400, c == 0x16 ? "tls-on-plain" : "bad-request-line",
-                 c == 0x16 ? "a TLS handshake sent to a plain HTTP listener" : "control character in the request line");
-            return result::error;
-        }
-    if ((line_end == std::string_view::npos ? partial.size() : line_end) > lim.max_request_line) {
-        fail(err, 414, "request-line-too-long", "request line longer than " + std::to_string(lim.max_request_line) + " bytes");
-        return result::error;
-    }
-    auto end = find_head_end(in, start, err, 400);
-    if (end == std::string_view::npos) return result::error;
-    if (end == 0) {
-        if (in.size() > lim.max_head_bytes) {
-            fail(err, 431, "head-too-large", "request head larger than " + std::to_string(lim.max_head_bytes) + " bytes");
-            return result::error;
-        }
-        return result::need_more;
-    }
-    if (end > lim.max_head_bytes) {
-        fail(err, 431, "head-too-large", "request head larger than " + std::to_string(lim.max_head_bytes) + " bytes");
-        return result::error;
-    }
+    auto line = first.substr(0, line_end);
+    if (!refuse_request_line(line, lim, err)) return result::error;
+    std::size_t end = 0;
+    if (auto r = request_head_end(in, start, lim, end, err); r != result::done) return r;
     reset(out);
     out.head_size = end;
-    auto line = first.substr(0, line_end);
 
-    auto sp1 = line.find(' ');
-    if (sp1 == std::string_view::npos || sp1 == 0) return fail(err, 400, "bad-request-line", "malformed request line '" + printable(line) + "'"), result::error;
-    out.method = line.substr(0, sp1);
-    if (!is_token(out.method)) return fail(err, 400, "bad-method", "invalid method '" + printable(out.method) + "'"), result::error;
-    auto rest = line.substr(sp1 + 1);
-    auto sp2 = rest.find(' ');
-    if (sp2 == std::string_view::npos || sp2 == 0) return fail(err, 400, "bad-request-line", "malformed request line '" + printable(line) + "'"), result::error;
-    auto target = rest.substr(0, sp2);
-    auto version = rest.substr(sp2 + 1);
-    for (unsigned char c : target)
-        if (c <= 0x20 || c >= 0x7f) return fail(err, 400, "bad-target", "invalid character in the request target"), result::error;
-    if (version == "HTTP/1.1") out.version_minor = 1;
-    else if (version == "HTTP/1.0") out.version_minor = 0;
-    else if (version.size() == 8 && version.substr(0, 5) == "HTTP/" && std::isdigit(static_cast<unsigned char>(version[5])) &&
-             version[6] == '.' && std::isdigit(static_cast<unsigned char>(version[7])))
-        return fail(err, 505, "bad-version", "HTTP version " + std::string(version.substr(5)) + " is not supported"), result::error;
-    else
-        return fail(err, 400, "bad-request-line", "malformed request line '" + printable(line) + "'"), result::error;
-
+    std::string_view target;
+    if (!parse_request_line(line, out, target, err)) return result::error;
     auto fields_text = in.substr(start + line_end + 2, end - (start + line_end + 2));
     if (!parse_fields(fields_text, lim, out.fields, err, 400)) return result::error;
 
@@ -432,51 +495,7 @@ result parse_request(std::string_view in, const limits& lim, request_head& out, 
     out.host = out.get(field_id::host);
     if (!valid_host(out.host)) return fail(err, 400, "bad-host", "malformed Host '" + printable(out.host) + "'"), result::error;
 
-    // Request target forms.
-    if (target.front() == '/') {
-        out.target = target;
-    } else if (target == "*") {
-        if (out.method != "OPTIONS") return fail(err, 400, "bad-target", "'*' is only valid with OPTIONS"), result::error;
-        out.target = target;
-    } else if (target.size() > 8 && (iequals(target.substr(0, 7), "http://") || iequals(target.substr(0, 8), "https://"))) {
-        bool https = lower(target[4]) == 's';
-        auto after = target.substr(https ? 8 : 7);
-        auto slash = after.find_first_of("/?");
-        out.authority = after.substr(0, slash);
-        if (out.authority.empty() || out.authority.find('@') != std::string_view::npos || !valid_host(out.authority))
-            return fail(err, 400, "bad-target", "malformed authority in an absolute-form target"), result::error;
-        if (hosts == 1 && !same_authority(out.authority, out.host, https))
-            return fail(err, 400, "authority-mismatch",
-                        "absolute-form authority '" + printable(out.authority) + "' disagrees with Host '" + printable(out.host) + "'"),
-                   result::error;
-        out.target = slash == std::string_view::npos ? std::string_view("/") : after.substr(slash);
-        if (out.target.front() == '?')
-            return fail(err, 400, "bad-target", "absolute-form target without a path"), result::error;
-        if (out.host.empty()) out.host = out.authority;
-    } else if (out.method == "CONNECT") {
-        return fail(err, 405, "connect-refused", "CONNECT is not served by a publishing proxy"), result::error;
-    } else {
-        return fail(err, 400, "bad-target", "request target is neither a path nor an absolute URL"), result::error;
-    }
-
-    auto fr = scan_framing(out.fields);
-    if (fr.has_te && fr.has_cl) return fail(err, 400, "cl-and-te", "both Content-Length and Transfer-Encoding"), result::error;
-    if (fr.has_te && out.version_minor == 0)
-        return fail(err, 400, "te-in-http10", "Transfer-Encoding in an HTTP/1.0 request"), result::error;
-    if (fr.te_bad || fr.cl_bad) return fail(err, 400, fr.te_bad ? "bad-transfer-encoding" : "bad-content-length", fr.detail), result::error;
-    if (fr.te_other) return fail(err, 501, "unsupported-transfer-coding", "transfer codings other than chunked are not supported"), result::error;
-    if (fr.chunked) out.body = body_kind::chunked;
-    else if (fr.has_cl && fr.cl > 0) out.body = body_kind::length, out.content_length = fr.cl;
-    else out.body = body_kind::none;
-
-    out.connection_tokens = std::move(fr.connection);
-    out.keep_alive = out.version_minor == 1 ? !fr.conn_close : (fr.conn_keep_alive && !fr.conn_close);
-    out.upgrade = fr.conn_upgrade && out.count(field_id::upgrade) > 0;
-    auto expect = out.get(field_id::expect);
-    if (!expect.empty()) {
-        if (!iequals(expect, "100-continue")) return fail(err, 417, "bad-expect", "unsupported expectation '" + printable(expect) + "'"), result::error;
-        out.expect_continue = out.version_minor == 1;
-    }
+    if (!parse_request_target(target, hosts, out, err) || !request_framing(out, err)) return result::error;
     return result::done;
 }
 
@@ -534,50 +553,84 @@ result parse_response(std::string_view in, std::string_view request_method, cons
     return result::done;
 }
 
+const char* chunked_decoder::framing_byte(unsigned char c, const char*& detail) {
+    auto bad = [&](const char* code, const char* what) {
+        detail = what;
+        return code;
+    };
+    switch (state_) {
+    case state::size: {
+        int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (v >= 0) {
+            if (++size_digits_ > 15) return bad("chunk-size-overflow", "chunk size too large");
+            remaining_ = remaining_ * 16 + static_cast<std::uint64_t>(v);
+            break;
+        }
+        if (size_digits_ == 0) return bad("bad-chunk-size", "chunk size is not hexadecimal");
+        if (c == ';') state_ = state::size_ext, line_len_ = 0;
+        else if (c == '\r') state_ = state::size_lf;
+        else return bad("bad-chunk-size", "unexpected byte after the chunk size");
+        break;
+    }
+    case state::size_ext:
+        if (c == '\r') state_ = state::size_lf;
+        else if (c == '\n' || (c < 0x20 && c != '\t') || c == 0x7f) return bad("bad-chunk-ext", "control character in a chunk extension");
+        else if (++line_len_ > max_line_) return bad("chunk-ext-too-long", "chunk extension too long");
+        break;
+    case state::size_lf:
+        if (c != '\n') return bad("bare-cr", "chunk size line not ended by CRLF");
+        size_digits_ = 0;
+        if (remaining_ == 0) {
+            state_ = state::trailer_line;
+            trailer_line_empty_ = true;
+            line_len_ = 0;
+        } else {
+            state_ = state::data;
+        }
+        break;
+    case state::data_cr:
+        if (c != '\r') return bad("bad-chunk-end", "chunk data longer than its size");
+        state_ = state::data_lf;
+        break;
+    case state::data_lf:
+        if (c != '\n') return bad("bad-chunk-end", "chunk data not ended by CRLF");
+        state_ = state::size;
+        break;
+    case state::trailer_line:
+        if (c == '\r') {
+            state_ = state::trailer_lf;
+        } else if (c == '\n' || c == 0 || (c < 0x20 && c != '\t') || c == 0x7f) {
+            return bad("bad-trailer", "control character in a trailer");
+        } else {
+            trailer_line_empty_ = false;
+            if (++trailer_bytes_ > max_trailer_) return bad("trailer-too-large", "trailers too large");
+        }
+        break;
+    case state::trailer_lf:
+        if (c != '\n') return bad("bare-cr", "trailer line not ended by CRLF");
+        if (trailer_line_empty_) {
+            state_ = state::done;
+            break;
+        }
+        state_ = state::trailer_line;
+        trailer_line_empty_ = true;
+        break;
+    case state::data:
+    case state::done:
+        break;  // feed() handles these without a byte at a time
+    }
+    return nullptr;
+}
+
 bool chunked_decoder::feed(std::string_view in, step& out, parse_error& err) {
     out = step{};
     std::size_t i = 0;
-    auto bad = [&](const char* code, std::string detail) {
-        out.consumed = i;
-        return fail(err, 400, code, std::move(detail));
-    };
     while (i < in.size()) {
-        unsigned char c = static_cast<unsigned char>(in[i]);
-        switch (state_) {
-        case state::size: {
-            int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-            if (v >= 0) {
-                if (++size_digits_ > 15) return bad("chunk-size-overflow", "chunk size too large");
-                remaining_ = remaining_ * 16 + static_cast<std::uint64_t>(v);
-                ++i;
-                break;
-            }
-            if (size_digits_ == 0) return bad("bad-chunk-size", "chunk size is not hexadecimal");
-            if (c == ';') state_ = state::size_ext, line_len_ = 0;
-            else if (c == '\r') state_ = state::size_lf;
-            else return bad("bad-chunk-size", "unexpected byte after the chunk size");
-            ++i;
+        if (state_ == state::done) {
+            out.done = true;
             break;
         }
-        case state::size_ext:
-            if (c == '\r') state_ = state::size_lf;
-            else if (c == '\n' || (c < 0x20 && c != '\t') || c == 0x7f) return bad("bad-chunk-ext", "control character in a chunk extension");
-            else if (++line_len_ > max_line_) return bad("chunk-ext-too-long", "chunk extension too long");
-            ++i;
-            break;
-        case state::size_lf:
-            if (c != '\n') return bad("bare-cr", "chunk size line not ended by CRLF");
-            ++i;
-            size_digits_ = 0;
-            if (remaining_ == 0) {
-                state_ = state::trailer_line;
-                trailer_line_empty_ = true;
-                line_len_ = 0;
-            } else {
-                state_ = state::data;
-            }
-            break;
-        case state::data: {
+        if (state_ == state::data) {
             auto n = static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, in.size() - i));
             out.data = in.substr(i, n);
             remaining_ -= n;
@@ -586,43 +639,15 @@ bool chunked_decoder::feed(std::string_view in, step& out, parse_error& err) {
             out.consumed = i;
             return true;  // hand the payload to the caller before going on
         }
-        case state::data_cr:
-            if (c != '\r') return bad("bad-chunk-end", "chunk data longer than its size");
-            state_ = state::data_lf;
-            ++i;
-            break;
-        case state::data_lf:
-            if (c != '\n') return bad("bad-chunk-end", "chunk data not ended by CRLF");
-            state_ = state::size;
-            ++i;
-            break;
-        case state::trailer_line:
-            if (c == '\r') {
-                state_ = state::trailer_lf;
-            } else if (c == '\n' || c == 0 || (c < 0x20 && c != '\t') || c == 0x7f) {
-                return bad("bad-trailer", "control character in a trailer");
-            } else {
-                trailer_line_empty_ = false;
-                if (++trailer_bytes_ > max_trailer_) return bad("trailer-too-large", "trailers too large");
-            }
-            ++i;
-            break;
-        case state::trailer_lf:
-            if (c != '\n') return bad("bare-cr", "trailer line not ended by CRLF");
-            ++i;
-            if (trailer_line_empty_) {
-                state_ = state::done;
-                out.consumed = i;
-                out.done = true;
-                return true;
-            }
-            state_ = state::trailer_line;
-            trailer_line_empty_ = true;
-            break;
-        case state::done:
+        const char* detail = nullptr;
+        if (auto code = framing_byte(static_cast<unsigned char>(in[i]), detail)) {
             out.consumed = i;
+            return fail(err, 400, code, detail);
+        }
+        ++i;
+        if (state_ == state::done) {  // the blank line after the trailers
             out.done = true;
-            return true;
+            break;
         }
     }
     out.consumed = i;

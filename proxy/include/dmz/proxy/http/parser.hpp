@@ -114,6 +114,9 @@ public:
 
 private:
     enum class state { size, size_ext, size_lf, data, data_cr, data_lf, trailer_line, trailer_lf, done };
+    /// One byte of framing (any state but data and done): moves the state on, or returns
+    /// the error code and sets `detail`.
+    const char* framing_byte(unsigned char c, const char*& detail);
     state state_ = state::size;
     std::uint64_t remaining_ = 0;
     int size_digits_ = 0;
