@@ -10,7 +10,6 @@
 // The client gets 250 at the end of DATA only once the upstream has accepted the message.
 #include "machine_impl.hpp"
 
-#include <charconv>
 #include <cstdlib>
 
 #include "dmz/proxy/smtp/replies.hpp"

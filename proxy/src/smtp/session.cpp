@@ -374,8 +374,8 @@ private:
         out_ += machine_->take_replies();
     }
 
-    /// The I/O a step asks for; the machine's next step. An if-chain, not a switch: GCC 12
-    /// resumes a coroutine suspended inside a switch case at the switch, and crashes.
+    /// The I/O a step asks for; the machine's next step. An if-chain, not a switch: with
+    /// co_awaits in switch cases, GCC 12 built a coroutine that crashed when resumed.
     task<smtp::step> perform(smtp::step& s) {
         using smtp::action;
         smtp::step next = smtp::next_io(action::end);
