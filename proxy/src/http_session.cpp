@@ -15,7 +15,7 @@
 #include "fault.hpp"
 #include "dmz/proxy/users.hpp"
 #include "runtime.hpp"
-#include "sessions.hpp"
+#include "auth/forms_cookie.hpp"
 
 namespace dmz::proxy {
 
