@@ -53,8 +53,8 @@ std::atomic<int>& http_sessions();
 void resume_http_session(worker& w, parked_connection&& c);
 
 struct worker {
-    worker(unsigned i, access_log& l, const std::string& user_store, std::shared_ptr<lockout_table> lockout)
-        : io(1), parked(io), log(l), index(i), auth(user_store, std::move(lockout)) {
+    worker(unsigned i, access_log& l, auth_context a)
+        : io(1), parked(io), log(l), index(i), auth(std::move(a)) {
         auth.count_into(&stats);
         parked.stats = &stats;
         parked.on_wake = [this](parked_connection&& c) { resume_http_session(*this, std::move(c)); };

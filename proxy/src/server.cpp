@@ -135,12 +135,20 @@ void close_endpoint(std::vector<std::unique_ptr<worker>>& workers, acceptor_grou
         });
 }
 
+/// Password-check threads and how many checks may wait for them: scrypt takes ~100 ms of a
+/// core, so a longer queue only makes a client wait longer before the same 503.
+constexpr unsigned auth_threads = 2;
+constexpr std::size_t auth_queue = 16;
+
 /// One running instance: its workers, the listening sockets, reloads, the admin endpoint,
 /// signals and the drain. Lives on the stack of run_instance(); its members are touched on
 /// the first worker's thread once the workers run (signals, admin and drain all live there).
 class server {
 public:
     server(std::shared_ptr<const rules::policy> policy, const run_options& opts);
+    ~server() { auth_.pool->shutdown(); }
+    server(const server&) = delete;
+    server& operator=(const server&) = delete;
     /// Serves until a drain ends or a second signal stops it. Returns the exit code.
     int run();
 
@@ -167,7 +175,9 @@ private:
     std::shared_ptr<const instance_runtime> current_;  ///< the latest snapshot (workers get it by a post)
     unsigned threads_;
     access_log log_;
-    std::shared_ptr<lockout_table> lockout_ = std::make_shared<lockout_table>();
+    /// Password checks and user-store reads, off the workers' threads (shut down before the
+    /// workers go: its results are posted to them).
+    auth_context auth_;
     std::vector<std::unique_ptr<worker>> workers_;
     std::map<std::string, acceptor_group> endpoints_;  ///< "address:port" -> its acceptors
     int version_ = 1;
@@ -184,10 +194,12 @@ server::server(std::shared_ptr<const rules::policy> policy, const run_options& o
       current_(make_runtime(policy, nullptr)),
       threads_(opts.threads ? opts.threads : std::max(1u, std::thread::hardware_concurrency())),
       log_(opts.access_log),
+      auth_{std::make_shared<user_directory>(policy->config().user_store), std::make_shared<lockout_table>(),
+            std::make_shared<check_pool>(auth_threads, auth_queue)},
       workers_([&] {
           std::vector<std::unique_ptr<worker>> v;
           for (unsigned i = 0; i < threads_; ++i) {
-              v.push_back(std::make_unique<worker>(i, log_, policy->config().user_store, lockout_));
+              v.push_back(std::make_unique<worker>(i, log_, auth_));
               v.back()->rt = current_;
           }
           return v;
@@ -293,8 +305,10 @@ server::outcome server::reload() {
         serve(key, group);
         endpoints_[key] = std::move(group);
     }
-    if (next->config().user_store != old->config().user_store)
-        for (auto& w : workers_) asio::post(w->io, [&w = *w, path = next->config().user_store] { w.auth.use(path); });
+    if (next->config().user_store != old->config().user_store) {
+        auth_.users->use(next->config().user_store);
+        auth_.users->refresh_soon(*auth_.pool);  // else the next check or lookup does
+    }
     ++version_;
     loaded_ = std::chrono::system_clock::now();
     auto msg = reload_message(*next, added_names, removed_names);
@@ -426,6 +440,7 @@ int server::run() {
     workers_.front()->io.run();
     stop_workers();
     for (auto& t : threads) t.join();
+    auth_.pool->shutdown();
     log_.flush();
     return 0;
 }

@@ -711,14 +711,16 @@ private:
             say("504 5.5.4 Unrecognized authentication type (PLAIN and LOGIN are offered)");
             co_return 0;
         }
-        auto r = w_.auth.check(user, password, lcfg().name, client_.to_string(), lcfg().lockout);
+        auto address = client_.to_string();  // named: the check is awaited
+        auto r = co_await w_.auth.check(user, password, lcfg().name, address, lcfg().lockout);
         if (!r.ok) {
-            say("535 5.7.8 Authentication credentials invalid");
+            // RFC 4954: 454 when the server cannot check now (the password checks are saturated).
+            say(r.overloaded ? "454 4.7.0 Temporary authentication failure" : "535 5.7.8 Authentication credentials invalid");
             auto rec = record();
             rec.user = user;
             rec.action = "deny";
-            rec.status = 535;
-            rec.fault = make_fault(fault_class::auth_failed, 535, "AUTH " + mech + " refused for '" + user + "' (" + r.refusal + ")");
+            rec.status = r.overloaded ? 454 : 535;
+            rec.fault = make_fault(r.overloaded ? fault_class::overloaded : fault_class::auth_failed, rec.status, "AUTH " + mech + " refused for '" + user + "' (" + r.refusal + ")");
             log(rec, clock_type::now());
             co_return 0;
         }
