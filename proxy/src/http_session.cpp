@@ -477,9 +477,8 @@ private:
         auto password = form_field(form, "password").value_or("");
         auto back = safe_return_path(form_field(form, "url").value_or("/"));
         rec.user = user;
-        auto address = client.to_string();  // named: the check is awaited
         authenticator::result r;
-        if (!user.empty()) r = co_await w_.auth.check(user, password, lcfg().name, address, lcfg().lockout);
+        if (!user.empty()) r = co_await w_.auth.check(user, password, lcfg().name, client, lcfg().lockout);
         if (r.overloaded) {
             rules::fault fr = auth_overloaded_fault(user);
             co_return co_await refuse(fr, keep, http10, rec, t0);
@@ -661,8 +660,8 @@ private:
             auto colon = decoded ? decoded->find(':') : std::string::npos;
             if (colon != std::string::npos) {
                 tried_user = decoded->substr(0, colon);
-                auto password = decoded->substr(colon + 1), address = client.to_string();  // named: the check is awaited
-                auto r = co_await w_.auth.check(tried_user, password, lcfg().name, address, lcfg().lockout);
+                auto password = decoded->substr(colon + 1);  // named: the check is awaited
+                auto r = co_await w_.auth.check(tried_user, password, lcfg().name, client, lcfg().lockout);
                 if (r.ok) user = r.user, groups = r.groups;
                 else why_refused = r.refusal;
                 busy = r.overloaded;

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <csignal>
 #include <fstream>
 #include <functional>
@@ -135,10 +136,11 @@ void close_endpoint(std::vector<std::unique_ptr<worker>>& workers, acceptor_grou
         });
 }
 
-/// Password-check threads and how many checks may wait for them: scrypt takes ~100 ms of a
-/// core, so a longer queue only makes a client wait longer before the same 503.
-constexpr unsigned auth_threads = 2;
-constexpr std::size_t auth_queue = 16;
+/// Password-check threads: half the cores (1 to 4), so a guessing flood never takes every
+/// core from the event loops. scrypt takes ~100 ms of a core and 32 MiB.
+unsigned auth_threads() { return std::clamp(std::thread::hardware_concurrency() / 2, 1u, 4u); }
+/// How many checks may wait: a longer queue only makes a client wait longer for the same 503.
+std::size_t auth_queue() { return 8 * auth_threads(); }
 
 /// One running instance: its workers, the listening sockets, reloads, the admin endpoint,
 /// signals and the drain. Lives on the stack of run_instance(); its members are touched on
@@ -195,7 +197,7 @@ server::server(std::shared_ptr<const rules::policy> policy, const run_options& o
       threads_(opts.threads ? opts.threads : std::max(1u, std::thread::hardware_concurrency())),
       log_(opts.access_log),
       auth_{std::make_shared<user_directory>(policy->config().user_store), std::make_shared<lockout_table>(),
-            std::make_shared<check_pool>(auth_threads, auth_queue)},
+            std::make_shared<check_pool>(auth_threads(), auth_queue())},
       workers_([&] {
           std::vector<std::unique_ptr<worker>> v;
           for (unsigned i = 0; i < threads_; ++i) {

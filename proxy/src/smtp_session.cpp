@@ -711,10 +711,8 @@ private:
             say("504 5.5.4 Unrecognized authentication type (PLAIN and LOGIN are offered)");
             co_return 0;
         }
-        auto address = client_.to_string();  // named: the check is awaited
-        auto r = co_await w_.auth.check(user, password, lcfg().name, address, lcfg().lockout);
-        if (!r.ok) {
-            // RFC 4954: 454 when the server cannot check now (the password checks are saturated).
+        auto r = co_await w_.auth.check(user, password, lcfg().name, client_, lcfg().lockout);
+        if (!r.ok) {  // RFC 4954: 454 when the password checks are saturated
             say(r.overloaded ? "454 4.7.0 Temporary authentication failure" : "535 5.7.8 Authentication credentials invalid");
             auto rec = record();
             rec.user = user;

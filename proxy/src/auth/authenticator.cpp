@@ -125,17 +125,18 @@ void authenticator::keep_current() {
         std::tie(store_, generation_) = ctx_.users->snapshot();
         cache_.clear();
     }
-}
-
-const stored_user* authenticator::lookup(const std::string& user) {
-    keep_current();
-    // A forms session is judged by this snapshot; ask the pool to look at the file (a check
-    // that misses the cache does so anyway). At most once a second per worker.
+    // Even a cached password or a forms session must notice a changed file: ask the pool to
+    // look at it (this request goes on with the snapshot it has). At most once a second per
+    // worker, and never more than one such job waiting.
     auto now = std::chrono::steady_clock::now();
     if (ctx_.pool && now - asked_ >= std::chrono::seconds(1)) {
         asked_ = now;
         ctx_.users->refresh_soon(*ctx_.pool);
     }
+}
+
+const stored_user* authenticator::lookup(const std::string& user) {
+    keep_current();
     return store_ ? store_->find(user) : nullptr;
 }
 
@@ -145,8 +146,9 @@ authenticator::result authenticator::finish(result r) {
 }
 
 net::task<authenticator::result> authenticator::check(const std::string& user, const std::string& password, const std::string& listener,
-                                                 const std::string& address, const rules::lockout_policy& policy) {
+                                                 const rules::ip_address& client, const rules::lockout_policy& policy) {
     keep_current();
+    auto address = client.to_string();
     result r;
     if (!store_ || !ctx_.pool) {
         r.refusal = "no user store";
@@ -177,7 +179,7 @@ net::task<authenticator::result> authenticator::check(const std::string& user, c
     }
     r.refusal = got->refusal;
     if (got->ok) {
-        keep_current();
+        keep_current();  // the pool may have read a newer store
         if (got->generation == generation_) {
             if (cache_.size() > 10000) cache_.clear();
             cache_[k] = std::chrono::steady_clock::now() + std::chrono::minutes(5);

@@ -16,6 +16,7 @@
 #include "auth/lockout.hpp"
 #include "dmz/proxy/users.hpp"
 #include "dmz/rules/fault.hpp"
+#include "dmz/rules/ip.hpp"
 
 namespace dmz::proxy {
 
@@ -69,9 +70,9 @@ public:
         bool overloaded = false;  ///< the password checks' queue was full: answer 503, not 401
     };
     /// A cached password answers at once; anything else is checked on the pool. Arguments
-    /// are referenced while the coroutine runs: pass named values.
-    net::task<result> check(const std::string& user, const std::string& password, const std::string& listener = {},
-                       const std::string& address = {}, const rules::lockout_policy& policy = {});
+    /// are referenced while the coroutine runs: pass named values, not temporaries.
+    net::task<result> check(const std::string& user, const std::string& password, const std::string& listener,
+                            const rules::ip_address& client, const rules::lockout_policy& policy);
     bool configured() const { return ctx_.users && ctx_.users->configured(); }
     void count_into(metrics* m) { stats_ = m; }
     /// The stored user in this worker's snapshot (for a forms session's groups and password

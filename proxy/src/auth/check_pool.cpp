@@ -8,15 +8,20 @@
 
 namespace dmz::proxy {
 
-check_pool::check_pool(unsigned threads, std::size_t max_queued) : max_queued_(max_queued) {
+check_pool::check_pool(unsigned threads, std::size_t max_queued, std::chrono::milliseconds max_wait)
+    : max_queued_(max_queued), max_wait_(max_wait) {
     for (unsigned i = 0; i < std::max(1u, threads); ++i) threads_.emplace_back([this] { work(); });
 }
 
-bool check_pool::try_submit(std::function<void()> job) {
+bool check_pool::try_submit(std::function<void()> f) {
+    return enqueue([f = std::move(f)](bool) { f(); });  // runs however long it waited
+}
+
+bool check_pool::enqueue(job j) {
     {
         std::lock_guard lock(m_);
         if (stopping_ || queue_.size() >= max_queued_) return false;
-        queue_.push_back(std::move(job));
+        queue_.emplace_back(std::move(j), std::chrono::steady_clock::now());
     }
     cv_.notify_one();
     return true;
@@ -28,7 +33,7 @@ std::size_t check_pool::waiting() const {
 }
 
 void check_pool::shutdown() {
-    std::deque<std::function<void()>> dropped;
+    std::deque<std::pair<job, std::chrono::steady_clock::time_point>> dropped;
     {
         std::lock_guard lock(m_);
         if (stopping_ && threads_.empty()) return;
@@ -42,21 +47,21 @@ void check_pool::shutdown() {
 }
 
 void check_pool::work() {
-    // Linux: the niceness of one thread (an unprivileged process may always raise it).
-    auto tid = static_cast<id_t>(::gettid());
-    errno = 0;
-    int nice = ::getpriority(PRIO_PROCESS, tid);
-    if (errno == 0) (void)::setpriority(PRIO_PROCESS, tid, std::min(19, nice + 5));
+    // Linux: the niceness of this thread alone (an unprivileged process may always raise
+    // it). At 19 an event loop that wakes up takes the core back at once.
+    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 19);
     while (true) {
-        std::function<void()> job;
+        job j;
+        bool fresh = true;
         {
             std::unique_lock lock(m_);
             cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
             if (stopping_) return;
-            job = std::move(queue_.front());
+            j = std::move(queue_.front().first);
+            fresh = std::chrono::steady_clock::now() - queue_.front().second <= max_wait_;
             queue_.pop_front();
         }
-        job();
+        j(fresh);
     }
 }
 

@@ -3,6 +3,7 @@
 // user store), behind a bounded queue. A worker's coroutine awaits a job without blocking
 // its thread, and resumes on its own executor; when the queue is full it hears so at once
 // (and answers 503 overloaded) instead of queueing without end.
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
@@ -20,9 +21,10 @@ namespace dmz::proxy {
 
 class check_pool {
 public:
-    /// `threads` run below the event loops' priority (a niceness of +5): a burst of password
-    /// checks takes what the workers leave.
-    check_pool(unsigned threads, std::size_t max_queued);
+    /// `threads` run below the event loops' priority (niceness 19): a burst of password
+    /// checks takes what the workers leave. A run() job that waited longer than `max_wait`
+    /// (a starved machine) is answered like a full queue rather than checked late.
+    check_pool(unsigned threads, std::size_t max_queued, std::chrono::milliseconds max_wait = std::chrono::seconds(5));
     ~check_pool() { shutdown(); }
     check_pool(const check_pool&) = delete;
     check_pool& operator=(const check_pool&) = delete;
@@ -44,11 +46,11 @@ public:
             auto h = std::make_shared<handler_type>(std::move(handler));
             // The worker's io_context must not run out of work while its coroutine waits here.
             auto guard = std::make_shared<net::asio::executor_work_guard<net::executor>>(ex);
-            bool queued = try_submit([h, guard, ex, f = std::move(f)]() mutable {
+            bool queued = enqueue([h, guard, ex, f = std::move(f)](bool fresh) mutable {
                 std::exception_ptr e;
                 std::optional<T> r;
                 try {
-                    r.emplace(f());
+                    if (fresh) r.emplace(f());
                 } catch (...) {
                     e = std::current_exception();
                 }
@@ -64,11 +66,15 @@ public:
     }
 
 private:
+    /// A job learns whether it is still fresh (waited at most max_wait).
+    using job = std::function<void(bool fresh)>;
+    bool enqueue(job j);
     void work();
     mutable std::mutex m_;
     std::condition_variable cv_;
-    std::deque<std::function<void()>> queue_;
+    std::deque<std::pair<job, std::chrono::steady_clock::time_point>> queue_;
     std::size_t max_queued_;
+    std::chrono::milliseconds max_wait_;
     bool stopping_ = false;
     std::vector<std::thread> threads_;
 };

@@ -79,6 +79,34 @@ TEST(CheckPool, AFullQueueAnswersAtOnceAndOtherCoroutinesGoOn) {
     pool.shutdown();
 }
 
+TEST(CheckPool, AJobThatWaitedTooLongIsAnsweredLikeAFullQueue) {
+    check_pool pool(1, 4, std::chrono::milliseconds(0));
+    gate g;
+    std::atomic<bool> started{false}, ran{false};
+    ASSERT_TRUE(pool.try_submit([&] {
+        started = true;
+        g.f.wait();
+    }));
+    while (!started) std::this_thread::yield();
+    asio::io_context io(1);
+    bool refused = false;
+    asio::co_spawn(io, [&]() -> task<> {
+        auto ex = co_await asio::this_coro::executor;
+        auto r = co_await pool.run<int>(ex, [&] {
+            ran = true;
+            return 1;
+        });
+        refused = !r.has_value();
+    }, asio::detached);
+    io.poll();  // queues the job behind the busy thread
+    auto queued = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() == queued) std::this_thread::yield();  // older than max_wait (0)
+    g.p.set_value();
+    io.run();
+    EXPECT_TRUE(refused);
+    EXPECT_FALSE(ran) << "a stale check is not done late";
+}
+
 TEST(CheckPool, AnExceptionInTheJobReachesTheCoroutine) {
     check_pool pool(1, 2);
     asio::io_context io(1);
@@ -125,25 +153,28 @@ TEST(Authenticator, SaturatedPoolIsOverloadedAndACachedPasswordSkipsThePool) {
     s.set("alice", "pw", std::vector<std::string>{"mail"});
     s.save(path);
 
-    auth_context ctx{std::make_shared<user_directory>(path), std::make_shared<lockout_table>(), std::make_shared<check_pool>(1, 1)};
+    auth_context ctx{std::make_shared<user_directory>(path), std::make_shared<lockout_table>(), std::make_shared<check_pool>(1, 2)};
     authenticator a(ctx);
     asio::io_context io(1);
     authenticator::result first, busy, cached;
     gate g;
     std::atomic<bool> started{false};
     asio::co_spawn(io, [&]() -> task<> {
-        std::string user = "alice", pw = "pw", listener = "web", address = "127.0.0.1";
-        first = co_await a.check(user, pw, listener, address);
-        // Fill the pool: one job running, one waiting.
+        std::string user = "alice", pw = "pw", listener = "web";
+        auto address = *dmz::rules::ip_address::parse("127.0.0.1");
+        dmz::rules::lockout_policy policy;
+        first = co_await a.check(user, pw, listener, address, policy);
+        // Fill the pool: one job running, the rest waiting.
         ctx.pool->try_submit([&] {
             started = true;
             g.f.wait();
         });
         while (!started) std::this_thread::yield();
-        ctx.pool->try_submit([] {});
+        while (ctx.pool->try_submit([] {})) {
+        }
         std::string wrong = "nope";
-        busy = co_await a.check(user, wrong, listener, address);
-        cached = co_await a.check(user, pw, listener, address);
+        busy = co_await a.check(user, wrong, listener, address, policy);
+        cached = co_await a.check(user, pw, listener, address, policy);
         g.p.set_value();
     }, asio::detached);
     io.run();
