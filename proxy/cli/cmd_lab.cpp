@@ -32,6 +32,75 @@ fs::path source_root() {
         if (fs::exists(dir / "topology" / "hosts" / "exchange_host.py")) return dir;
     return DMZ_SOURCE_DIR;
 }
+
+/// lab reload: each instance's admin endpoint reloads it, back-ends first (as started).
+int lab_reload(const lab_cli& o) {
+    std::ifstream f(o.state + "/lab.json");
+    auto st = nlohmann::json::parse(f, nullptr, false);
+    if (!f || st.is_discarded()) {
+        std::cerr << "dmzproxy lab reload: no lab is running from " << o.state << "\n";
+        return 2;
+    }
+    int worst = 0;
+    // Back-ends first, as they were started: a front-end's new rules may need them.
+    auto instances = st.value("instances", nlohmann::json::array());
+    for (auto& in : instances) {
+        auto name = in.value("name", std::string("?"));
+        if (!in.contains("admin")) {
+            std::cerr << name << ": started without an admin endpoint (lab up again)\n";
+            worst = std::max(worst, 2);
+            continue;
+        }
+        std::string out, err;
+        int rc = reload_instance(in["admin"].get<std::string>(), "", 60, out, err);
+        if (rc == 0) std::cout << name << ": " << out << "\n";
+        else std::cerr << name << ": " << err << (err.empty() || err.back() == '\n' ? "" : "\n");
+        worst = std::max(worst, rc);
+    }
+    return worst;
+}
+
+/// The topology lab up starts: the one given, a scenario's, or the default. "" after a
+/// usage error (said on standard error).
+std::string lab_topology(const lab_cli& o, const fs::path& root) {
+    if (o.scenario.empty()) return o.topology.empty() ? (root / "topology" / "exchange-two-tier.toml").string() : o.topology;
+    if (!o.topology.empty()) {
+        std::cerr << "dmzproxy lab up: give a topology or --scenario, not both\n";
+        return "";
+    }
+    auto file = (root / "topology" / "scenarios" / "lab" / (o.scenario + ".toml")).string();
+    if (!fs::exists(file)) {
+        std::cerr << "dmzproxy lab up: no scenario '" << o.scenario << "' (" << file << ")\n";
+        return "";
+    }
+    return file;
+}
+
+int lab_up(const lab_cli& o) {
+    auto root = source_root();
+    topology::lab_options lo;
+    lo.topology = lab_topology(o, root);
+    if (lo.topology.empty()) return 2;
+    lo.state = o.state;
+    lo.detach = o.detach;
+    lo.shift = o.shift;
+    lo.dmzproxy = fs::read_symlink("/proc/self/exe").string();
+    lo.hosts_program = (root / "topology" / "hosts" / "exchange_host.py").string();
+    lo.set_user = [](const std::string& store, const std::string& user, const std::string& password,
+                     const std::vector<std::string>& groups) {
+        auto dir = fs::path(store).parent_path();
+        if (!dir.empty()) fs::create_directories(dir);
+        auto s = proxy::user_store::load(store);
+        s.set(user, password, groups);
+        s.save(store);
+    };
+    try {
+        return topology::lab_up(lo);
+    } catch (const std::exception& e) {
+        std::cerr << "dmzproxy lab up: " << e.what() << "\n";
+        return 1;
+    }
+}
 }  // namespace
 
 command add_lab(CLI::App& app) {
@@ -57,66 +126,10 @@ command add_lab(CLI::App& app) {
                                                  "(exit 1 when an instance refused, with its reason)");
     return [o, up, status, down, reload]() -> int {
         if (status->parsed()) return topology::lab_status(o->state, o->json);
-        if (reload->parsed()) {
-            std::ifstream f(o->state + "/lab.json");
-            auto st = nlohmann::json::parse(f, nullptr, false);
-            if (!f || st.is_discarded()) {
-                std::cerr << "dmzproxy lab reload: no lab is running from " << o->state << "\n";
-                return 2;
-            }
-            int worst = 0;
-            // Back-ends first, as they were started: a front-end's new rules may need them.
-            auto instances = st.value("instances", nlohmann::json::array());
-            for (auto& in : instances) {
-                auto name = in.value("name", std::string("?"));
-                if (!in.contains("admin")) {
-                    std::cerr << name << ": started without an admin endpoint (lab up again)\n";
-                    worst = std::max(worst, 2);
-                    continue;
-                }
-                std::string out, err;
-                int rc = reload_instance(in["admin"].get<std::string>(), "", 60, out, err);
-                if (rc == 0) std::cout << name << ": " << out << "\n";
-                else std::cerr << name << ": " << err << (err.empty() || err.back() == '\n' ? "" : "\n");
-                worst = std::max(worst, rc);
-            }
-            return worst;
-        }
+        if (reload->parsed()) return lab_reload(*o);
         if (down->parsed()) return topology::lab_down(o->state);
         if (!up->parsed()) return 2;
-        auto root = source_root();
-        topology::lab_options lo;
-        lo.topology = o->topology.empty() ? (root / "topology" / "exchange-two-tier.toml").string() : o->topology;
-        if (!o->scenario.empty()) {
-            if (!o->topology.empty()) {
-                std::cerr << "dmzproxy lab up: give a topology or --scenario, not both\n";
-                return 2;
-            }
-            lo.topology = (root / "topology" / "scenarios" / "lab" / (o->scenario + ".toml")).string();
-            if (!fs::exists(lo.topology)) {
-                std::cerr << "dmzproxy lab up: no scenario '" << o->scenario << "' (" << lo.topology << ")\n";
-                return 2;
-            }
-        }
-        lo.state = o->state;
-        lo.detach = o->detach;
-        lo.shift = o->shift;
-        lo.dmzproxy = fs::read_symlink("/proc/self/exe").string();
-        lo.hosts_program = (root / "topology" / "hosts" / "exchange_host.py").string();
-        lo.set_user = [](const std::string& store, const std::string& user, const std::string& password,
-                         const std::vector<std::string>& groups) {
-            auto dir = fs::path(store).parent_path();
-            if (!dir.empty()) fs::create_directories(dir);
-            auto s = proxy::user_store::load(store);
-            s.set(user, password, groups);
-            s.save(store);
-        };
-        try {
-            return topology::lab_up(lo);
-        } catch (const std::exception& e) {
-            std::cerr << "dmzproxy lab up: " << e.what() << "\n";
-            return 1;
-        }
+        return lab_up(*o);
     };
 }
 

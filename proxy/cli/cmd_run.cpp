@@ -34,7 +34,109 @@ void ensure_lab_certificates(const rules::instance_config& c, const std::string&
             if (cert.lab) certs::issue_leaf(ca, cert.names, state + "/pki", c.name + "-" + l.name);
 }
 
+/// The instance config file, checked. Null with the errors (file:line:column) in `why`.
+std::shared_ptr<const rules::policy> load_config_file(const run_cli& o, std::string& why, bool& parsed) {
+    auto res = rules::load_instance_config(o.config);
+    parsed = res.parsed;
+    if (!res.config || rules::has_errors(res.diags)) {
+        std::ostringstream msg;
+        print_diagnostics(msg, res.diags);
+        why = msg.str();
+        return nullptr;
+    }
+    print_diagnostics(std::cerr, res.diags);
+    return std::make_shared<rules::policy>(std::move(*res.config));
+}
+
+/// The instance derived from the topology. Null with the reason in `why`.
+std::shared_ptr<const rules::policy> load_from_topology(const run_cli& o, std::string& why, bool& parsed) {
+    topology::load_settings ls;
+    ls.state_dir = o.state;
+    ls.map_privileged_ports = o.map_ports;
+    ls.shift = o.shift;
+    auto res = topology::load(o.topology, ls);
+    parsed = res.parsed;
+    if (!res.topo || rules::has_errors(res.diags)) {
+        std::ostringstream msg;
+        print_diagnostics(msg, res.diags);
+        why = msg.str();
+        return nullptr;
+    }
+    auto* in = res.topo->find_instance(o.instance);
+    if (!in || !in->policy) {
+        why = "no instance '" + o.instance + "' in " + o.topology + "\n";
+        parsed = false;
+        return nullptr;
+    }
+    return in->policy;
+}
+
+/// One loader for the start and for every reload (SIGHUP): the config file, or the
+/// instance derived again from the topology. Errors go to `why` (file:line:column);
+/// `parsed` says whether the file was TOML at all. Lint findings go to standard error.
+std::shared_ptr<const rules::policy> load_policy(const run_cli& o, std::string& why, bool& parsed) {
+    auto policy = o.config.empty() ? load_from_topology(o, why, parsed) : load_config_file(o, why, parsed);
+    if (!policy) return nullptr;
+    rules::diagnostics lint;
+    rules::lint(policy->config(), lint);
+    print_diagnostics(std::cerr, lint);
+    if (!o.topology.empty()) ensure_lab_certificates(policy->config(), o.state);
+    return policy;
+}
+
+proxy::run_options run_options_of(std::shared_ptr<const run_cli> o) {
+    proxy::run_options ro;
+    ro.threads = o->threads;
+    ro.access_log = o->access_log;
+    ro.drain_timeout = std::chrono::milliseconds(static_cast<long long>(o->drain_timeout * 1000));
+    ro.admin = o->admin;
+    ro.source = o->config.empty() ? o->topology + " (instance " + o->instance + ")" : o->config;
+    ro.reload = [o](std::string& reason) -> std::shared_ptr<const rules::policy> {
+        bool toml = true;
+        try {
+            return load_policy(*o, reason, toml);
+        } catch (const std::exception& e) {
+            reason = e.what();
+            return nullptr;
+        }
+    };
+    return ro;
+}
+
+int run(std::shared_ptr<const run_cli> o) {
+    if (o->config.empty() && o->topology.empty()) {
+        std::cerr << "dmzproxy run: give -c CONFIG or -t TOPOLOGY --instance NAME\n";
+        return 2;
+    }
+    if (!o->topology.empty() && o->instance.empty()) {
+        std::cerr << "dmzproxy run: -t needs --instance NAME\n";
+        return 2;
+    }
+    std::string why;
+    bool parsed = true;
+    std::shared_ptr<const rules::policy> policy;
+    try {
+        policy = load_policy(*o, why, parsed);
+    } catch (const std::exception& e) {
+        std::cerr << "dmzproxy run: " << e.what() << "\n";
+        return 1;
+    }
+    if (!policy) {
+        std::cerr << why;
+        if (why.rfind("no instance", 0) == 0) return 2;
+        std::cerr << "dmzproxy run: the config has errors; nothing was started\n";
+        return parsed ? 1 : 2;
+    }
+    try {
+        return proxy::run_instance(policy, run_options_of(o));
+    } catch (const std::exception& e) {
+        std::cerr << "dmzproxy run: " << policy->config().name << ": " << e.what() << "\n";
+        return 1;
+    }
+}
+
 }  // namespace
+
 
 command add_run(CLI::App& app) {
     auto o = std::make_shared<run_cli>();
@@ -56,94 +158,7 @@ command add_run(CLI::App& app) {
            "--shift", o->shift,
            "topology: move every address N /16 blocks up inside 127.0.0.0/8 (as lab up --shift)")
         ->check(CLI::Range(0, 255));
-    return [o]() -> int {
-        if (o->config.empty() && o->topology.empty()) {
-            std::cerr << "dmzproxy run: give -c CONFIG or -t TOPOLOGY --instance NAME\n";
-            return 2;
-        }
-        if (!o->topology.empty() && o->instance.empty()) {
-            std::cerr << "dmzproxy run: -t needs --instance NAME\n";
-            return 2;
-        }
-        // One loader for the start and for every reload (SIGHUP): the config file, or the
-        // instance derived again from the topology. Errors go to `why` (file:line:column);
-        // `parsed` says whether the file was TOML at all.
-        auto load = [o](std::string& why, bool& parsed) -> std::shared_ptr<const rules::policy> {
-            std::ostringstream msg;
-            std::shared_ptr<const rules::policy> policy;
-            if (!o->config.empty()) {
-                auto res = rules::load_instance_config(o->config);
-                parsed = res.parsed;
-                if (!res.config || rules::has_errors(res.diags)) {
-                    print_diagnostics(msg, res.diags);
-                    why = msg.str();
-                    return nullptr;
-                }
-                print_diagnostics(std::cerr, res.diags);
-                policy = std::make_shared<rules::policy>(std::move(*res.config));
-            } else {
-                topology::load_settings ls;
-                ls.state_dir = o->state;
-                ls.map_privileged_ports = o->map_ports;
-                ls.shift = o->shift;
-                auto res = topology::load(o->topology, ls);
-                parsed = res.parsed;
-                if (!res.topo || rules::has_errors(res.diags)) {
-                    print_diagnostics(msg, res.diags);
-                    why = msg.str();
-                    return nullptr;
-                }
-                auto* in = res.topo->find_instance(o->instance);
-                if (!in || !in->policy) {
-                    why = "no instance '" + o->instance + "' in " + o->topology + "\n";
-                    parsed = false;
-                    return nullptr;
-                }
-                policy = in->policy;
-            }
-            rules::diagnostics lint;
-            rules::lint(policy->config(), lint);
-            print_diagnostics(std::cerr, lint);
-            if (!o->topology.empty()) ensure_lab_certificates(policy->config(), o->state);
-            return policy;
-        };
-        std::string why;
-        bool parsed = true;
-        std::shared_ptr<const rules::policy> policy;
-        try {
-            policy = load(why, parsed);
-        } catch (const std::exception& e) {
-            std::cerr << "dmzproxy run: " << e.what() << "\n";
-            return 1;
-        }
-        if (!policy) {
-            std::cerr << why;
-            if (why.rfind("no instance", 0) == 0) return 2;
-            std::cerr << "dmzproxy run: the config has errors; nothing was started\n";
-            return parsed ? 1 : 2;
-        }
-        proxy::run_options ro;
-        ro.threads = o->threads;
-        ro.access_log = o->access_log;
-        ro.drain_timeout = std::chrono::milliseconds(static_cast<long long>(o->drain_timeout * 1000));
-        ro.admin = o->admin;
-        ro.source = o->config.empty() ? o->topology + " (instance " + o->instance + ")" : o->config;
-        ro.reload = [load](std::string& reason) -> std::shared_ptr<const rules::policy> {
-            bool toml = true;
-            try {
-                return load(reason, toml);
-            } catch (const std::exception& e) {
-                reason = e.what();
-                return nullptr;
-            }
-        };
-        try {
-            return proxy::run_instance(policy, ro);
-        } catch (const std::exception& e) {
-            std::cerr << "dmzproxy run: " << policy->config().name << ": " << e.what() << "\n";
-            return 1;
-        }
-    };
+    return [o]() -> int { return run(o); };
 }
 
 }  // namespace dmz::cli

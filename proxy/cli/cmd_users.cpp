@@ -8,6 +8,7 @@
 
 #include "commands.hpp"
 #include "dmz/proxy/users.hpp"
+#include "output.hpp"
 
 namespace dmz::cli {
 
@@ -79,7 +80,14 @@ command add_users(CLI::App& app) {
     sub->add_subcommand("list", "List users and their groups");
     return [o, add, passwd, del]() -> int {
         auto file = o->file.empty() ? o->state + "/users.toml" : o->file;
-        auto store = proxy::user_store::load(file);
+        rules::diagnostics problems;
+        auto loaded = proxy::user_store::load(file, problems);
+        if (!loaded) {
+            print_diagnostics(std::cerr, problems);
+            std::cerr << "dmzproxy users: " << file << " is not a user store I can read; nothing changed\n";
+            return 1;
+        }
+        auto& store = *loaded;
         if (add->parsed() || passwd->parsed()) {
             if (add->parsed() && store.find(o->name)) {
                 std::cerr << "dmzproxy users add: '" << o->name << "' exists (use passwd)\n";

@@ -15,7 +15,7 @@
 #include "fault.hpp"
 #include "dmz/proxy/users.hpp"
 #include "runtime.hpp"
-#include "sessions.hpp"
+#include "auth/forms_cookie.hpp"
 
 namespace dmz::proxy {
 
@@ -477,7 +477,12 @@ private:
         auto password = form_field(form, "password").value_or("");
         auto back = safe_return_path(form_field(form, "url").value_or("/"));
         rec.user = user;
-        auto r = user.empty() ? authenticator::result{} : w_.auth.check(user, password, lcfg().name, client.to_string(), lcfg().lockout);
+        authenticator::result r;
+        if (!user.empty()) r = co_await w_.auth.check(user, password, lcfg().name, client, lcfg().lockout);
+        if (r.overloaded) {
+            rules::fault fr = auth_overloaded_fault(user);
+            co_return co_await refuse(fr, keep, http10, rec, t0);
+        }
         if (!r.ok) {
             // The same page for a wrong password, an unknown user and a locked-out one.
             rec.fault = make_fault(fault_class::auth_failed, 200,
@@ -643,6 +648,7 @@ private:
         // ---- authenticate (basic and forms listeners validate Basic credentials) ----
         bool validates = lcfg().auth == rules::auth_mode::basic || lcfg().auth == rules::auth_mode::forms;
         auto authz = head.get(http::field_id::authorization);
+        bool busy = false;  // the password checks' queue was full: 503, not 401
         if (validates && starts_with_nocase(authz, "basic ")) {
             user.clear();
             groups.clear();
@@ -654,14 +660,16 @@ private:
             auto colon = decoded ? decoded->find(':') : std::string::npos;
             if (colon != std::string::npos) {
                 tried_user = decoded->substr(0, colon);
-                auto r = w_.auth.check(tried_user, decoded->substr(colon + 1), lcfg().name, client.to_string(), lcfg().lockout);
+                auto password = decoded->substr(colon + 1);  // named: the check is awaited
+                auto r = co_await w_.auth.check(tried_user, password, lcfg().name, client, lcfg().lockout);
                 if (r.ok) user = r.user, groups = r.groups;
                 else why_refused = r.refusal;
+                busy = r.overloaded;
             }
             if (user.empty()) {
                 in_.consume(head.head_size);
                 rec.user = tried_user;
-                rules::fault fr = make_fault(fault_class::auth_failed, 401, "the credentials" + (tried_user.empty() ? std::string() : " for '" + tried_user + "'") + " were refused",
+                rules::fault fr = busy ? auth_overloaded_fault(tried_user) : make_fault(fault_class::auth_failed, 401, "the credentials" + (tried_user.empty() ? std::string() : " for '" + tried_user + "'") + " were refused",
                                   "");
                 bool keep = co_await send_fault(fr, keep_if_refused, http10, rec);
                 // The client hears only "refused"; the log says why (no user enumeration).

@@ -11,12 +11,12 @@
 #include <vector>
 
 #include "access_log.hpp"
-#include "dmz/proxy/users.hpp"
+#include "auth/authenticator.hpp"
+#include "auth/forms_cookie.hpp"
 #include "metrics.hpp"
 #include "dmz/rules/evaluate.hpp"
 #include "net/asio.hpp"
 #include "parking.hpp"
-#include "sessions.hpp"
 #include "tls.hpp"
 #include "upstream.hpp"
 
@@ -45,68 +45,6 @@ struct instance_runtime {
     }
 };
 
-/// Failure counts shared by the workers of one instance. Touched only when a password is
-/// really checked (a cache miss) or fails, never on the cached path of a good login.
-class lockout_table {
-public:
-    /// Why a check must fail without looking at the password, or "".
-    std::string refused(const std::string& listener, const std::string& user, const std::string& address,
-                        const rules::lockout_policy& p);
-    void failed(const std::string& listener, const std::string& user, const std::string& address, const rules::lockout_policy& p);
-    void succeeded(const std::string& listener, const std::string& user);
-    /// Whether any failure is on record (lets good logins skip the lock when there is none).
-    bool any() const { return entries_.load(std::memory_order_relaxed) != 0; }
-
-private:
-    std::atomic<std::size_t> entries_{0};
-    struct entry {
-        std::uint32_t count = 0;
-        std::chrono::steady_clock::time_point last{};
-    };
-    std::mutex m_;
-    std::unordered_map<std::string, entry> users_, addresses_;
-};
-
-/// Basic credentials against the user store, per worker: positive results are cached for a
-/// few minutes (scrypt is deliberately slow), the file is re-read when it changes.
-class authenticator {
-public:
-    authenticator(std::string path, std::shared_ptr<lockout_table> lockout) : path_(std::move(path)), lockout_(std::move(lockout)) {}
-    struct result {
-        bool ok = false;
-        std::string user;
-        std::vector<std::string> groups;
-        std::string refusal;  ///< for the log: "bad password", "locked out", ...
-    };
-    result check(const std::string& user, const std::string& password, const std::string& listener = {},
-                 const std::string& address = {}, const rules::lockout_policy& policy = {});
-    bool configured() const { return !path_.empty(); }
-    void count_into(metrics* m) { stats_ = m; }
-    /// A reload named another user store: read it at the next check.
-    void use(std::string path) {
-        if (path == path_) return;
-        path_ = std::move(path);
-        store_.reset();
-        mtime_ = -1;
-        cache_.clear();
-    }
-    /// The stored user (for a forms session's groups and password generation), or null.
-    const stored_user* lookup(const std::string& user) {
-        refresh();
-        return store_ ? store_->find(user) : nullptr;
-    }
-
-private:
-    void refresh();
-    std::string path_;
-    std::unique_ptr<user_store> store_;
-    std::int64_t mtime_ = -1;
-    std::chrono::steady_clock::time_point checked_{};
-    std::unordered_map<std::string, std::chrono::steady_clock::time_point> cache_;  ///< sha256(user:pw) -> expiry
-    std::shared_ptr<lockout_table> lockout_;
-    metrics* stats_ = nullptr;
-};
-
 struct worker;
 /// HTTP connections alive in the process, parked ones included (a drain waits for them, up
 /// to its timeout).
@@ -115,8 +53,8 @@ std::atomic<int>& http_sessions();
 void resume_http_session(worker& w, parked_connection&& c);
 
 struct worker {
-    worker(unsigned i, access_log& l, const std::string& user_store, std::shared_ptr<lockout_table> lockout)
-        : io(1), parked(io), log(l), index(i), auth(user_store, std::move(lockout)) {
+    worker(unsigned i, access_log& l, auth_context a)
+        : io(1), parked(io), log(l), index(i), auth(std::move(a)) {
         auth.count_into(&stats);
         parked.stats = &stats;
         parked.on_wake = [this](parked_connection&& c) { resume_http_session(*this, std::move(c)); };

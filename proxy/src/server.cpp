@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <csignal>
 #include <fstream>
 #include <functional>
@@ -6,118 +7,15 @@
 #include <mutex>
 #include <iostream>
 #include <thread>
+#include <utility>
 
 #include "dmz/proxy/run.hpp"
 #include "admin.hpp"
 #include "runtime.hpp"
 
-#include <openssl/sha.h>
-#include <sys/stat.h>
-
 namespace dmz::proxy {
 
 using namespace net;
-
-std::string lockout_table::refused(const std::string& listener, const std::string& user, const std::string& address,
-                                   const rules::lockout_policy& p) {
-    auto now = std::chrono::steady_clock::now();
-    std::lock_guard lock(m_);
-    if (p.address_threshold) {
-        auto it = addresses_.find(listener + '\0' + address);
-        if (it != addresses_.end() && it->second.count >= p.address_threshold && now - it->second.last < p.window)
-            return "too many failures from " + address;
-    }
-    if (p.threshold) {
-        auto it = users_.find(listener + '\0' + user);
-        if (it != users_.end() && it->second.count >= p.threshold && now - it->second.last < p.window) return "locked out";
-    }
-    return "";
-}
-
-void lockout_table::failed(const std::string& listener, const std::string& user, const std::string& address,
-                           const rules::lockout_policy& p) {
-    auto now = std::chrono::steady_clock::now();
-    std::lock_guard lock(m_);
-    if (users_.size() > 100000) users_.clear();  // bounded, whatever an attacker sends
-    if (addresses_.size() > 100000) addresses_.clear();
-    entries_.store(users_.size() + addresses_.size(), std::memory_order_relaxed);
-    for (auto* e : {&users_[listener + '\0' + user], &addresses_[listener + '\0' + address]}) {
-        if (now - e->last >= p.window) e->count = 0;  // a new observation window
-        ++e->count;
-        e->last = now;
-    }
-}
-
-void lockout_table::succeeded(const std::string& listener, const std::string& user) {
-    std::lock_guard lock(m_);
-    users_.erase(listener + '\0' + user);
-    entries_.store(users_.size() + addresses_.size(), std::memory_order_relaxed);
-}
-
-authenticator::result authenticator::check(const std::string& user, const std::string& password, const std::string& listener,
-                                           const std::string& address, const rules::lockout_policy& policy) {
-    refresh();
-    result r;
-    if (!store_) {
-        r.refusal = "no user store";
-        return r;
-    }
-    std::string key = user + ":" + password;
-    unsigned char digest[SHA256_DIGEST_LENGTH];
-    SHA256(reinterpret_cast<const unsigned char*>(key.data()), key.size(), digest);
-    std::string k(reinterpret_cast<char*>(digest), sizeof digest);
-    auto now = std::chrono::steady_clock::now();
-    auto it = cache_.find(k);
-    bool cached = it != cache_.end() && it->second > now;
-    bool ok = cached;
-    if (cached && lockout_ && lockout_->any()) {
-        // A locked-out user is refused even with a password that worked a minute ago:
-        // otherwise guessing could go on past the lockout once the right one was cached.
-        r.refusal = lockout_->refused(listener, user, address, policy);
-        ok = r.refusal.empty();
-    }
-    if (!ok && !cached) {
-        // A locked-out user gets the same answer, after the same work, as a wrong password.
-        r.refusal = lockout_ ? lockout_->refused(listener, user, address, policy) : "";
-        bool good = store_->verify(user, password);
-        ok = good && r.refusal.empty();
-        if (ok) {
-            if (cache_.size() > 10000) cache_.clear();
-            cache_[k] = now + std::chrono::minutes(5);
-            if (lockout_) lockout_->succeeded(listener, user);
-        } else if (r.refusal.empty()) {
-            // Only a real bad password counts: attempts refused by the lockout itself do not
-            // extend it (the user retrying must not lock themselves out for longer).
-            r.refusal = store_->find(user) ? "bad password" : "unknown user";
-            if (lockout_) lockout_->failed(listener, user, address, policy);
-        }
-    }
-    auto* u = store_->find(user);
-    if (ok && u) {
-        r.ok = true;
-        r.user = user;
-        r.groups = u->groups;
-    }
-    if (!r.ok && stats_) stats_->auth_failed(r.refusal.empty() ? std::string("refused") : r.refusal);
-    return r;
-}
-
-void authenticator::refresh() {
-    if (path_.empty()) return;
-    auto now = std::chrono::steady_clock::now();
-    if (store_ && now - checked_ < std::chrono::seconds(1)) return;
-    checked_ = now;
-    struct stat st {};
-    std::int64_t m = ::stat(path_.c_str(), &st) == 0 ? static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec : 0;
-    if (store_ && m == mtime_) return;
-    try {
-        store_ = std::make_unique<user_store>(user_store::load(path_));
-        mtime_ = m;
-        cache_.clear();  // a removed user or a new password takes effect at once
-    } catch (const std::exception& e) {
-        std::cerr << "dmzproxy: user store " << path_ << ": " << e.what() << " (keeping the previous one)\n";
-    }
-}
 
 namespace {
 
@@ -238,219 +136,322 @@ void close_endpoint(std::vector<std::unique_ptr<worker>>& workers, acceptor_grou
         });
 }
 
+/// Password-check threads: half the cores (1 to 4), so a guessing flood never takes every
+/// core from the event loops. scrypt takes ~100 ms of a core and 32 MiB.
+unsigned auth_threads() { return std::clamp(std::thread::hardware_concurrency() / 2, 1u, 4u); }
+/// How many checks may wait: a longer queue only makes a client wait longer for the same 503.
+std::size_t auth_queue() { return 8 * auth_threads(); }
+
+/// One running instance: its workers, the listening sockets, reloads, the admin endpoint,
+/// signals and the drain. Lives on the stack of run_instance(); its members are touched on
+/// the first worker's thread once the workers run (signals, admin and drain all live there).
+class server {
+public:
+    server(std::shared_ptr<const rules::policy> policy, const run_options& opts);
+    ~server() { auth_.pool->shutdown(); }
+    server(const server&) = delete;
+    server& operator=(const server&) = delete;
+    /// Serves until a drain ends or a second signal stops it. Returns the exit code.
+    int run();
+
+private:
+    using outcome = std::pair<bool, std::string>;
+    void bind_listeners();
+    void serve(const std::string& key, const acceptor_group& group);
+    outcome reload();
+    outcome refuse_reload(const std::string& why) const;
+    std::map<std::string, acceptor_group> open_added(const rules::policy& next, std::vector<std::string>& names);
+    std::vector<std::string> close_removed(const instance_runtime& next);
+    std::string reload_message(const rules::policy& next, const std::vector<std::string>& added,
+                               const std::vector<std::string>& removed) const;
+    std::optional<rules::bind_endpoint> admin_address() const;
+    void start_admin_endpoint();
+    void listen_for_signals();
+    bool on_signal(int sig);
+    void drain(int sig);
+    task<> wait_until_drained(std::chrono::steady_clock::time_point until);
+    void stop_workers();
+
+    std::shared_ptr<const rules::policy> policy_;  ///< the one started with
+    const run_options& opts_;
+    std::shared_ptr<const instance_runtime> current_;  ///< the latest snapshot (workers get it by a post)
+    unsigned threads_;
+    access_log log_;
+    /// Password checks and user-store reads, off the workers' threads (shut down before the
+    /// workers go: its results are posted to them).
+    auth_context auth_;
+    std::vector<std::unique_ptr<worker>> workers_;
+    std::map<std::string, acceptor_group> endpoints_;  ///< "address:port" -> its acceptors
+    int version_ = 1;
+    std::chrono::system_clock::time_point loaded_ = std::chrono::system_clock::now();
+    bool draining_ = false;
+    admin_view view_;
+    asio::signal_set signals_;
+    asio::steady_timer grace_;
+};
+
+server::server(std::shared_ptr<const rules::policy> policy, const run_options& opts)
+    : policy_(policy),
+      opts_(opts),
+      current_(make_runtime(policy, nullptr)),
+      threads_(opts.threads ? opts.threads : std::max(1u, std::thread::hardware_concurrency())),
+      log_(opts.access_log),
+      auth_{std::make_shared<user_directory>(policy->config().user_store), std::make_shared<lockout_table>(),
+            std::make_shared<check_pool>(auth_threads(), auth_queue())},
+      workers_([&] {
+          std::vector<std::unique_ptr<worker>> v;
+          for (unsigned i = 0; i < threads_; ++i) {
+              v.push_back(std::make_unique<worker>(i, log_, auth_));
+              v.back()->rt = current_;
+          }
+          return v;
+      }()),
+      signals_(workers_.front()->io, SIGINT, SIGTERM, SIGUSR1),
+      grace_(workers_.front()->io) {
+    signals_.add(SIGHUP);
+}
+
+void server::serve(const std::string& key, const acceptor_group& group) {
+    for (std::size_t i = 0; i < group.size(); ++i)
+        spawn_guarded(*workers_[i], "accept loop", accept_loop(*workers_[i], key, group[i]));
+}
+
+void server::bind_listeners() {
+    for (auto& l : policy_->config().listeners)
+        for (auto& b : l.bind) {
+            auto key = b.to_string();
+            endpoints_[key] = open_endpoint(workers_, l, b);
+            serve(key, endpoints_[key]);
+            std::cerr << "dmzproxy: " << current_->name << ": listener " << l.name << " (" << rules::to_string(l.proto) << ") on "
+                      << key << "\n";
+        }
+}
+
+server::outcome server::refuse_reload(const std::string& why) const {
+    std::cerr << "dmzproxy: " << current_->name << ": reload refused, still running config version " << version_ << ":\n"
+              << why << (why.empty() || why.back() == '\n' ? "" : "\n");
+    return {false, why};
+}
+
+/// Opens the addresses `next` binds that are not open yet; throws (having closed what it
+/// opened) when one cannot be.
+std::map<std::string, acceptor_group> server::open_added(const rules::policy& next, std::vector<std::string>& names) {
+    std::map<std::string, acceptor_group> added;
+    try {
+        for (auto& l : next.config().listeners)
+            for (auto& b : l.bind) {
+                auto key = b.to_string();
+                if (endpoints_.count(key) || added.count(key)) continue;
+                added[key] = open_endpoint(workers_, l, b);
+                names.push_back(l.name + " on " + key);
+            }
+    } catch (...) {
+        for (auto& [key, group] : added) close_endpoint(workers_, std::move(group));
+        throw;
+    }
+    return added;
+}
+
+/// Closes the addresses the new snapshot no longer binds; returns them.
+std::vector<std::string> server::close_removed(const instance_runtime& next) {
+    std::vector<std::string> removed;
+    for (auto it = endpoints_.begin(); it != endpoints_.end();) {
+        if (next.bound_at(it->first)) {
+            ++it;
+            continue;
+        }
+        removed.push_back(it->first);
+        close_endpoint(workers_, std::move(it->second));
+        it = endpoints_.erase(it);
+    }
+    return removed;
+}
+
+std::string server::reload_message(const rules::policy& next, const std::vector<std::string>& added,
+                                   const std::vector<std::string>& removed) const {
+    std::string msg = "reloaded " + opts_.source + ", config version " + std::to_string(version_);
+    if (!added.empty()) msg += "; listening now: " + join(added);
+    if (!removed.empty()) msg += "; closed: " + join(removed);
+    auto& was = policy_->config().admin;
+    auto& now = next.config().admin;
+    if (opts_.admin.empty() && (now.has_value() != was.has_value() || (now && now->to_string() != was->to_string())))
+        msg += "; the admin endpoint stays where it was until a restart";
+    return msg;
+}
+
+// SIGHUP: load and check the config again; on any error keep running the old one and say
+// why. On success new connections get the new snapshot, connections already open finish on
+// theirs, and only the addresses that appeared or went away are opened or closed: the
+// other listeners never stop accepting.
+server::outcome server::reload() {
+    if (!opts_.reload) return refuse_reload("this instance was started without a config file to read again");
+    std::string why;
+    std::shared_ptr<const rules::policy> next;
+    std::shared_ptr<const instance_runtime> next_rt;
+    std::map<std::string, acceptor_group> added;
+    std::vector<std::string> added_names;
+    try {
+        next = opts_.reload(why);
+        if (!next) return refuse_reload(why);
+        next_rt = make_runtime(next, current_->revoked);
+        added = open_added(*next, added_names);
+    } catch (const std::exception& e) {
+        return refuse_reload(e.what());
+    }
+    auto old = std::exchange(current_, next_rt);
+    // The new snapshot reaches each worker before any accept on an added address (posts to
+    // one worker run in order).
+    for (auto& w : workers_) asio::post(w->io, [&w = *w, next_rt] { w.rt = next_rt; });
+    auto removed_names = close_removed(*next_rt);
+    for (auto& [key, group] : added) {
+        serve(key, group);
+        endpoints_[key] = std::move(group);
+    }
+    if (next->config().user_store != old->config().user_store) {
+        auth_.users->use(next->config().user_store);
+        auth_.users->refresh_soon(*auth_.pool);  // else the next check or lookup does
+    }
+    ++version_;
+    loaded_ = std::chrono::system_clock::now();
+    auto msg = reload_message(*next, added_names, removed_names);
+    std::cerr << "dmzproxy: " << next_rt->name << ": " << msg << "\n";
+    return {true, msg};
+}
+
+/// --admin overrides [instance] admin; off loopback it needs a token file.
+std::optional<rules::bind_endpoint> server::admin_address() const {
+    auto& cfg = policy_->config();
+    if (opts_.admin.empty()) return cfg.admin;
+    auto colon = opts_.admin.rfind(':');
+    auto host = opts_.admin.substr(0, colon == std::string::npos ? 0 : colon);
+    if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+    auto a = rules::ip_address::parse(host);
+    int port = colon == std::string::npos ? 0 : std::atoi(opts_.admin.c_str() + colon + 1);
+    if (!a || port < 1 || port > 65535) throw std::runtime_error("--admin '" + opts_.admin + "' is not ADDRESS:PORT");
+    if (!a->is_loopback() && cfg.admin_token_file.empty())
+        throw std::runtime_error("--admin " + opts_.admin + " is not on loopback and the config sets no admin_token_file");
+    return rules::bind_endpoint{*a, static_cast<std::uint16_t>(port), {}};
+}
+
+/// The admin endpoint (/metrics, /status, /reload) on the first worker.
+void server::start_admin_endpoint() {
+    view_.workers = &workers_;
+    view_.current = &current_;
+    view_.version = &version_;
+    view_.draining = &draining_;
+    view_.source = opts_.source;
+    view_.started = std::chrono::system_clock::now();
+    view_.reload = [this]() -> outcome {
+        if (draining_) return {false, "the instance is draining"};
+        return reload();
+    };
+    view_.loaded = &loaded_;
+    auto at = admin_address();
+    if (!at) return;
+    for (auto& w : workers_) w->stats.on = true;  // counted only when an admin endpoint reads them
+    log_.keep_recent(2000);                       // the live log view's lines
+    view_.log = &log_;
+    if (!policy_->config().admin_token_file.empty()) view_.token = read_token(policy_->config().admin_token_file);
+    start_admin(*workers_.front(), *at, view_);
+    std::cerr << "dmzproxy: " << current_->name << ": admin endpoint on http://" << at->to_string()
+              << "/ (metrics, status, reload, live log at /log" << (view_.token.empty() ? "" : "; bearer token required") << ")\n";
+}
+
+// Signals arrive on the first worker. SIGTERM/SIGINT drain (below); a second one stops at
+// once. SIGUSR1 reopens the access log (after logrotate moved it). SIGHUP reloads.
+void server::listen_for_signals() {
+    signals_.async_wait([this](const error_code& ec, int sig) {
+        if (ec) return;
+        if (on_signal(sig)) listen_for_signals();
+    });
+}
+
+/// Whether to go on listening (not after the second SIGTERM/SIGINT).
+bool server::on_signal(int sig) {
+    auto& name = current_->name;
+    if (sig == SIGHUP) {
+        if (draining_) std::cerr << "dmzproxy: " << name << ": SIGHUP while draining: ignored\n";
+        else reload();
+    } else if (sig == SIGUSR1) {
+        std::string why;
+        if (log_.reopen(why)) std::cerr << "dmzproxy: " << name << ": SIGUSR1, access log reopened\n";
+        else std::cerr << "dmzproxy: " << name << ": SIGUSR1: cannot reopen the access log (" << why
+                       << "); still writing to the file already open\n";
+    } else if (draining_) {
+        std::cerr << "dmzproxy: " << name << ": second signal, stopping now\n";
+        stop_workers();
+        return false;
+    } else {
+        drain(sig);
+    }
+    return true;
+}
+
+// The drain: no new connections; idle keep-alive connections close now; a request in
+// flight finishes and its answer says Connection: close; SMTP sessions hear 421 at their
+// next command. The process ends when the last connection has gone, or when the drain
+// timeout passes.
+void server::drain(int sig) {
+    draining_ = true;
+    std::cerr << "dmzproxy: " << current_->name << ": " << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ", draining (up to "
+              << opts_.drain_timeout.count() / 1000.0 << " s; " << http_sessions().load() << " HTTP and "
+              << smtp_sessions().load() << " SMTP connections open)\n";
+    std::vector<std::shared_ptr<tcp::acceptor>> acceptors;
+    for (auto& [key, group] : endpoints_) acceptors.insert(acceptors.end(), group.begin(), group.end());
+    for (auto& w : workers_)
+        asio::post(w->io, [&w = *w, acceptors] {
+            w.stopping = true;
+            for (auto& acc : acceptors)
+                if (&acc->get_executor().context() == &w.io) {
+                    error_code ignored;
+                    acc->close(ignored);
+                }
+            auto hooks = w.shutdown_hooks;  // hooks erase themselves as sessions end
+            for (auto& [id, hook] : hooks) hook();
+            w.parked.close_all();  // idle keep-alive connections close now, parked ones too
+        });
+    auto until = std::chrono::steady_clock::now() + opts_.drain_timeout;
+    spawn_guarded(*workers_.front(), "drain", [this, until]() -> task<> { co_await wait_until_drained(until); });
+}
+
+task<> server::wait_until_drained(std::chrono::steady_clock::time_point until) {
+    while ((http_sessions().load() > 0 || smtp_sessions().load() > 0) && std::chrono::steady_clock::now() < until) {
+        grace_.expires_after(std::chrono::milliseconds(20));
+        error_code ignored;
+        co_await grace_.async_wait(redirect(ignored));
+    }
+    int left = http_sessions().load() + smtp_sessions().load();
+    if (left > 0) std::cerr << "dmzproxy: " << current_->name << ": drain timeout, closing " << left << " connections\n";
+    else std::cerr << "dmzproxy: " << current_->name << ": drained\n";
+    stop_workers();
+}
+
+void server::stop_workers() {
+    for (auto& w : workers_) w->io.stop();
+}
+
+int server::run() {
+    bind_listeners();
+    start_admin_endpoint();
+    listen_for_signals();
+    std::signal(SIGPIPE, SIG_IGN);
+    std::cerr << "dmzproxy: " << current_->name << ": ready, " << threads_ << " worker thread" << (threads_ == 1 ? "" : "s")
+              << "\n";
+    std::vector<std::thread> threads;
+    for (unsigned i = 1; i < threads_; ++i) threads.emplace_back([&w = *workers_[i]] { w.io.run(); });
+    workers_.front()->io.run();
+    stop_workers();
+    for (auto& t : threads) t.join();
+    auth_.pool->shutdown();
+    log_.flush();
+    return 0;
+}
+
 }  // namespace
 
 int run_instance(std::shared_ptr<const rules::policy> policy, const run_options& opts) {
-    auto rt = make_runtime(policy, nullptr);
-    auto current = rt;  // the latest snapshot (the workers get it by a post)
-
-    unsigned n = opts.threads ? opts.threads : std::max(1u, std::thread::hardware_concurrency());
-    access_log log(opts.access_log);
-    std::vector<std::unique_ptr<worker>> workers;
-    auto lockout = std::make_shared<lockout_table>();
-    for (unsigned i = 0; i < n; ++i) {
-        workers.push_back(std::make_unique<worker>(i, log, policy->config().user_store, lockout));
-        workers.back()->rt = rt;
-    }
-
-    std::map<std::string, acceptor_group> endpoints;  // "address:port" -> its acceptors
-    auto serve = [&](const std::string& key, const acceptor_group& group) {
-        for (std::size_t i = 0; i < group.size(); ++i)
-            spawn_guarded(*workers[i], "accept loop", accept_loop(*workers[i], key, group[i]));
-    };
-    for (auto& l : policy->config().listeners)
-        for (auto& b : l.bind) {
-            auto key = b.to_string();
-            endpoints[key] = open_endpoint(workers, l, b);
-            serve(key, endpoints[key]);
-            std::cerr << "dmzproxy: " << rt->name << ": listener " << l.name << " (" << rules::to_string(l.proto) << ") on " << key
-                      << "\n";
-        }
-
-    // SIGHUP: load and check the config again; on any error keep running the old one and
-    // say why. On success new connections get the new snapshot, connections already open
-    // finish on theirs, and only the addresses that appeared or went away are opened or
-    // closed: the other listeners never stop accepting.
-    int version = 1;
-    auto loaded = std::chrono::system_clock::now();
-    auto reload = [&]() -> std::pair<bool, std::string> {
-        auto old = current;
-        auto fail = [&](const std::string& why) -> std::pair<bool, std::string> {
-            std::cerr << "dmzproxy: " << old->name << ": reload refused, still running config version " << version << ":\n"
-                      << why << (why.empty() || why.back() == '\n' ? "" : "\n");
-            return {false, why};
-        };
-        if (!opts.reload) return fail("this instance was started without a config file to read again");
-        std::string why;
-        std::shared_ptr<const rules::policy> next;
-        std::shared_ptr<const instance_runtime> next_rt;
-        try {
-            next = opts.reload(why);
-            if (!next) return fail(why);
-            next_rt = make_runtime(next, old->revoked);
-        } catch (const std::exception& e) {
-            return fail(e.what());
-        }
-        std::map<std::string, acceptor_group> added;
-        std::vector<std::string> added_names, removed_names;
-        try {
-            for (auto& l : next->config().listeners)
-                for (auto& b : l.bind) {
-                    auto key = b.to_string();
-                    if (endpoints.count(key) || added.count(key)) continue;
-                    added[key] = open_endpoint(workers, l, b);
-                    added_names.push_back(l.name + " on " + key);
-                }
-        } catch (const std::exception& e) {
-            for (auto& [key, group] : added) close_endpoint(workers, std::move(group));
-            return fail(e.what());
-        }
-        // The new snapshot reaches each worker before any accept on an added address
-        // (posts to one worker run in order).
-        current = next_rt;
-        for (auto& w : workers) asio::post(w->io, [&w = *w, next_rt] { w.rt = next_rt; });
-        for (auto it = endpoints.begin(); it != endpoints.end();) {
-            if (next_rt->bound_at(it->first)) {
-                ++it;
-                continue;
-            }
-            removed_names.push_back(it->first);
-            close_endpoint(workers, std::move(it->second));
-            it = endpoints.erase(it);
-        }
-        for (auto& [key, group] : added) {
-            serve(key, group);
-            endpoints[key] = std::move(group);
-        }
-        if (next->config().user_store != old->config().user_store)
-            for (auto& w : workers)
-                asio::post(w->io, [&w = *w, path = next->config().user_store] { w.auth.use(path); });
-        ++version;
-        loaded = std::chrono::system_clock::now();
-        std::string msg = "reloaded " + opts.source + ", config version " + std::to_string(version);
-        if (!added_names.empty()) msg += "; listening now: " + join(added_names);
-        if (!removed_names.empty()) msg += "; closed: " + join(removed_names);
-        if (opts.admin.empty() && (next->config().admin.has_value() != policy->config().admin.has_value() ||
-                                   (next->config().admin && next->config().admin->to_string() != policy->config().admin->to_string())))
-            msg += "; the admin endpoint stays where it was until a restart";
-        std::cerr << "dmzproxy: " << next_rt->name << ": " << msg << "\n";
-        return {true, msg};
-    };
-    // The acceptors, for the drain (which closes them all).
-    auto all_acceptors = [&] {
-        std::vector<std::shared_ptr<tcp::acceptor>> v;
-        for (auto& [key, group] : endpoints) v.insert(v.end(), group.begin(), group.end());
-        return v;
-    };
-
-    bool draining = false;
-    // The admin endpoint (/metrics, /status, /reload) on the first worker.
-    admin_view view;
-    view.workers = &workers;
-    view.current = &current;
-    view.version = &version;
-    view.draining = &draining;
-    view.source = opts.source;
-    view.started = std::chrono::system_clock::now();
-    view.reload = [&]() -> std::pair<bool, std::string> {
-        if (draining) return {false, "the instance is draining"};
-        return reload();
-    };
-    view.loaded = &loaded;
-    std::optional<rules::bind_endpoint> admin_at = policy->config().admin;
-    if (!opts.admin.empty()) {
-        auto colon = opts.admin.rfind(':');
-        auto host = opts.admin.substr(0, colon == std::string::npos ? 0 : colon);
-        if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
-        auto a = rules::ip_address::parse(host);
-        int port = colon == std::string::npos ? 0 : std::atoi(opts.admin.c_str() + colon + 1);
-        if (!a || port < 1 || port > 65535) throw std::runtime_error("--admin '" + opts.admin + "' is not ADDRESS:PORT");
-        if (!a->is_loopback() && policy->config().admin_token_file.empty())
-            throw std::runtime_error("--admin " + opts.admin + " is not on loopback and the config sets no admin_token_file");
-        admin_at = rules::bind_endpoint{*a, static_cast<std::uint16_t>(port), {}};
-    }
-    if (admin_at) {
-        for (auto& w : workers) w->stats.on = true;  // counted only when an admin endpoint reads them
-        log.keep_recent(2000);  // the live log view's lines
-        view.log = &log;
-        if (!policy->config().admin_token_file.empty()) view.token = read_token(policy->config().admin_token_file);
-        start_admin(*workers.front(), *admin_at, view);
-        std::cerr << "dmzproxy: " << current->name << ": admin endpoint on http://" << admin_at->to_string()
-                  << "/ (metrics, status, reload, live log at /log" << (view.token.empty() ? "" : "; bearer token required") << ")\n";
-    }
-    // Signals arrive on the first worker.
-    // SIGTERM/SIGINT drain: no new connections; idle keep-alive connections close now; a
-    // request in flight finishes and its answer says Connection: close; SMTP sessions hear
-    // 421 at their next command. The process ends when the last connection has gone, or
-    // when the drain timeout passes. A second SIGTERM/SIGINT stops at once.
-    // SIGUSR1 reopens the access log (after logrotate moved it). SIGHUP reloads (above).
-    asio::signal_set signals(workers.front()->io, SIGINT, SIGTERM, SIGUSR1);
-    signals.add(SIGHUP);
-    asio::steady_timer grace(workers.front()->io);
-    std::function<void()> listen;
-    auto drain = [&](int sig) {
-        draining = true;
-        std::cerr << "dmzproxy: " << current->name << ": " << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ", draining (up to "
-                  << opts.drain_timeout.count() / 1000.0 << " s; " << http_sessions().load() << " HTTP and "
-                  << smtp_sessions().load() << " SMTP connections open)\n";
-        auto acceptors = all_acceptors();
-        for (auto& w : workers)
-            asio::post(w->io, [&w = *w, acceptors] {
-                w.stopping = true;
-                for (auto& acc : acceptors)
-                    if (&acc->get_executor().context() == &w.io) {
-                        error_code ignored;
-                        acc->close(ignored);
-                    }
-                auto hooks = w.shutdown_hooks;  // hooks erase themselves as sessions end
-                for (auto& [id, hook] : hooks) hook();
-                w.parked.close_all();  // idle keep-alive connections close now, parked ones too
-            });
-        auto until = std::chrono::steady_clock::now() + opts.drain_timeout;
-        spawn_guarded(*workers.front(), "drain", [&, until]() -> task<> {
-            while ((http_sessions().load() > 0 || smtp_sessions().load() > 0) && std::chrono::steady_clock::now() < until) {
-                grace.expires_after(std::chrono::milliseconds(20));
-                error_code ignored;
-                co_await grace.async_wait(redirect(ignored));
-            }
-            int left = http_sessions().load() + smtp_sessions().load();
-            if (left > 0) std::cerr << "dmzproxy: " << current->name << ": drain timeout, closing " << left << " connections\n";
-            else std::cerr << "dmzproxy: " << current->name << ": drained\n";
-            for (auto& w : workers) w->io.stop();
-        });
-    };
-    listen = [&] {
-        signals.async_wait([&](const error_code& ec, int sig) {
-            if (ec) return;
-            if (sig == SIGHUP) {
-                if (draining) std::cerr << "dmzproxy: " << current->name << ": SIGHUP while draining: ignored\n";
-                else reload();
-            } else if (sig == SIGUSR1) {
-                std::string why;
-                if (log.reopen(why)) std::cerr << "dmzproxy: " << current->name << ": SIGUSR1, access log reopened\n";
-                else std::cerr << "dmzproxy: " << current->name << ": SIGUSR1: cannot reopen the access log (" << why
-                               << "); still writing to the file already open\n";
-            } else if (draining) {
-                std::cerr << "dmzproxy: " << current->name << ": second signal, stopping now\n";
-                for (auto& w : workers) w->io.stop();
-                return;
-            } else {
-                drain(sig);
-            }
-            listen();
-        });
-    };
-    listen();
-    std::signal(SIGPIPE, SIG_IGN);
-    std::cerr << "dmzproxy: " << current->name << ": ready, " << n << " worker thread" << (n == 1 ? "" : "s") << "\n";
-
-    std::vector<std::thread> threads;
-    for (unsigned i = 1; i < n; ++i) threads.emplace_back([&w = *workers[i]] { w.io.run(); });
-    workers.front()->io.run();
-    for (auto& w : workers) w->io.stop();
-    for (auto& t : threads) t.join();
-    log.flush();
-    return 0;
+    server s(std::move(policy), opts);
+    return s.run();
 }
 
 }  // namespace dmz::proxy

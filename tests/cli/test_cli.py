@@ -453,3 +453,34 @@ services = [{ name = "web", protocol = "http", port = 80 }]
         anon = run(*args, "http://mail.contoso.com/EWS/Exchange.asmx")
         self.assertEqual(anon.returncode, 1)
         self.assertIn("AUTH FAULT", anon.stdout)
+
+
+class UsersStoreFile(TempFiles):
+    """dmzproxy users reads its file through the config loaders' TOML reader: a malformed
+    store is named by file:line:column and left untouched."""
+
+    def test_malformed_store_names_file_line_column_and_is_not_overwritten(self):
+        text = '[users.alice]\npassword = "$scrypt$x"\ngruops = ["mail"]\n'
+        store = self.write("users.toml", text)
+        res = subprocess.run([DMZPROXY, "users", "--file", store, "add", "bob", "--password-stdin"], input="pw\n",
+                             capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertIn(store + ":3:1: error CFG002: unknown key 'gruops'", res.stderr)
+        self.assertIn("did you mean 'groups'?", res.stderr)
+        with open(store) as f:
+            self.assertEqual(f.read(), text, "nothing is written over a store that did not load")
+
+    def test_toml_syntax_error_names_file_line_column(self):
+        store = self.write("users.toml", '[users.alice]\npassword = "$scrypt$x\n')
+        res = run("users", "--file", store, "list")
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertRegex(res.stderr, "^" + store.replace(".", r"\.") + r":2:\d+: error CFG001: TOML syntax")
+
+    def test_add_and_list_round_trip(self):
+        store = os.path.join(self.dir, "users.toml")
+        res = subprocess.run([DMZPROXY, "users", "--file", store, "add", "carol", "-g", "mail", "--password-stdin"],
+                             input="pw\n", capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(res.returncode, 0, res.stderr)
+        res = run("users", "--file", store, "list")
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertEqual(res.stdout, "carol  groups: mail\n")

@@ -73,6 +73,8 @@ public:
 
     step on_auth_line(std::string_view line) override;
 
+    step on_credentials(const login_result& r) override;
+
     step on_auth_line_malformed() override {
         say("500 5.5.2 Malformed authentication response; closing");
         return finish(outcome::end);
@@ -243,6 +245,7 @@ private:
     auth_stage auth_stage_ = auth_stage::plain_response;
     std::string auth_mech_;
     std::optional<std::string> auth_user_;  ///< LOGIN's decoded user name
+    std::string checking_user_;             ///< the name whose credentials are being checked
 
     bool in_transaction_ = false;
     log_entry tx_;

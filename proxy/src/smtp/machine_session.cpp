@@ -104,16 +104,30 @@ step machine_impl::auth_login_password(const std::string& response) {
     return verify(*auth_user_, *p);
 }
 
+/// The check runs off the event loop (scrypt is slow on purpose): the session does it and
+/// answers with `on_credentials`.
 step machine_impl::verify(const std::string& user, const std::string& password) {
-    auto r = cb_.check_credentials(user, password);
+    checking_user_ = user;
+    state_ = state::auth_check;
+    step s = next_io(action::check_credentials);
+    s.user = user;
+    s.password = password;
+    return s;
+}
+
+step machine_impl::on_credentials(const login_result& r) {
+    state_ = state::command;
     if (!r.ok) {
-        say("535 5.7.8 Authentication credentials invalid");
+        // RFC 4954 6: 454 when the server cannot check now (the checks are saturated).
+        int code = r.overloaded ? 454 : 535;
+        say(r.overloaded ? "454 4.7.0 Temporary authentication failure" : "535 5.7.8 Authentication credentials invalid");
         log_entry e;
-        e.user = user;
+        e.user = checking_user_;
         e.ehlo = ehlo_;
         e.denied = true;
-        e.status = 535;
-        e.fault = make_fault(fault_class::auth_failed, 535, "AUTH " + auth_mech_ + " refused for '" + user + "' (" + r.refusal + ")");
+        e.status = code;
+        e.fault = make_fault(r.overloaded ? fault_class::overloaded : fault_class::auth_failed, code,
+                             "AUTH " + auth_mech_ + " refused for '" + checking_user_ + "' (" + r.refusal + ")");
         e.since = clock_type::now();
         cb_.log(e);
         return finish(outcome::client_error);

@@ -386,6 +386,8 @@ private:
             next = skipped ? machine_->on_line_skipped() : machine_->on_client_closed(timed_out_);
         } else if (s.next == action::read_auth_line) {
             next = co_await auth_line();
+        } else if (s.next == action::check_credentials) {
+            next = co_await check_credentials(s.user, s.password);
         } else if (s.next == action::start_tls) {
             next = co_await start_tls();
         } else if (s.next == action::read_data) {
@@ -396,6 +398,15 @@ private:
             next = co_await upstream(s.up);
         }
         co_return next;
+    }
+
+    /// The user store's answer, checked on the auth pool (never on this worker's loop).
+    task<smtp::step> check_credentials(const std::string& user, const std::string& password) {
+        std::string listener = lcfg().name;  // copies: a reload may replace the config meanwhile
+        rules::lockout_policy policy = lcfg().lockout;
+        auto r = co_await w_.auth.check(user, password, listener, client_, policy);
+        smtp::login_result lr{.ok = r.ok, .user = r.user, .refusal = r.refusal, .overloaded = r.overloaded};
+        co_return machine_->on_credentials(lr);
     }
 
     /// Frames and parses the next command line.
@@ -511,11 +522,6 @@ private:
 
     // ---- smtp::callbacks -----------------------------------------------------------------
     rules::decision evaluate(const rules::facts& f) override { return rt_->policy->evaluate(f, {.trace = false}); }
-
-    smtp::login_result check_credentials(const std::string& user, const std::string& password) override {
-        auto r = w_.auth.check(user, password, lcfg().name, client_.to_string(), lcfg().lockout);
-        return {.ok = r.ok, .user = r.user, .refusal = r.refusal};
-    }
 
     bool auth_configured() override { return w_.auth.configured(); }
 

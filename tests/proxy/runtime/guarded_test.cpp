@@ -12,7 +12,7 @@ namespace {
 
 TEST(SpawnGuarded, AnEscapedExceptionIsCountedAndTheWorkerGoesOn) {
     access_log log("");
-    worker w(0, log, "", std::make_shared<lockout_table>());
+    worker w(0, log, {});
     w.stats.on = true;
     bool after = false;
     spawn_guarded(w, "http session", []() -> dmz::net::task<> {

@@ -24,9 +24,11 @@ public:
         d.reason = deny ? "relaying denied" : "allowed";
         return d;
     }
-    login_result check_credentials(const std::string& user, const std::string& password) override {
-        if (user == "alice" && password == "secret") return {.ok = true, .user = "alice", .refusal = ""};
-        return {.ok = false, .user = "", .refusal = "bad password"};
+    /// The user store, as the session's `action::check_credentials` would ask it.
+    login_result check(const std::string& user, const std::string& password) {
+        if (overloaded) return {.ok = false, .user = "", .refusal = "the password checks are saturated", .overloaded = true};
+        if (user == "alice" && password == "secret") return {.ok = true, .user = "alice", .refusal = "", .overloaded = false};
+        return {.ok = false, .user = "", .refusal = "bad password", .overloaded = false};
     }
     bool auth_configured() override { return store; }
     std::optional<std::string> base64_decode(const std::string& in) override {
@@ -37,6 +39,7 @@ public:
     void log(const log_entry& e) override { logged.push_back(e); }
 
     bool store = true;
+    bool overloaded = false;
     std::map<std::string, std::string> base64{{"AGFsaWNlAHNlY3JldA==", std::string("\0alice\0secret", 13)},
                                               {"AGFsaWNlAHdyb25n", std::string("\0alice\0wrong", 12)},
                                               {"YWxpY2U=", "alice"},
@@ -74,7 +77,20 @@ protected:
         std::string err;
         if (!parse_command(line, c, err)) last = m->on_syntax_error(line, err);
         else last = m->on_command(c);
+        settle();
         return m->take_replies();
+    }
+    /// One line of an AUTH exchange; the replies it produced.
+    std::string auth_line(const std::string& line) {
+        last = m->on_auth_line(line);
+        settle();
+        return m->take_replies();
+    }
+    /// Answers a credential check as the session would.
+    void settle() {
+        if (last.next != action::check_credentials) return;
+        EXPECT_EQ(m->state(), state::auth_check);
+        last = m->on_credentials(world.check(last.user, last.password));
     }
     std::string upstream(const reply& r) {
         last = m->on_upstream_reply(r);
@@ -525,8 +541,7 @@ TEST_F(SmtpMachine, AuthPlainAndItsRefusals) {
     m->on_tls_started();
     EXPECT_EQ(send("AUTH PLAIN"), "334 \r\n");
     ASSERT_EQ(last.next, action::read_auth_line);
-    last = m->on_auth_line("*");
-    EXPECT_EQ(m->take_replies(), "501 5.7.0 Authentication cancelled\r\n");
+    EXPECT_EQ(auth_line("*"), "501 5.7.0 Authentication cancelled\r\n");
     EXPECT_EQ(send("AUTH PLAIN AGFsaWNlAHdyb25n"), "535 5.7.8 Authentication credentials invalid\r\n");
     ASSERT_EQ(world.logged.size(), 1u);
     EXPECT_EQ(world.logged[0].fault.cls, rules::fault_class::auth_failed);
@@ -546,12 +561,30 @@ TEST_F(SmtpMachine, AuthLoginTakesTwoLines) {
     send("STARTTLS");
     m->on_tls_started();
     EXPECT_EQ(send("AUTH LOGIN"), "334 VXNlcm5hbWU6\r\n");
-    last = m->on_auth_line("YWxpY2U=");
-    EXPECT_EQ(m->take_replies(), "334 UGFzc3dvcmQ6\r\n");
+    EXPECT_EQ(auth_line("YWxpY2U="), "334 UGFzc3dvcmQ6\r\n");
     ASSERT_EQ(last.next, action::read_auth_line);
     last = m->on_auth_line("c2VjcmV0");
+    ASSERT_EQ(last.next, action::check_credentials);  // the session checks off the event loop
+    EXPECT_EQ(last.user, "alice");
+    EXPECT_EQ(last.password, "secret");
+    EXPECT_EQ(m->take_replies(), "");
+    settle();
     EXPECT_EQ(m->take_replies(), "235 2.7.0 Authentication successful\r\n");
     EXPECT_EQ(last.next, action::read_command);
+}
+
+TEST_F(SmtpMachine, SaturatedChecksAnswer454) {
+    make();
+    send("STARTTLS");
+    m->on_tls_started();
+    world.overloaded = true;
+    EXPECT_EQ(send("AUTH PLAIN AGFsaWNlAHNlY3JldA=="), "454 4.7.0 Temporary authentication failure\r\n");
+    ASSERT_EQ(world.logged.size(), 1u);
+    EXPECT_EQ(world.logged[0].status, 454);
+    EXPECT_EQ(world.logged[0].fault.cls, rules::fault_class::overloaded);
+    EXPECT_EQ(m->user(), "");
+    world.overloaded = false;
+    EXPECT_EQ(send("AUTH PLAIN AGFsaWNlAHNlY3JldA=="), "235 2.7.0 Authentication successful\r\n");
 }
 
 TEST_F(SmtpMachine, MalformedAuthLineCloses) {

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "dmz/rules/diagnostic.hpp"
+
 namespace dmz::proxy {
 
 struct stored_user {
@@ -16,8 +18,12 @@ struct stored_user {
 
 class user_store {
 public:
-    /// Loads `path`; a missing file is an empty store. Throws std::runtime_error naming
-    /// file:line:column on a malformed one.
+    /// Loads `path` through the config loaders' TOML reader; a missing file is an empty
+    /// store. A malformed one appends diagnostics (file:line:column, code, key; unknown keys
+    /// are errors) to `out` and gives nullopt.
+    static std::optional<user_store> load(const std::string& path, rules::diagnostics& out);
+    /// The same, throwing std::runtime_error with one "file:line:column: CODE: message"
+    /// line per problem.
     static user_store load(const std::string& path);
     /// Writes atomically (temporary file renamed into place), mode 0600.
     void save(const std::string& path) const;
@@ -36,7 +42,8 @@ private:
     std::map<std::string, stored_user> users_;
 };
 
-/// Hashes with scrypt (N = 2^15, r = 8, p = 1) and a random 16-byte salt.
+/// Hashes with scrypt (N = 2^15, r = 8, p = 1) and a random 16-byte salt. Throws
+/// std::runtime_error when OpenSSL has no random bytes to give.
 std::string hash_password(const std::string& password);
 bool check_password(const std::string& password, const std::string& hash);
 

@@ -23,6 +23,7 @@ enum class state : std::uint8_t {
     command,        ///< waiting for a command line
     skipping_line,  ///< dropping the rest of an over-long command line
     auth_response,  ///< waiting for a line of an AUTH exchange
+    auth_check,     ///< the credentials are being checked (off the event loop)
     tls_handshake,  ///< 220 said to STARTTLS; the TLS handshake runs
     data,           ///< reading a DATA message
     bdat_chunk,     ///< reading the octets of a BDAT chunk
@@ -35,6 +36,7 @@ enum class action : std::uint8_t {
     read_command,    ///< frame the next command line (reading more when needed)
     skip_line,       ///< drop client octets up to the next CRLF, then `on_line_skipped`
     read_auth_line,  ///< one line of up to `max_auth_line` octets: `on_auth_line`
+    check_credentials,  ///< check `user`/`password` against the user store: `on_credentials`
     start_tls,       ///< send the replies, drop buffered input, handshake: `on_tls_started`
     read_data,       ///< `feed_data` until `data_complete`, then `on_data_end`
     read_chunk,      ///< exactly `chunk_size` octets to `feed_chunk`, then `on_chunk_end`
@@ -59,6 +61,7 @@ struct step {
     action next = action::read_command;
     upstream_write up;            ///< for action::upstream
     std::uint64_t chunk_size = 0; ///< for action::read_chunk
+    std::string user, password;   ///< for action::check_credentials
 };
 
 inline step next_io(action a, std::uint64_t chunk_size = 0) {
@@ -92,6 +95,7 @@ struct login_result {
     bool ok = false;
     std::string user;
     std::string refusal;  ///< for the log: "bad password", "locked out", ...
+    bool overloaded = false;  ///< the checks are saturated: 454, try later (RFC 4954)
 };
 
 /// The world as the machine sees it.
@@ -100,8 +104,6 @@ public:
     virtual ~callbacks() = default;
     /// The rules' decision on a recipient.
     virtual rules::decision evaluate(const rules::facts& f) = 0;
-    /// Credentials against the user store (which counts lockouts).
-    virtual login_result check_credentials(const std::string& user, const std::string& password) = 0;
     /// A user store exists (AUTH is offered over TLS). Asked each time: a reload may add one.
     virtual bool auth_configured() = 0;
     /// Base64 as AUTH carries it; nullopt when malformed.
@@ -138,6 +140,8 @@ public:
     virtual step on_line_skipped() = 0;
     virtual step on_auth_line(std::string_view line) = 0;
     virtual step on_auth_line_malformed() = 0;
+    /// The outcome of `action::check_credentials` (the user store counts lockouts).
+    virtual step on_credentials(const login_result& r) = 0;
     virtual step on_tls_started() = 0;
     /// DATA: consumes a prefix of `in`, returns how much.
     virtual std::size_t feed_data(std::string_view in) = 0;

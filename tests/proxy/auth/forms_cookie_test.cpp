@@ -1,7 +1,7 @@
 // Forms-session cookies: sealed, refused when touched, readable only with the same key.
 #include <gtest/gtest.h>
 
-#include "sessions.hpp"
+#include "auth/forms_cookie.hpp"
 
 namespace {
 

@@ -1,4 +1,4 @@
-#include "sessions.hpp"
+#include "auth/forms_cookie.hpp"
 
 #include <fcntl.h>
 #include <openssl/crypto.h>

@@ -1,17 +1,19 @@
 #include "dmz/proxy/users.hpp"
 
+#include "dmz/rules/toml_reader.hpp"
+
 #include <fcntl.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
-#include <fstream>
+#include <filesystem>
 #include <sstream>
 #include <stdexcept>
-#include <toml++/toml.h>
 
 namespace dmz::proxy {
 
@@ -59,7 +61,10 @@ std::optional<std::string> base64_decode(const std::string& in) {
 
 std::string hash_password(const std::string& password) {
     std::string salt(16, '\0');
-    RAND_bytes(reinterpret_cast<unsigned char*>(salt.data()), static_cast<int>(salt.size()));
+    // A salt that is not random would make equal passwords look equal: refuse to hash.
+    if (RAND_bytes(reinterpret_cast<unsigned char*>(salt.data()), static_cast<int>(salt.size())) != 1)
+        throw std::runtime_error("no random bytes for a password salt (RAND_bytes failed: " +
+                                 std::string(ERR_error_string(ERR_get_error(), nullptr)) + ")");
     auto key = derive(password, salt, scrypt_log_n, scrypt_r, scrypt_p);
     return "$scrypt$ln=" + std::to_string(scrypt_log_n) + ",r=" + std::to_string(scrypt_r) + ",p=" + std::to_string(scrypt_p) +
            "$" + base64_encode(salt) + "$" + base64_encode(key);
@@ -77,39 +82,44 @@ bool check_password(const std::string& password, const std::string& hash) {
     return CRYPTO_memcmp(got.data(), want->data(), key_len) == 0;
 }
 
-user_store user_store::load(const std::string& path) {
+std::optional<user_store> user_store::load(const std::string& path, rules::diagnostics& out) {
     user_store s;
-    std::ifstream probe(path);
-    if (!probe) return s;
-    toml::table root;
-    try {
-        root = toml::parse_file(path);
-    } catch (const toml::parse_error& e) {
-        throw std::runtime_error(path + ":" + std::to_string(e.source().begin.line) + ":" + std::to_string(e.source().begin.column) +
-                                 ": " + std::string(e.description()));
-    }
-    auto where = [&](const toml::node& n) {
-        return path + ":" + std::to_string(n.source().begin.line) + ":" + std::to_string(n.source().begin.column);
-    };
-    for (auto&& [k, v] : root) {
-        if (k.str() != "users") throw std::runtime_error(where(v) + ": unknown key '" + std::string(k.str()) + "' (only [users.NAME])");
-    }
-    if (auto* users = root["users"].as_table()) {
+    std::error_code ec;
+    if (!std::filesystem::exists(path, ec)) return s;  // a store nobody has written to yet
+    auto errors = out.size();
+    auto root = rules::parse_toml_file(path, out);
+    if (!root) return std::nullopt;
+    rules::toml_reader r(path, out);
+    r.only_keys(*root, "", {"users"});
+    if (auto* users = r.table(*root, "users", "")) {
         for (auto&& [k, v] : *users) {
-            auto* t = v.as_table();
-            if (!t) throw std::runtime_error(where(v) + ": users." + std::string(k.str()) + " must be a table");
+            std::string name(k.str());
+            auto* t = r.table(*users, name, "users");
+            if (!t) continue;
+            auto where = "users." + name;
+            r.only_keys(*t, where, {"password", "groups"});
             stored_user u;
-            u.name = std::string(k.str());
-            auto* h = t->get_as<std::string>("password");
-            if (!h) throw std::runtime_error(where(v) + ": users." + u.name + " has no password hash");
-            u.hash = h->get();
-            if (auto* g = t->get_as<toml::array>("groups"))
-                for (auto& x : *g)
-                    if (auto* str = x.as_string()) u.groups.push_back(str->get());
+            u.name = name;
+            u.hash = r.str(*t, "password", where, true).value_or("");
+            u.groups = r.strings(*t, "groups", where);
             s.users_[u.name] = std::move(u);
         }
     }
+    if (rules::has_errors({out.begin() + static_cast<std::ptrdiff_t>(errors), out.end()})) return std::nullopt;
     return s;
+}
+
+user_store user_store::load(const std::string& path) {
+    rules::diagnostics d;
+    auto s = load(path, d);
+    if (s) return std::move(*s);
+    // One line per problem, each starting with file:line:column, as the config loader says it.
+    std::string msg;
+    for (auto& x : d) {
+        if (!msg.empty()) msg += "\n";
+        msg += x.where.to_string() + ": " + x.code + ": " + x.message + (x.key.empty() ? "" : " [" + x.key + "]");
+    }
+    throw std::runtime_error(msg.empty() ? path + ": cannot read the user store" : msg);
 }
 
 void user_store::save(const std::string& path) const {
