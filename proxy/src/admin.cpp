@@ -7,7 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "buffer.hpp"
+#include "net/buffer.hpp"
 #include "log_view.hpp"
 #include "dmz/proxy/http/parser.hpp"
 

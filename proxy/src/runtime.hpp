@@ -16,9 +16,9 @@
 #include "metrics.hpp"
 #include "dmz/rules/evaluate.hpp"
 #include "net/asio.hpp"
-#include "parking.hpp"
-#include "tls.hpp"
-#include "upstream.hpp"
+#include "net/parking.hpp"
+#include "net/tls.hpp"
+#include "net/upstream.hpp"
 
 namespace dmz::proxy {
 

@@ -9,6 +9,7 @@ Addresses: each test module has its own. They follow the default lab
 SHIFT` moves a lab: 127.B.x.y becomes 127.(B + SHIFT).x.y (lab_address). ctest gives each
 module its own shift (DMZ_TEST_SHIFT, tests/CMakeLists.txt), so no two modules running at
 once, and no lab a user runs from another clone (the default block), share an address.
+A second suite on the same machine waits, module by module, on a lock per shift.
 By hand the shift is 100. With the default lab's names:
   client      127.10.0.100  (External)
   front-end   127.10.0.10 (External leg), 127.20.0.10 (Perimeter leg)
@@ -34,6 +35,37 @@ ORIGIN_PY = os.path.join(HERE, "origin.py")
 DMZPROXY = os.environ.get("DMZPROXY") or os.path.normpath(os.path.join(HERE, "..", "..", "build", "dmzproxy"))
 
 SHIFT = int(os.environ.get("DMZ_TEST_SHIFT") or 100)
+SHIFT_LOCK_WAIT = 900  # seconds: at most one module of another suite runs first
+
+
+def _hold_shift_lock():
+    """Two suites on one machine (two clones, or CI beside a developer's run) give a module
+    the same SHIFT: this module waits for its namesake in the other suite instead of
+    colliding with it. The lock is held until the process exits."""
+    import fcntl
+    f = open(os.path.join(tempfile.gettempdir(), "dmzproxy-test-shift-%d.lock" % SHIFT), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        pass
+    print("shift %d is in use by another test suite on this machine: waiting up to %d s"
+          % (SHIFT, SHIFT_LOCK_WAIT), file=sys.stderr, flush=True)
+
+    def give_up(_sig, _frame):
+        raise SystemExit("shift %d stayed in use for %d s by another test suite" % (SHIFT, SHIFT_LOCK_WAIT))
+
+    old = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(SHIFT_LOCK_WAIT)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    return f
+
+
+_SHIFT_LOCK = _hold_shift_lock()
 
 
 def lab_address(default):

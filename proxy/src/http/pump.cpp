@@ -1,8 +1,9 @@
 // The bodies: upstream -> client (flushed as it arrives; chunks re-encoded one by one, so
 // MAPI's PENDING keep-alives reach Outlook at once) and client -> upstream (beside the
-// response; identity bodies between plain sockets through a kernel pipe).
+// response). Identity bodies go through net::pipe (a kernel pipe between plain sockets).
 #include "http/head_writer.hpp"
 #include "http/session.hpp"
+#include "net/pipe.hpp"
 
 namespace dmz::proxy {
 
@@ -10,8 +11,6 @@ using namespace net;
 
 namespace {
 constexpr std::size_t pump_chunk = 64 * 1024;
-/// A plain request body longer than this (beyond what came with the head) is spliced.
-constexpr std::uint64_t splice_min = 256 * 1024;
 }  // namespace
 
 // ---- upstream -> client ---------------------------------------------------------------
@@ -35,21 +34,18 @@ task<bool> http_session::pump_response(http::body_kind kind, std::uint64_t lengt
 }
 
 task<bool> http_session::pump_response_raw(http::body_kind kind, std::uint64_t length) {
-    auto& up = *tx_.up;
     error_code ec;
-    bool until_close = kind == http::body_kind::until_close;
-    std::uint64_t left = length;
-    while (until_close || left > 0) {
-        if (up.in.empty() && !co_await read_upstream_more(ec)) co_return until_close && ec == asio::error::eof;
-        auto data = up.in.data();
-        if (!until_close && data.size() > left) data = data.substr(0, static_cast<std::size_t>(left));
-        co_await down_.write(asio::buffer(data.data(), data.size()), ec);
-        if (ec) co_return false;
-        tx_.rec.bytes_out += data.size();
-        up.in.consume(data.size());
-        left -= std::min<std::uint64_t>(left, data.size());
-    }
-    co_return true;
+    auto timeout = tx_.to->timeouts.read;
+    net::pipe_leg leg{.from = tx_.up->stream,
+                      .to = down_,
+                      .pending = tx_.up->in,
+                      .left = kind == http::body_kind::until_close ? net::until_eof : length,
+                      .moved = tx_.rec.bytes_out,
+                      .before_read = [this, timeout] {
+                          up_dog_->arm(timeout);
+                          watch_soon(tx_.up, tx_.sig);
+                      }};
+    co_return co_await net::pipe(leg, ec);
 }
 
 task<bool> http_session::pump_response_chunked(bool chunk_to_client) {
@@ -112,50 +108,13 @@ task<> http_session::pump_request(std::shared_ptr<upstream_conn> up, std::shared
 
 task<bool> http_session::pump_request_length(upstream_conn& up, pump_signal& sig, std::uint64_t length,
                                              std::chrono::milliseconds idle) {
+    // The client may stop early (an RPC channel may): what came is forwarded. A large body
+    // between plain connections moves inside the kernel (an RPC_IN_DATA channel of 1 GiB
+    // never enters this process).
     error_code ec;
-    std::uint64_t left = length;
-    // A large body between plain connections moves through a pipe inside the kernel (an
-    // RPC_IN_DATA channel of 1 GiB never enters this process).
-    if (left > in_.size() + splice_min && !down_.is_tls() && !up.stream.is_tls() && !co_await splice_request(up, sig, left, idle, ec))
-        co_return false;
-    while (left > 0) {
-        // The client may stop early (an RPC channel may): what came is forwarded.
-        if (in_.empty() && !co_await read_client_more(idle, ec)) co_return false;
-        auto data = in_.data();
-        if (data.size() > left) data = data.substr(0, static_cast<std::size_t>(left));
-        co_await up.stream.write(asio::buffer(data.data(), data.size()), ec);
-        if (ec) co_return false;
-        sig.bytes += data.size();
-        in_.consume(data.size());
-        left -= data.size();
-    }
-    co_return true;
-}
-
-task<bool> http_session::splice_request(upstream_conn& up, pump_signal& sig, std::uint64_t& left, std::chrono::milliseconds idle,
-                                        error_code& ec) {
-    // What arrived with the head goes first.
-    if (!in_.empty()) {
-        auto data = in_.data();
-        if (data.size() > left) data = data.substr(0, static_cast<std::size_t>(left));
-        co_await up.stream.write(asio::buffer(data.data(), data.size()), ec);
-        if (ec) co_return false;
-        sig.bytes += data.size();
-        in_.consume(data.size());
-        left -= data.size();
-    }
-    net::splice_pipe pipe;
-    in_.release();
-    while (pipe.ok() && left > 0 && in_.empty()) {
-        down_dog_.arm(idle);
-        auto n = co_await pipe.fill(down_, static_cast<std::size_t>(std::min<std::uint64_t>(left, pipe.capacity())), ec);
-        if (ec) co_return false;
-        co_await pipe.drain(up.stream, n, ec);
-        if (ec) co_return false;
-        sig.bytes += n;
-        left -= n;
-    }
-    co_return true;  // the rest (if the pipe failed to open) goes through the buffer
+    net::pipe_leg leg{.from = down_, .to = up.stream, .pending = in_, .left = length, .moved = sig.bytes,
+                      .before_read = [this, idle] { down_dog_.arm(idle); }};
+    co_return co_await net::pipe(leg, ec);
 }
 
 task<bool> http_session::pump_request_chunked(upstream_conn& up, pump_signal& sig, std::chrono::milliseconds idle,

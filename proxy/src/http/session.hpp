@@ -216,8 +216,6 @@ private:
     task<> pump_request(std::shared_ptr<upstream_conn> up, std::shared_ptr<pump_signal> sig, http::body_kind kind,
                         std::uint64_t length, std::chrono::milliseconds idle, std::uint64_t limit);
     task<bool> pump_request_length(upstream_conn& up, pump_signal& sig, std::uint64_t length, std::chrono::milliseconds idle);
-    task<bool> splice_request(upstream_conn& up, pump_signal& sig, std::uint64_t& left, std::chrono::milliseconds idle,
-                              error_code& ec);
     task<bool> pump_request_chunked(upstream_conn& up, pump_signal& sig, std::chrono::milliseconds idle, std::uint64_t limit);
     task<bool> read_client_more(std::chrono::milliseconds idle, error_code& ec);
 

@@ -155,27 +155,6 @@ private:
     char peek_ = 0;
 };
 
-/// A pipe for splice(2): body bytes move socket -> pipe -> socket inside the kernel, never
-/// through this process's memory (plain connections only; TLS needs the bytes in user space).
-class splice_pipe {
-public:
-    splice_pipe();
-    ~splice_pipe();
-    splice_pipe(const splice_pipe&) = delete;
-    splice_pipe& operator=(const splice_pipe&) = delete;
-    bool ok() const { return fd_[0] >= 0; }
-    std::size_t capacity() const { return cap_; }
-    /// Moves what `from` has (at least one byte, at most `max`, waiting for it) into the pipe.
-    /// The pipe must be empty. Returns the count, or 0 with `ec` set (eof included).
-    task<std::size_t> fill(stream& from, std::size_t max, error_code& ec);
-    /// Moves the pipe's `n` bytes to `to`, waiting while its send buffer is full.
-    task<void> drain(stream& to, std::size_t n, error_code& ec);
-
-private:
-    int fd_[2] = {-1, -1};
-    std::size_t cap_ = 64 * 1024;
-};
-
 class deadlines;
 
 /// A deadline of one io_context. Every deadline of a worker is checked by one coarse ticker

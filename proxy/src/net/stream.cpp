@@ -83,64 +83,6 @@ task<std::size_t> stream::tls_write(asio::const_buffer b, error_code& ec) {
     co_return done;
 }
 
-splice_pipe::splice_pipe() {
-    if (::pipe2(fd_, O_CLOEXEC | O_NONBLOCK) != 0) {
-        fd_[0] = fd_[1] = -1;
-        return;
-    }
-    // A larger pipe moves more per system call (the kernel caps it at fs.pipe-max-size).
-    int got = ::fcntl(fd_[1], F_SETPIPE_SZ, 1 << 20);
-    if (got > 0) cap_ = static_cast<std::size_t>(got);
-}
-
-splice_pipe::~splice_pipe() {
-    for (int fd : fd_)
-        if (fd >= 0) ::close(fd);
-}
-
-task<std::size_t> splice_pipe::fill(stream& from, std::size_t max, error_code& ec) {
-    int fd = static_cast<int>(from.socket().native_handle());
-    if (!from.socket().native_non_blocking()) from.socket().native_non_blocking(true, ec);
-    if (ec) co_return 0;
-    while (true) {
-        auto r = ::splice(fd, nullptr, fd_[1], nullptr, std::min(max, cap_), SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-        if (r > 0) co_return static_cast<std::size_t>(r);
-        if (r == 0) {
-            ec = asio::error::eof;
-            co_return 0;
-        }
-        if (errno == EINTR) continue;
-        if (errno != EAGAIN) {
-            ec = error_code(errno, asio::error::get_system_category());
-            co_return 0;
-        }
-        // The pipe is empty, so the socket has nothing yet: wait for it.
-        co_await from.wait_readable(ec);
-        if (ec) co_return 0;
-    }
-}
-
-task<void> splice_pipe::drain(stream& to, std::size_t n, error_code& ec) {
-    int fd = static_cast<int>(to.socket().native_handle());
-    if (!to.socket().native_non_blocking()) to.socket().native_non_blocking(true, ec);
-    if (ec) co_return;
-    while (n > 0) {
-        auto r = ::splice(fd_[0], nullptr, fd, nullptr, n, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-        if (r > 0) {
-            n -= static_cast<std::size_t>(r);
-            continue;
-        }
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0 && errno == EAGAIN) {
-            co_await to.socket().async_wait(tcp::socket::wait_write, redirect(ec));
-            if (ec) co_return;
-            continue;
-        }
-        ec = r == 0 ? error_code(asio::error::broken_pipe) : error_code(errno, asio::error::get_system_category());
-        co_return;
-    }
-}
-
 deadline::deadline(asio::io_context& io) : owner_(asio::use_service<deadlines>(io)) {}
 
 void deadline::arm_at(clock::time_point t) {

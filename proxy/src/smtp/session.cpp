@@ -7,6 +7,7 @@
 #include "dmz/proxy/smtp/machine.hpp"
 #include "dmz/proxy/smtp/parser.hpp"
 #include "dmz/proxy/smtp/replies.hpp"
+#include "net/pipe.hpp"
 #include "runtime.hpp"
 
 namespace dmz::proxy {
@@ -312,35 +313,21 @@ private:
             std::uint64_t up = 0, down = 0;
         };
         auto n_bytes = std::make_shared<counters>();
-        // client -> upstream in its own coroutine; upstream -> client here.
+        // client -> upstream in its own coroutine; upstream -> client here. Both through
+        // net::pipe (a kernel pipe between plain sockets).
         spawn_guarded(w_, "smtp tcp pipe", [self = shared_from_this(), n_bytes]() -> task<> {
-                           error_code ec;
-                           if (!self->in_.empty()) {
-                               auto d = self->in_.data();
-                               co_await self->up_->stream.write(asio::buffer(d.data(), d.size()), ec);
-                               n_bytes->up += d.size();
-                               self->in_.consume(d.size());
-                           }
-                           std::array<char, 16384> buf;
-                           while (!ec) {
-                               self->dog_.arm(self->target_->timeouts.idle);
-                               auto n = co_await self->down_.read_some(asio::buffer(buf), ec);
-                               if (ec) break;
-                               co_await self->up_->stream.write(asio::buffer(buf.data(), n), ec);
-                               n_bytes->up += n;
-                           }
-                           self->up_->stream.shutdown_send();
-                       });
-        std::array<char, 16384> buf;
+            error_code ec;
+            auto idle = self->target_->timeouts.idle;
+            net::pipe_leg leg{.from = self->down_, .to = self->up_->stream, .pending = self->in_, .left = net::until_eof,
+                              .moved = n_bytes->up, .before_read = [s = self.get(), idle] { s->dog_.arm(idle); }};
+            co_await net::pipe(leg, ec);
+            self->up_->stream.shutdown_send();
+        });
         error_code ec;
-        while (true) {
-            up_dog_->arm(target_->timeouts.idle);
-            auto n = co_await up_->stream.read_some(asio::buffer(buf), ec);
-            if (ec) break;
-            co_await down_.write(asio::buffer(buf.data(), n), ec);
-            if (ec) break;
-            n_bytes->down += n;
-        }
+        auto idle = target_->timeouts.idle;
+        net::pipe_leg leg{.from = up_->stream, .to = down_, .pending = up_->in, .left = net::until_eof, .moved = n_bytes->down,
+                          .before_read = [this, idle] { up_dog_->arm(idle); }};
+        co_await net::pipe(leg, ec);
         down_.shutdown_send();
         down_.cancel();
         auto r = record();

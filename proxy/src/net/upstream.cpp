@@ -1,4 +1,4 @@
-#include "upstream.hpp"
+#include "net/upstream.hpp"
 
 #include <sys/socket.h>
 #include <unistd.h>

@@ -7,11 +7,11 @@
 #include <unordered_map>
 #include <vector>
 
-#include "buffer.hpp"
+#include "net/buffer.hpp"
 #include "dmz/rules/model.hpp"
 #include "fault.hpp"
 #include "net/asio.hpp"
-#include "tls.hpp"
+#include "net/tls.hpp"
 
 namespace dmz::proxy {
 

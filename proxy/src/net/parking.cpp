@@ -1,4 +1,4 @@
-#include "parking.hpp"
+#include "net/parking.hpp"
 
 #include <sys/epoll.h>
 #include <sys/socket.h>
