@@ -153,7 +153,7 @@ x509_ptr new_cert(EVP_PKEY* key, const std::string& cn, long days) {
     x509_ptr c(X509_new(), &X509_free);
     X509_set_version(c.get(), 2);
     unsigned char serial[16];
-    RAND_bytes(serial, sizeof serial);
+    if (RAND_bytes(serial, sizeof serial) != 1) throw std::runtime_error("no random bytes for a certificate serial: " + ssl_error());
     serial[0] &= 0x7f;
     BIGNUM* bn = BN_bin2bn(serial, sizeof serial, nullptr);
     BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(c.get()));
