@@ -323,6 +323,12 @@ class Dmzproxy(Contender):
         return [self.binary, "run", "-c", path, "--threads", "1"]
 
 
+
+class DmzproxyBefore(Dmzproxy):
+    """Another build of dmzproxy (bench/run --before REV), the same configuration: a change's
+    before and after measured in one run."""
+    name = "dmzproxy-before"
+
 class Nginx(Contender):
     name = "nginx"
     smtp = False
@@ -634,6 +640,7 @@ def main():
     ap.add_argument("--dmzproxy", required=True)
     ap.add_argument("--upload-tool", required=True, help="bench/upload.c, built")
     ap.add_argument("--relay-tool", help="bench/relay.c, built: the relay-epoll and relay-uring floors")
+    ap.add_argument("--dmzproxy-before", help="another dmzproxy build: the row dmzproxy-before, with ratios against it")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=5000)
@@ -703,12 +710,14 @@ def main():
                 u = json.loads(out)
                 rates.append((a.upload_mib << 20) / 1e6 / (u["end"] - u["start"]))
             results["origin direct"]["upload_mb_s"] = median(rates)
-        classes = {"dmzproxy": Dmzproxy, "nginx": Nginx, "haproxy": Haproxy, "relay-epoll": RelayEpoll, "relay-uring": RelayUring}
+        classes = {"dmzproxy": Dmzproxy, "dmzproxy-before": DmzproxyBefore, "nginx": Nginx, "haproxy": Haproxy, "relay-epoll": RelayEpoll, "relay-uring": RelayUring}
         names = a.only.split(",")
+        if a.dmzproxy_before and "dmzproxy-before" not in names:
+            names.insert(names.index("dmzproxy") + 1 if "dmzproxy" in names else 0, "dmzproxy-before")
         if not a.relay_tool and any(classes[n].floor for n in names):
             log("bench: no --relay-tool, so the relay floors are left out")
             names = [n for n in names if not classes[n].floor]
-        binaries = {"dmzproxy": a.dmzproxy, "relay-epoll": a.relay_tool, "relay-uring": a.relay_tool}
+        binaries = {"dmzproxy": a.dmzproxy, "dmzproxy-before": a.dmzproxy_before, "relay-epoll": a.relay_tool, "relay-uring": a.relay_tool}
         chains = {name: classes[name](tmp, binaries.get(name)) for name in names}
         for name in [n for n in names if chains[n].floor]:
             # A floor that cannot start here (io_uring disabled, say) is left out, not fatal.
@@ -820,7 +829,7 @@ def report(res, a):
         print("| origin direct | %s | | %s | | | | %s | | | |" % (
             "%.0f" % d["rps"] if "rps" in d else "", "%.2f / %.2f" % (d["p50"], d["p99"]) if "rps" in d else "",
             "%.0f" % d["upload_mb_s"] if "upload_mb_s" in d else ""))
-    for name in ("dmzproxy", "nginx", "haproxy", "relay-epoll", "relay-uring"):
+    for name in ("dmzproxy", "dmzproxy-before", "nginx", "haproxy", "relay-epoll", "relay-uring"):
         r = res.get(name)
         if not r:
             continue
@@ -865,7 +874,8 @@ def report(res, a):
     for name, ref_name, keys in (("dmzproxy", "nginx", ("plain", "tls", "p99", "cpu")),
                                  ("haproxy", "nginx", ("plain", "tls", "p99", "cpu")),
                                  ("relay-epoll", "nginx", ("plain", "cpu")), ("relay-uring", "nginx", ("plain", "cpu")),
-                                 ("dmzproxy", "haproxy", ("upload", "smtp"))):
+                                 ("dmzproxy", "haproxy", ("upload", "smtp")),
+                                 ("dmzproxy", "dmzproxy-before", ("plain", "tls", "p99", "cpu", "upload", "smtp"))):
         mine, ref = res.get(name, {}).get("rounds", {}), res.get(ref_name, {}).get("rounds", {})
         for k in keys:
             if mine.get(k) and ref.get(k):
