@@ -34,10 +34,12 @@ void ensure_lab_certificates(const rules::instance_config& c, const std::string&
             if (cert.lab) certs::issue_leaf(ca, cert.names, state + "/pki", c.name + "-" + l.name);
 }
 
-/// The instance config file, checked. Null with the errors (file:line:column) in `why`.
+/// The instance config file, checked as `check -c` checks it: any error (schema or lint)
+/// refuses it. Null with the errors (file:line:column) in `why`; warnings go to standard error.
 std::shared_ptr<const rules::policy> load_config_file(const run_cli& o, std::string& why, bool& parsed) {
     auto res = rules::load_instance_config(o.config);
     parsed = res.parsed;
+    if (res.config && !rules::has_errors(res.diags)) rules::lint(*res.config, res.diags);
     if (!res.config || rules::has_errors(res.diags)) {
         std::ostringstream msg;
         print_diagnostics(msg, res.diags);
@@ -48,7 +50,9 @@ std::shared_ptr<const rules::policy> load_config_file(const run_cli& o, std::str
     return std::make_shared<rules::policy>(std::move(*res.config));
 }
 
-/// The instance derived from the topology. Null with the reason in `why`.
+/// The instance derived from the topology, checked as `check -t` checks the topology: an
+/// error refuses it unless the topology lists its code in `broken_on_purpose`. Null with the
+/// reason in `why`; this instance's own warnings (and the faults on purpose) go to standard error.
 std::shared_ptr<const rules::policy> load_from_topology(const run_cli& o, std::string& why, bool& parsed) {
     topology::load_settings ls;
     ls.state_dir = o.state;
@@ -56,9 +60,11 @@ std::shared_ptr<const rules::policy> load_from_topology(const run_cli& o, std::s
     ls.shift = o.shift;
     auto res = topology::load(o.topology, ls);
     parsed = res.parsed;
-    if (!res.topo || rules::has_errors(res.diags)) {
+    if (res.topo && !rules::has_errors(res.diags)) topology::lint(*res.topo, res.diags);
+    auto stop = res.topo ? topology::blocking(*res.topo, res.diags) : res.diags;
+    if (!res.topo || !stop.empty()) {
         std::ostringstream msg;
-        print_diagnostics(msg, res.diags);
+        print_diagnostics(msg, stop);
         why = msg.str();
         return nullptr;
     }
@@ -68,18 +74,20 @@ std::shared_ptr<const rules::policy> load_from_topology(const run_cli& o, std::s
         parsed = false;
         return nullptr;
     }
+    rules::diagnostics own;
+    rules::lint(in->policy->config(), own);
+    for (auto& d : res.diags)
+        if (res.topo->on_purpose(d)) own.push_back(d);
+    print_diagnostics(std::cerr, own);
     return in->policy;
 }
 
 /// One loader for the start and for every reload (SIGHUP): the config file, or the
 /// instance derived again from the topology. Errors go to `why` (file:line:column);
-/// `parsed` says whether the file was TOML at all. Lint findings go to standard error.
+/// `parsed` says whether the file was TOML at all.
 std::shared_ptr<const rules::policy> load_policy(const run_cli& o, std::string& why, bool& parsed) {
     auto policy = o.config.empty() ? load_from_topology(o, why, parsed) : load_config_file(o, why, parsed);
     if (!policy) return nullptr;
-    rules::diagnostics lint;
-    rules::lint(policy->config(), lint);
-    print_diagnostics(std::cerr, lint);
     if (!o.topology.empty()) ensure_lab_certificates(policy->config(), o.state);
     return policy;
 }

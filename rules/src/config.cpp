@@ -977,6 +977,12 @@ load_result load_instance_config(const std::string& path, const load_options& op
     load_result res;
     auto t = parse_toml_file(path, res.diags);
     if (!t) return res;
+    if (t->empty()) {
+        res.diags.push_back({severity::error, "CFG009", {path, 1, 1}, "",
+                             "'" + path + "' is empty: an instance config needs an [instance] table and at least one listener",
+                             "start from /usr/share/doc/dmzproxy/examples/front-end.toml or the README's example"});
+        return res;  // not parsed: nothing to run
+    }
     auto base = fs::path(path).parent_path().string();
     return load_instance_config_table(*t, path, base.empty() ? "." : base, opts);
 }

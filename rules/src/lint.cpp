@@ -167,7 +167,24 @@ std::vector<std::string> networks_of_source(const instance_config& c, const std:
     return {out.begin(), out.end()};
 }
 
+namespace {
+/// What to do about two listeners on one address and port, by what they speak.
+std::string conflict_hint(const listener& a, const listener& b) {
+    if (a.proto == protocol::smtp && b.proto == protocol::smtp)
+        return "two SMTP services on one port work for a while and then lose connections; give each its own port "
+               "(Exchange: FrontEnd transport on 25, Hub transport on 2525)";
+    if (a.proto != b.proto)
+        return "'" + a.name + "' speaks " + to_string(a.proto) + " and '" + b.name + "' " + to_string(b.proto) +
+               ": one socket cannot serve both; give each its own port (http 80, https 443, smtp 25)";
+    return "only one of them would get the connections; give each its own port or merge them into one listener";
+}
+}  // namespace
+
 void lint(const instance_config& c, diagnostics& out) {
+    if (c.listeners.empty())
+        add(out, severity::error, "LST004", c.where.file.empty() ? source_location{c.file, 1, 1} : c.where, "listeners",
+            "instance '" + c.name + "' has no listener: it would start and accept nothing",
+            "add a [listeners.NAME] table with protocol and bind (see the README's example)");
     // Listeners sharing an address and port: the seed's two transport services on port 25.
     std::vector<std::pair<const listener*, const bind_endpoint*>> binds;
     for (auto& l : c.listeners)
@@ -177,8 +194,7 @@ void lint(const instance_config& c, diagnostics& out) {
                     add(out, severity::error, "LST001", b.where, "listeners." + l.name + ".bind",
                         "listener '" + l.name + "' binds " + b.to_string() + ", which listener '" + ol->name +
                             "' already holds with " + ob->to_string() + " (" + ob->where.to_string() + ")",
-                        "two services on one port work for a while and then lose connections; give each its own port "
-                        "(Exchange: FrontEnd transport on 25, Hub transport on 2525)");
+                        conflict_hint(*ol, l));
             binds.emplace_back(&l, &b);
         }
     for (auto& l : c.listeners)

@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -467,6 +468,13 @@ std::optional<toml::table> parse_toml(std::string_view text, const std::string& 
 
 std::optional<toml::table> parse_toml_file(const std::string& path, diagnostics& out,
                                            const source_location& referenced_from) {
+    std::error_code dir_ec;
+    if (std::filesystem::is_directory(path, dir_ec)) {
+        auto where = referenced_from.file.empty() ? source_location{path, 0, 0} : referenced_from;
+        out.push_back({severity::error, "CFG007", where, "", "'" + path + "' is a directory, not a TOML file",
+                       "name the file itself (for example " + (std::filesystem::path(path) / "front-end.toml").string() + ")"});
+        return std::nullopt;
+    }
     std::ifstream in(path, std::ios::binary);
     if (!in) {
         int err = errno;

@@ -5,6 +5,7 @@ Environment: DMZPROXY (the binary) and DMZ_SOURCE_DIR (the repository root).
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import unittest
@@ -484,3 +485,92 @@ class UsersStoreFile(TempFiles):
         res = run("users", "--file", store, "list")
         self.assertEqual(res.returncode, 0, res.stderr)
         self.assertEqual(res.stdout, "carol  groups: mail\n")
+
+
+class RunRefusesWhatCheckRefuses(TempFiles):
+    """`run` and `lab up` start nothing that `check` calls broken (issue 17, items 1 and 2)."""
+
+    DUP = ('[instance]\nname = "dup"\n\n[listeners.web]\nprotocol = "http"\nbind = ["127.3.17.1:8080"]\n\n'
+           '[listeners.tls]\nprotocol = "https"\nbind = ["127.3.17.1:8080"]\n'
+           'certificates = [{ names = ["mail.contoso.com"], cert = "pki/mail.contoso.com.pem", key = "pki/mail.contoso.com.key" }]\n\n'
+           '[[rules]]\nname = "OWA"\naction = "allow"\npaths = ["/owa"]\n'
+           'target = { address = "127.3.17.2", port = 80 }\n')
+
+    def run_briefly(self, *args):
+        # A run that wrongly starts would serve forever: the timeout bounds it, and its
+        # expiry is the failure.
+        try:
+            return run("run", *args, "--state", self.dir, timeout=20)
+        except subprocess.TimeoutExpired:
+            self.fail("run started although the config has an error")
+
+    def test_duplicate_listener_port_is_refused_by_run_with_check_lines(self):
+        made = run("certs", "--state", self.dir, "issue", "mail.contoso.com")
+        self.assertEqual(made.returncode, 0, made.stderr)
+        path = self.write("dup.toml", self.DUP)
+        chk = run("check", "-q", "-c", path)
+        self.assertEqual(chk.returncode, 1, chk.stdout)
+        lst = [l for l in chk.stdout.splitlines() if "LST001" in l]
+        self.assertEqual(len(lst), 1, chk.stdout)
+        self.assertIn("one socket cannot serve both", lst[0] + chk.stdout)
+        self.assertNotIn("Hub transport", chk.stdout, "the SMTP hint is for SMTP listeners only")
+        res = self.run_briefly("-c", path)
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertIn(lst[0].split(" [")[0], res.stderr, "run prints the same file:line:column line as check")
+        self.assertIn("nothing was started", res.stderr)
+        self.assertNotRegex(res.stdout + res.stderr, r"\bready\b")
+
+    def test_a_directory_is_not_a_config(self):
+        for cmd in (["check", "-c", self.dir], ["check", "-t", self.dir]):
+            res = run(*cmd)
+            self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+            self.assertIn("is a directory", res.stdout + res.stderr)
+        res = self.run_briefly("-c", self.dir)
+        self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+        self.assertIn("is a directory", res.stderr)
+
+    def test_an_empty_file_is_not_a_config(self):
+        for text in ("", "\n# nothing but a comment\n"):
+            path = self.write("empty.toml", text)
+            res = run("check", "-c", path)
+            self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+            self.assertIn(f"{path}:1:1: error CFG009", res.stdout)
+            res = run("check", "-t", path)
+            self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+            res = self.run_briefly("-c", path)
+            self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+            self.assertIn("CFG009", res.stderr)
+
+    def test_an_instance_without_listener_is_an_error(self):
+        path = self.write("nolistener.toml", '[instance]\nname = "quiet"\n')
+        res = run("check", "-c", path)
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertIn("error LST004", res.stdout)
+        res = self.run_briefly("-c", path)
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertIn("LST004", res.stderr)
+
+    def test_a_topology_with_an_error_does_not_run_unless_broken_on_purpose(self):
+        # The scenario without its list: run -t refuses it, with check's line.
+        with open(os.path.join(SCENARIOS, "open-relay.toml"), encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn('broken_on_purpose = ["SMTP001"]', text)
+        stripped = self.write("open-relay.toml", "\n".join(l for l in text.splitlines() if not l.startswith("broken_on_purpose")))
+        res = self.run_briefly("-t", stripped, "--instance", "back-end", "--shift", "150")
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertIn("error SMTP001", res.stderr)
+        # check still reports the fault of a scenario broken on purpose.
+        res = run("check", "-q", "-t", os.path.join(SCENARIOS, "open-relay.toml"))
+        self.assertEqual(res.returncode, 1, res.stdout)
+        self.assertIn("error SMTP001", res.stdout)
+
+    def test_a_stale_broken_on_purpose_list_is_a_warning(self):
+        with open(TOPOLOGY, encoding="utf-8") as f:
+            text = f.read()
+        text = text.replace("[topology]\n", '[topology]\nbroken_on_purpose = ["SMTP001"]\n', 1)
+        # A copy beside a copy of its instance configs (they are named relative to it).
+        shutil.copytree(os.path.join(os.path.dirname(TOPOLOGY), "exchange-two-tier"), os.path.join(self.dir, "exchange-two-tier"))
+        path = self.write("stale.toml", text)
+        res = run("check", "-q", "-t", path)
+        self.assertEqual(res.returncode, 0, res.stdout)
+        self.assertIn("warning TOP010: broken_on_purpose lists SMTP001", res.stdout)

@@ -39,6 +39,7 @@ class Scenario(unittest.TestCase):
         res = run([DMZPROXY, "lab", "--state", self.state, "up", "--detach", "--shift", str(h.SHIFT), "--scenario",
                    self.scenario], timeout=90)
         self.assertEqual(res.returncode, 0, "lab up --scenario %s failed:\n%s%s" % (self.scenario, res.stdout, res.stderr))
+        self.up_output = res.stdout
 
     def diagnose(self, *args):
         res = run([DMZPROXY, "diagnose", "--state", self.state, "--json", *args], timeout=60)
@@ -51,6 +52,11 @@ class Scenario(unittest.TestCase):
 
 class HostHttpsDown(Scenario):
     scenario = "host-https-down"
+
+    def test_lab_up_says_first_what_is_broken_on_purpose(self):
+        first = self.up_output.splitlines()[:2]
+        self.assertTrue(first and first[0].startswith("This topology is broken on purpose"), self.up_output[:600])
+        self.assertRegex(first[1], r"host-https-down\.toml|back-end\.toml:\d+:\d+: error TOP006", self.up_output[:600])
 
     def test_network_fault_on_the_last_hop(self):
         code, d = self.diagnose("https://mail.contoso.com/owa/")

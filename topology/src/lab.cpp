@@ -224,6 +224,19 @@ void print_log_line(const std::string& line) {
     std::cout << o.str() << std::endl;
 }
 
+/// A scenario broken on purpose says so before anything else.
+void print_on_purpose(const topology& t, const diagnostics& found) {
+    bool any = false;
+    for (auto& d : found) {
+        if (!t.on_purpose(d)) continue;
+        if (!any) std::cout << "This topology is broken on purpose (broken_on_purpose in " << t.file << "); it starts anyway:\n";
+        any = true;
+        std::cout << "  " << d.where.to_string() << ": error " << d.code << ": " << d.message << "\n";
+        if (!d.hint.empty()) std::cout << "    hint: " << d.hint << "\n";
+    }
+    if (any) std::cout << std::endl;
+}
+
 }  // namespace
 
 int lab_up(const lab_options& o) {
@@ -231,7 +244,8 @@ int lab_up(const lab_options& o) {
     bool map = !may_bind_privileged();
     load_settings settings{o.state, map, o.shift};
     auto res = load(o.topology, settings);
-    if (!res.topo || rules::has_errors(res.diags)) {
+    if (res.topo && !rules::has_errors(res.diags)) lint(*res.topo, res.diags);
+    if (!res.topo || !blocking(*res.topo, res.diags).empty()) {
         // Addresses a shift pushes out of 127.0.0.0/8 leave follow-on errors: name those alone.
         auto by_shift = [](const rules::diagnostic& d) {
             return d.message.rfind("a shift of ", 0) == 0;
@@ -239,7 +253,7 @@ int lab_up(const lab_options& o) {
         bool shift_fault = std::any_of(res.diags.begin(), res.diags.end(), by_shift);
         std::ostringstream msg;
         for (auto& d : res.diags)
-            if (d.level == rules::severity::error && (!shift_fault || by_shift(d)))
+            if (d.level == rules::severity::error && (!res.topo || !res.topo->on_purpose(d)) && (!shift_fault || by_shift(d)))
                 msg << "\n  " << d.where.to_string() << ": " << d.code << ": " << d.message;
         throw std::runtime_error(
             (shift_fault ? "--shift " + std::to_string(o.shift) + " does not fit this topology"
@@ -247,6 +261,7 @@ int lab_up(const lab_options& o) {
             msg.str());
     }
     auto& t = *res.topo;
+    print_on_purpose(t, res.diags);
     if (fs::exists(o.state + "/lab.json")) {
         auto st = json::parse(std::ifstream(o.state + "/lab.json"), nullptr, false);
         bool running = false;

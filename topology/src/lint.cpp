@@ -146,6 +146,17 @@ void lint(const topology& t, diagnostics& out) {
             "publishing loop: " + chain + " (a request would pass the same proxy twice, TMG error 12206)",
             "each tier must publish toward the Exchange host, never back toward an earlier tier");
     }
+
+    // A scenario's list of deliberate errors must name errors it has.
+    for (auto& [code, where] : t.broken_on_purpose) {
+        bool found = std::any_of(out.begin(), out.end(), [&](const rules::diagnostic& d) {
+            return d.code == code && d.level == severity::error;
+        });
+        if (!found)
+            add(out, severity::warning, "TOP010", where, "topology.broken_on_purpose",
+                "broken_on_purpose lists " + code + ", but this topology has no such error",
+                "remove it: a fixed scenario should not start with its faults waved through");
+    }
 }
 
 }  // namespace dmz::topology

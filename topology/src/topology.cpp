@@ -23,6 +23,20 @@ std::optional<ip_address> instance::address_on(const std::string& net) const {
     return std::nullopt;
 }
 
+bool topology::on_purpose(const rules::diagnostic& d) const {
+    if (d.level != rules::severity::error) return false;
+    for (auto& [code, where] : broken_on_purpose)
+        if (code == d.code) return true;
+    return false;
+}
+
+diagnostics blocking(const topology& t, const diagnostics& found) {
+    diagnostics out;
+    for (auto& d : found)
+        if (d.level == rules::severity::error && !t.on_purpose(d)) out.push_back(d);
+    return out;
+}
+
 const instance* topology::find_instance(std::string_view n) const {
     for (auto& i : instances)
         if (i.name == n) return &i;
@@ -72,11 +86,12 @@ public:
         t.file = r_.file();
         r_.only_keys(root, "", {"topology", "networks", "instances", "hosts", "names"});
         if (auto* tt = r_.table(root, "topology", "", true)) {
-            r_.only_keys(*tt, "topology", {"name", "description", "domain", "mx"});
+            r_.only_keys(*tt, "topology", {"name", "description", "domain", "mx", "broken_on_purpose"});
             t.name = r_.str(*tt, "name", "topology", true).value_or("");
             t.description = r_.str(*tt, "description", "topology").value_or("");
             t.domain = rules::to_lower(r_.str(*tt, "domain", "topology").value_or(""));
             t.mx = rules::to_lower(r_.str(*tt, "mx", "topology").value_or(t.domain.empty() ? "" : "mail." + t.domain));
+            t.broken_on_purpose = r_.located_strings(*tt, "broken_on_purpose", "topology");
         }
         if (auto* nt = r_.table(root, "networks", "", true)) load_networks(*nt, t);
         if (auto* ht = r_.table(root, "hosts", "")) load_hosts(*ht, t);
@@ -483,6 +498,12 @@ load_result load(const std::string& path, const load_settings& settings) {
     load_result res;
     auto root = rules::parse_toml_file(path, res.diags);
     if (!root) return res;
+    if (root->empty()) {
+        res.diags.push_back({rules::severity::error, "CFG009", {path, 1, 1}, "",
+                             "'" + path + "' is empty: a topology needs [topology], [networks] and its instances",
+                             "start from topology/exchange-two-tier.toml"});
+        return res;  // not parsed: nothing to run
+    }
     res.parsed = true;
     loader l(path, res, settings);
     l.load(*root);

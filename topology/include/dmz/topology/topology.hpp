@@ -73,6 +73,10 @@ struct topology {
     std::vector<host> hosts;
     std::map<std::string, std::string> names;  ///< public DNS name -> instance or host
     std::map<std::string, source_location> name_where;
+    /// Error codes this topology has on purpose (a lab scenario, `broken_on_purpose` in
+    /// [topology]): `check` still reports them; `run` and `lab up` start it anyway.
+    std::vector<std::pair<std::string, source_location>> broken_on_purpose;
+    bool on_purpose(const rules::diagnostic& d) const;
 
     const instance* find_instance(std::string_view n) const;
     const host* find_host(std::string_view n) const;
@@ -112,5 +116,9 @@ load_result load(const std::string& path, const load_settings& settings = {});
 
 /// Topology-level findings (TOP*, TLS*), on top of each instance's own lint.
 void lint(const topology& t, diagnostics& out);
+
+/// What stops `run -t` and `lab up`: every error among `found` (load and lint), except the
+/// ones the topology has on purpose.
+diagnostics blocking(const topology& t, const diagnostics& found);
 
 }  // namespace dmz::topology
