@@ -771,6 +771,12 @@ class LabLifecycle(unittest.TestCase):
 
     def test_up_status_down_round_trip(self):
         st, pids = self.up_and_check()
+        # lab up waited for every listener without connecting to it: no instance logged a
+        # session nobody asked for (readiness probes used to show in the live log as SMTP).
+        for name in ("front-end", "back-end"):
+            log = os.path.join(self.state, "logs", name + ".jsonl")
+            with open(log, encoding="utf-8") as f:
+                self.assertEqual(f.read(), "", "%s logged sessions right after lab up" % name)
         self.down_and_check(pids)
         st2, pids2 = self.up_and_check()
         self.assertEqual(st2["ca_file"], st["ca_file"])      # the lab CA is made once and reused

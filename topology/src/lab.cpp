@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <csignal>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -108,15 +109,25 @@ void preflight(const std::string& what, const std::string& addr, std::uint16_t p
     throw std::runtime_error(msg);
 }
 
+/// Something listens on addr:port (or on the wildcard address and that port). Read from the
+/// kernel's socket table rather than by connecting: a connection would reach the proxy as a
+/// session of its own, and the live log would show the lab's readiness probes.
 bool listening(const std::string& addr, std::uint16_t port) {
-    int s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in sa{};
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons(port);
-    inet_pton(AF_INET, addr.c_str(), &sa.sin_addr);
-    bool ok = ::connect(s, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0;
-    ::close(s);
-    return ok;
+    in_addr a{};
+    if (inet_pton(AF_INET, addr.c_str(), &a) != 1) return false;
+    char want[16], any[16];
+    std::snprintf(want, sizeof want, "%08X:%04X", a.s_addr, port);  // the table prints the address as stored
+    std::snprintf(any, sizeof any, "%08X:%04X", 0u, port);
+    std::ifstream in("/proc/net/tcp");
+    std::string line;
+    std::getline(in, line);  // the header
+    while (std::getline(in, line)) {
+        std::istringstream f(line);
+        std::string slot, local, remote, state;
+        if (!(f >> slot >> local >> remote >> state)) continue;
+        if (state == "0A" && (local == want || local == any)) return true;  // 0A: LISTEN
+    }
+    return false;
 }
 
 std::uint16_t free_loopback_port() {

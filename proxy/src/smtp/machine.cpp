@@ -169,7 +169,9 @@ step machine_impl::rcpt(const command& cmd) {
         auto reason = recipient_refusal(d);
         say(reason);
         tx_.rcpt_refused.emplace_back(cmd.path, reason);
-        tx_.fault = make_fault(fault_class::rule_denied, 550, tx_.fault.detail, d.rule_name);
+        // The log says why, recipient by recipient (several may be refused in one mail).
+        auto why = "RCPT " + cmd.path + ": " + (d.reason.empty() ? reason : d.reason);
+        tx_.fault = make_fault(fault_class::rule_denied, 550, tx_.fault.detail.empty() ? why : tx_.fault.detail + "; " + why, d.rule_name);
         return finish(outcome::ok);
     }
     return forward_rcpt(cmd.path);

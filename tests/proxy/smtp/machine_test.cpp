@@ -274,6 +274,7 @@ TEST_F(SmtpMachine, RuleRefusesRecipientWith550) {
     EXPECT_TRUE(e.denied);
     EXPECT_EQ(e.fault.cls, rules::fault_class::rule_denied);
     EXPECT_EQ(e.fault.rule, "no relay");
+    EXPECT_EQ(e.fault.detail, "RCPT v@elsewhere.example: relaying denied");  // never an empty reason
     ASSERT_EQ(e.rcpt_refused.size(), 1u);
     EXPECT_EQ(e.rcpt_refused[0].first, "v@elsewhere.example");
 }
