@@ -391,6 +391,21 @@ private:
                 std::all_of(ps.begin(), ps.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)); }))
                 port = std::stoi(ps);
         }
+        auto host = colon == std::string::npos ? std::string() : b.substr(0, colon);
+        bool name_like = !host.empty() && std::any_of(host.begin(), host.end(), [](char ch) { return std::isalpha(static_cast<unsigned char>(ch)); }) &&
+                         std::all_of(host.begin(), host.end(), [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '-'; });
+        if (!a && name_like && port >= 1 && port <= 65535) {
+            // A name: binding follows the config, never a resolver's answer of the day.
+            bool local = to_lower(host) == "localhost";
+            r_.error("CFG004", where, key,
+                     "'" + host + "' is a name; a listener binds an IP address, so that what it listens on does not "
+                     "change with DNS or /etc/hosts",
+                     local ? "localhost is 127.0.0.1 (IPv4) or ::1 (IPv6): write \"127.0.0.1:" + std::to_string(port) +
+                                 "\" or \"[::1]:" + std::to_string(port) + "\""
+                           : "write the address the name stands for, e.g. \"192.0.2.10:" + std::to_string(port) +
+                                 "\" (getent hosts " + host + " shows it)");
+            return std::nullopt;
+        }
         if (!a || port < 1 || port > 65535) {
             r_.error("CFG004", where, key, "'" + b + "' is not ADDRESS:PORT",
                      "e.g. \"127.10.0.10:443\", \"0.0.0.0:25\" or \"[::1]:443\"");

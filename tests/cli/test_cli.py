@@ -574,3 +574,14 @@ class RunRefusesWhatCheckRefuses(TempFiles):
         res = run("check", "-q", "-t", path)
         self.assertEqual(res.returncode, 0, res.stdout)
         self.assertIn("warning TOP010: broken_on_purpose lists SMTP001", res.stdout)
+
+
+class BindNames(TempFiles):
+    def test_a_name_in_bind_says_why_and_what_to_write(self):
+        path = self.write("lh.toml", '[instance]\nname = "x"\n[listeners.web]\nprotocol = "http"\nbind = ["localhost:8080"]\n')
+        res = run("check", "-q", "-c", path)
+        self.assertEqual(res.returncode, 1, res.stdout)
+        self.assertIn(f"{path}:5:9: error CFG004: 'localhost' is a name", res.stdout)
+        self.assertIn('write "127.0.0.1:8080"', res.stdout)
+        path = self.write("bad.toml", '[instance]\nname = "x"\n[listeners.web]\nprotocol = "http"\nbind = ["1.2.3:80"]\n')
+        self.assertIn("is not ADDRESS:PORT", run("check", "-q", "-c", path).stdout)
