@@ -222,8 +222,10 @@ private:
     }
 
     void check_network_overlaps(const instance_config& c) {
+        // The first networks are the topology's: it reports their overlaps itself, once.
+        std::size_t inherited = opts_.networks.size();
         for (std::size_t i = 0; i < c.networks.size(); ++i)
-            for (std::size_t j = i + 1; j < c.networks.size(); ++j)
+            for (std::size_t j = std::max(i + 1, inherited); j < c.networks.size(); ++j)
                 for (auto& a : c.networks[i].ranges)
                     for (auto& b : c.networks[j].ranges)
                         if (a.overlaps(b))
@@ -733,9 +735,12 @@ private:
             r_.str(*rt, "description", path);
             if (auto b = r_.boolean(*rt, "enabled", path)) ru.enabled = *b;
             if (auto b = r_.boolean(*rt, "test", path)) ru.test = *b;
+            bool act_known = false;  // a missing or misspelt action is reported once, not again by the target
             if (auto act = r_.str(*rt, "action", path, true))
-                if (r_.one_of(*act, *rt, "action", path, {"allow", "deny"}))
+                if (r_.one_of(*act, *rt, "action", path, {"allow", "deny"})) {
                     ru.act = *act == "allow" ? action::allow : action::deny;
+                    act_known = true;
+                }
             load_conditions(*rt, path, ru, c);
             if (ru.kind == rule_kind::web) load_delegation(*rt, path, ru);
             if (auto x = r_.size(*rt, "max_body", path)) ru.max_body = *x;
@@ -758,9 +763,11 @@ private:
                          "access rules only deny: they filter sources before publishing rules",
                          "use a web or server rule to allow and publish");
             if (auto* tt = r_.table(*rt, "target", path)) {
-                if (ru.act == action::deny)
+                if (ru.act == action::deny && act_known)
                     r_.error("CFG004", r_.at_key(*rt, "target"), path + ".target",
                              "a deny rule has no target");
+                else if (ru.act == action::deny)
+                    (void)load_target(*tt, path + ".target", ru.kind);  // its own mistakes still count
                 else
                     ru.to = load_target(*tt, path + ".target", ru.kind);
             } else if (ru.act == action::allow && ru.kind != rule_kind::access && name) {

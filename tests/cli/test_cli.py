@@ -585,3 +585,37 @@ class BindNames(TempFiles):
         self.assertIn('write "127.0.0.1:8080"', res.stdout)
         path = self.write("bad.toml", '[instance]\nname = "x"\n[listeners.web]\nprotocol = "http"\nbind = ["1.2.3:80"]\n')
         self.assertIn("is not ADDRESS:PORT", run("check", "-q", "-c", path).stdout)
+
+
+class OneRootErrorOneMessage(TempFiles):
+    """A mistake is reported once, at its root, not again by everything that depends on it."""
+
+    def topology_with(self, old, new):
+        shutil.copytree(os.path.join(os.path.dirname(TOPOLOGY), "exchange-two-tier"), os.path.join(self.dir, "exchange-two-tier"))
+        with open(TOPOLOGY, encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn(old, text)
+        return self.write("t.toml", text.replace(old, new, 1))
+
+    def errors(self, res):
+        return [l for l in res.stdout.splitlines() if ": error " in l]
+
+    def test_a_bad_cidr_is_one_error(self):
+        path = self.topology_with('ranges = ["127.20.0.0/16"]', 'ranges = ["127.20.0.0/33"]')
+        errs = self.errors(run("check", "-q", "-t", path))
+        self.assertEqual(len(errs), 1, errs)
+        self.assertIn("invalid CIDR", errs[0])
+
+    def test_overlapping_networks_are_one_net001(self):
+        path = self.topology_with('ranges = ["127.30.0.0/16"]', 'ranges = ["127.30.0.0/16", "127.20.5.0/24"]')
+        errs = self.errors(run("check", "-q", "-t", path))
+        self.assertEqual([e for e in errs if "NET001" in e][:1], [e for e in errs if "NET001" in e], errs)
+        self.assertEqual(len(errs), 1, errs)
+
+    def test_a_rule_without_action_is_one_error(self):
+        path = self.write("cfg.toml", '[instance]\nname = "x"\n[listeners.web]\nprotocol = "http"\nbind = ["127.0.0.1:8080"]\n'
+                                      '[[rules]]\nname = "OWA"\npaths = ["/owa"]\ntarget = { address = "127.0.0.2", port = 80 }\n')
+        errs = self.errors(run("check", "-q", "-c", path))
+        self.assertEqual(len(errs), 1, errs)
+        self.assertIn("missing required key 'rules.OWA.action'", errs[0])
+        self.assertNotIn("deny rule", "\n".join(errs))

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <set>
 
 #include "dmz/rules/path.hpp"
 #include "dmz/rules/toml_reader.hpp"
@@ -155,7 +156,10 @@ private:
             for (auto& [s, where] : r_.located_strings(*tt, "ranges", path, true)) {
                 std::string err;
                 auto c = rules::cidr::parse(s, &err);
-                if (!c) r_.error("CFG004", where, path + ".ranges", "invalid CIDR: " + err);
+                if (!c) {
+                    r_.error("CFG004", where, path + ".ranges", "invalid CIDR: " + err);
+                    broken_networks_.insert(n.name);
+                }
                 else if (settings_.shift == 0 || !c->base().is_v4() || c->base().bytes()[12] != 127)
                     n.ranges.push_back(*c);
                 else if (c->prefix() < 16)
@@ -163,12 +167,14 @@ private:
                              "a shift cannot move " + s + ", wider than a /16");
                 else if (auto base = shifted(c->base()))
                     n.ranges.emplace_back(*base, c->prefix128());
-                else
+                else {
                     shift_error(where, path + ".ranges", s);
+                    broken_networks_.insert(n.name);
+                }
             }
             if (tt->get("client_address")) {
                 n.client_address = address(*tt, "client_address", path);
-                if (n.client_address && std::none_of(n.ranges.begin(), n.ranges.end(), [&](auto& r) { return r.contains(*n.client_address); }))
+                if (n.client_address && !broken_networks_.count(n.name) && std::none_of(n.ranges.begin(), n.ranges.end(), [&](auto& r) { return r.contains(*n.client_address); }))
                     r_.error("CFG004", r_.at_key(*tt, "client_address"), path + ".client_address",
                              "client_address " + n.client_address->to_string() + " is not inside network '" + n.name + "'");
             }
@@ -176,9 +182,15 @@ private:
             for (auto& other : t.networks)
                 for (auto& a : other.ranges)
                     for (auto& b : n.ranges)
-                        if (a.overlaps(b))
+                        if (a.overlaps(b)) {
                             r_.error("NET001", n.where, path,
-                                     "networks '" + other.name + "' and '" + n.name + "' overlap (" + a.to_string() + ", " + b.to_string() + ")");
+                                     "networks '" + other.name + "' (" + a.to_string() + ") and '" + n.name + "' (" + b.to_string() +
+                                         ") overlap; an address must belong to exactly one network",
+                                     "split the ranges, or use an address set for the subset");
+                            // Which of the two an address lies in is then moot: no follow-on errors.
+                            broken_networks_.insert(other.name);
+                            broken_networks_.insert(n.name);
+                        }
             t.networks.push_back(std::move(n));
         }
         if (!has_external)
@@ -206,9 +218,11 @@ private:
 
     void check_in_network(const topology& t, const std::string& net, const ip_address& a,
                           const source_location& where, const std::string& key) {
-        if (t.network_of(a) != net)
+        // A network whose ranges are already in error claims nothing: no follow-on errors.
+        auto in = t.network_of(a);
+        if (in != net && !broken_networks_.count(net) && !broken_networks_.count(in))
             r_.error("CFG004", where, key,
-                     "address " + a.to_string() + " lies in network '" + t.network_of(a) + "', not '" + net + "'");
+                     "address " + a.to_string() + " lies in network '" + in + "', not '" + net + "'");
     }
 
     void claim_node(const topology& t, const std::string& name, const source_location& where, const std::string& key) {
@@ -486,6 +500,7 @@ private:
     rules::toml_reader r_;
     load_result& res_;
     const load_settings& settings_;
+    std::set<std::string> broken_networks_;  ///< networks with a range in error: they claim no address
 };
 
 }  // namespace
