@@ -201,7 +201,9 @@ void print_explanation(std::ostream& os, const topology::probe& p, const topolog
         }
         if (!tr.decision.matched && tr.decision.why == rules::fault_class::no_rule_matched)
             os << "    " << std::left << std::setw(28) << "default deny" << std::setw(15) << "match" << "no earlier rule matched\n";
-        os << "    => " << (tr.action == "allow" ? "ALLOW" : "DENY") << " by " << tr.matched_rule << ": " << tr.decision.reason << "\n";
+        os << "    => " << (tr.action == "allow" ? "ALLOW" : "DENY") << " by " << tr.matched_rule
+           << (tr.decision.matched && !tr.decision.where.file.empty() ? " (" + tr.decision.where.to_string() + ")" : "") << ": "
+           << tr.decision.reason << "\n";
         if (!tr.target.empty()) os << "    -> forwards to " << tr.target << "\n";
     }
     os << "\n" << verdict_line(ex.result);

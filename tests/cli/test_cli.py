@@ -320,6 +320,9 @@ class ExplainText(unittest.TestCase):
         self.assertIn("[2] back-end (back-end): listener web on 127.20.0.20:443", out)
         self.assertIn("judges client 127.10.0.100 (X-Forwarded-For from trusted front-end)", out)
         self.assertIn("=> ALLOW by Exchange/owa", out)
+        # The deciding rule with its file:line:column, as --json has it.
+        self.assertRegex(out, r"=> ALLOW by Exchange/owa \(\S*exchange-two-tier/front-end\.toml:\d+:\d+\): ")
+        self.assertRegex(out, r"=> ALLOW by Exchange/owa \(\S*exchange-two-tier/back-end\.toml:\d+:\d+\): ")
         self.assertIn("\nOK: reaches web on host 'exchange'", out)
 
     def test_ecp_is_a_rule_fault_with_the_test_rule_sentence(self):
