@@ -9,16 +9,19 @@ The lab runs with `--shift SHIFT` (harness.SHIFT, this module's own), beside any
 """
 
 import base64
+import collections
 import glob
 import json
 import os
 import re
 import secrets
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
 import unittest
+import zlib
 
 import test_lab
 from test_lab import DMZPROXY, PUBLIC_NAME, SOURCE_DIR, lab_down, lab_status, lab_up, logs_tail, wait_until
@@ -171,7 +174,7 @@ class PreAuthenticationLab(unittest.TestCase):
         self.assertEqual(headers["location"], ["/dmzproxy/auth/login?url=%2Fowa%2F%3Fpath%3D%2Fmail"])
         status, headers, body, _ = self.curl("/dmzproxy/auth/login?url=%2Fowa%2F")
         self.assertEqual(status, 200)
-        self.assertIn('name="password" type="password"', body)
+        self.assertRegex(body, r'<input type="password" id="password" name="password"')
         self.assertIn('value="/owa/"', body)
         self.assertIn("DENY", headers.get("x-frame-options", [""])[0])
 
@@ -208,6 +211,35 @@ class PreAuthenticationLab(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertIn("The user name or password is incorrect.", body)
         self.assertNotIn("set-cookie", headers)
+
+    def test_sign_in_page_in_chromium(self):
+        """The page a user sees: rendered by a real browser from the bytes the proxy sent."""
+        status, _, body, _ = self.login(self.jar(), user=self.wrong_user, password="wrong")
+        self.assertEqual(status, 200)
+        page = os.path.join(self.tmp, "signin-%s.html" % secrets.token_hex(3))
+        with open(page, "w", encoding="utf-8") as f:
+            f.write(body)
+        profile = tempfile.mkdtemp(prefix="dmz-chromium-", dir=self.tmp)
+        base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--user-data-dir=" + profile,
+                "--window-size=1400,900"]
+        dom = subprocess.run(base + ["--dump-dom", "file://" + page], capture_output=True, text=True, timeout=120)
+        self.assertEqual(dom.returncode, 0, dom.stderr[-2000:])
+        # Accessible: each field has its own label, the error is announced, the realm is the heading.
+        for field in ("username", "password"):
+            self.assertRegex(dom.stdout, r'<label for="%s">' % field)
+            self.assertRegex(dom.stdout, r'<input[^>]* id="%s"' % field)
+        self.assertIn('role="alert"', dom.stdout)
+        self.assertRegex(dom.stdout, r"<h1>[^<]+</h1>")
+        shot = os.path.join(self.tmp, "signin.png")
+        r = subprocess.run(base + ["--screenshot=" + shot, "file://" + page], capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        width, height, pixels = read_png(shot)
+        self.assertEqual((width, height), (1400, 900))
+        colours = collections.Counter(pixels)
+        near = lambda rgb, tol=6: sum(n for c, n in colours.items() if all(abs(a - b) <= tol for a, b in zip(c, rgb)))
+        self.assertGreater(near((15, 108, 189)), 20000, "the blue band with the realm is missing")      # header
+        self.assertGreater(near((253, 231, 233)), 3000, "the wrong-password message is not visible")  # error box
+        self.assertGreater(near((243, 242, 241)), 500000, "the page background is not the quiet grey")
 
     def test_session_idle_expiry(self):
         jar = self.jar()
@@ -331,12 +363,56 @@ class PreAuthenticationLab(unittest.TestCase):
         res = diagnose()
         self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
         self.assertIn("AUTH FAULT at front-end", res.stdout)
+        self.assertIn("rule Exchange/owa (allow, needs a user)", res.stdout, "an allow rule wanting a user is not a deny")
+        self.assertNotIn("(deny)", res.stdout)
         res = diagnose("-u", "%s:wrong-%s" % (self.wrong_user, secrets.token_hex(2)))
         self.assertIn("AUTH FAULT at front-end", res.stdout)
         self.assertIn("refused", res.stdout)
+        hops = [l for l in res.stdout.splitlines() if l.startswith("hop ") and " rule " in l]
+        self.assertIn("refused these credentials", hops[0], res.stdout)
+        for l in hops[1:]:  # the front-end refused: nothing behind it was asked
+            self.assertIn("not reached: stopped at front-end", l, res.stdout)
         res = diagnose("-u", "%s:%s" % (self.user, self.password))
         self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
         self.assertIn("OK", res.stdout)
+
+
+def read_png(path):
+    """(width, height, [(r, g, b), ...]) of an 8-bit RGB or RGBA PNG, as Chromium writes them."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, width = 8, b"", 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, chunk = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, ctype = struct.unpack(">IIBB", chunk[:10])
+            assert depth == 8 and ctype in (2, 6), (depth, ctype)
+            bpp = 3 if ctype == 2 else 4
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    raw, stride, prev, pixels = zlib.decompress(idat), width * bpp, bytearray(width * bpp), []
+    for y in range(height):
+        line = raw[y * (stride + 1):(y + 1) * (stride + 1)]
+        ftype, cur = line[0], bytearray(line[1:])
+        for i in range(stride):
+            a = cur[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if ftype == 1:
+                cur[i] = (cur[i] + a) & 255
+            elif ftype == 2:
+                cur[i] = (cur[i] + b) & 255
+            elif ftype == 3:
+                cur[i] = (cur[i] + (a + b) // 2) & 255
+            elif ftype == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                cur[i] = (cur[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        pixels.extend(tuple(cur[i:i + 3]) for i in range(0, stride, bpp))
+        prev = cur
+    return width, height, pixels
 
 
 if __name__ == "__main__":

@@ -139,6 +139,10 @@ class OpenRelay(Scenario):
         self.assertEqual(d["verdict"], "rule-fault", d)
         self.assertEqual(d["tier"], "exchange", d)
         self.assertIn("5.7.54", d["response"])
+        # Neither a test-rule hint nor a "another version of the file" note: the file agrees.
+        self.assertIn("every tier let this probe through", d["test_rules"], d)
+        self.assertNotIn("would reach", d["test_rules"], d)
+        self.assertEqual(d.get("note", ""), "", d)
 
     def test_check_reports_the_open_relay(self):
         res = run([DMZPROXY, "check", "-q", "--json", "-t", os.path.join(SCENARIOS, "open-relay.toml")])

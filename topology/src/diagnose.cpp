@@ -177,7 +177,8 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
         hp.hop = ex.hops[i];
         if (i < ex.tiers.size()) {
             hp.rule = ex.tiers[i].matched_rule;
-            hp.action = ex.tiers[i].action;
+            // An allow rule that wants a user is not a deny: say what it needs.
+            hp.action = ex.tiers[i].decision.why == rules::fault_class::auth_required ? "allow, needs a user" : ex.tiers[i].action;
         }
         std::string why;
         int fd = connect_from(hp.hop.source, hp.hop.address, hp.hop.port, why);
@@ -301,7 +302,13 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
     if (d.verdict == "ok" && d.reason.empty()) d.reason = ex.reason;
 
     // 3. What the tiers' test rules would change, for this probe alone (nothing is opened).
-    if (d.verdict == "rule-fault") {
+    // A refusal by the host itself, where every tier let the probe through (the file agrees):
+    // no test rule of a tier is involved, and the file is not out of date.
+    bool host_refused = d.verdict == "rule-fault" && ex.result == outcome::ok;
+    if (host_refused) {
+        d.test_rules = "every tier let this probe through; '" + d.tier +
+                       "' refused it itself, so the tiers' test rules change nothing";
+    } else if (d.verdict == "rule-fault") {
         auto q = p;
         q.with_test_rules = true;
         auto alt = explain(t, q, map_ports);
@@ -309,12 +316,23 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
                            ? "with each tier's test rule enabled this probe would reach '" + alt.reached + "': a rule stops it, the network is fine"
                            : "even with the test rules it would fail: " + std::string(to_string(alt.result)) + " at " + alt.stopped_at + " (" + alt.reason + ")";
     }
+    // Tiers after the one that stopped the probe live were never asked: the offline
+    // answer (which assumes the credentials work) must not show them as allowing.
+    if (d.verdict != "ok" && !d.tier.empty()) {
+        bool past = false;
+        for (std::size_t i = 0; i < d.hops.size() && i < ex.tiers.size(); ++i) {
+            if (past && !d.hops[i].rule.empty()) d.hops[i].action = "not reached: stopped at " + d.tier;
+            bool here = ex.tiers[i].instance == d.tier;
+            if (here && d.verdict == "auth-fault" && !p.user.empty()) d.hops[i].action = "allow for a valid user; refused these credentials";
+            past = past || here;
+        }
+    }
     // Where the live lab and the topology file disagree (an edited file not yet reloaded).
     // Network faults are invisible offline; anything else should agree with the file.
     bool live_ok = d.verdict == "ok";
     // A refused password is invisible offline too (the file assumes the user's credentials work).
     bool password_refused = d.verdict == "auth-fault" && !p.user.empty();
-    if (d.verdict != "network-fault" && !password_refused && live_ok != (ex.result == outcome::ok))
+    if (d.verdict != "network-fault" && !password_refused && !host_refused && live_ok != (ex.result == outcome::ok))
         d.note = std::string("the topology file says ") + to_string(ex.result) + " (" + ex.reason +
                  "), the running lab says " + d.verdict + ": was the lab started from another version of the file?";
     return d;

@@ -82,7 +82,9 @@ local_reply http_session::logout_page(const forms_request& q) {
     }
     bool keep = q.keep && q.body == http::body_kind::none;  // a logout's body is not read: the connection ends
     auto wire = page(200, "Signed out",
-                     "<h1>You are signed out</h1>\n<p><a href=\"" + std::string(login_path) + "\">Sign in again</a></p>\n", keep,
+                     "<main>\n<header><h1>You are signed out</h1></header>\n<div class=\"body\"><p><a href=\"" + std::string(login_path) +
+                         "\">Sign in again</a></p></div>\n</main>\n",
+                     keep,
                      q.http10, "Set-Cookie: " + expired_cookie() + "\r\nClear-Site-Data: \"cookies\"\r\n");
     return {std::move(wire), 200, keep};
 }
@@ -191,12 +193,35 @@ std::string http_session::check_session(const std::string& value, forms_session&
     return "";
 }
 
+namespace {
+/// The sign-in look: a card on a quiet background with the realm in a band above the form,
+/// as Outlook on the web's own page is laid out. Inline only (the CSP allows no other source).
+constexpr const char* page_style =
+    "*{box-sizing:border-box}"
+    "body{margin:0;min-height:100vh;display:flex;align-items:center;justify-content:center;"
+    "background:#f3f2f1;color:#201f1e;font:15px/1.45 'Segoe UI',system-ui,-apple-system,Roboto,'Helvetica Neue',Arial,sans-serif}"
+    "main{width:100%;max-width:420px;margin:24px;background:#fff;box-shadow:0 2px 6px rgba(0,0,0,.2);border-radius:2px}"
+    "header{background:#0f6cbd;color:#fff;padding:22px 32px}"
+    "header h1{margin:0;font-size:22px;font-weight:600;overflow-wrap:anywhere}"
+    "header p{margin:4px 0 0;font-size:13px;opacity:.9}"
+    ".body{padding:24px 32px 28px}"
+    "label{display:block;font-weight:600;margin:14px 0 4px}"
+    "input[type=text],input[type=password]{width:100%;padding:8px 10px;font:inherit;border:1px solid #8a8886;border-radius:2px}"
+    "input:focus{outline:2px solid #0f6cbd;outline-offset:1px;border-color:#0f6cbd}"
+    ".hint{font-size:12px;color:#605e5c;margin:4px 0 0}"
+    "button{margin-top:22px;width:100%;padding:10px;font:inherit;font-weight:600;color:#fff;background:#0f6cbd;"
+    "border:0;border-radius:2px;cursor:pointer}"
+    "button:hover{background:#115ea3}"
+    ".error{margin:0 0 6px;padding:10px 12px;background:#fde7e9;color:#a4262c;border-left:4px solid #a4262c}"
+    ".note{margin:18px 0 0;font-size:12px;color:#605e5c}"
+    "a{color:#0f6cbd}";
+}  // namespace
+
 std::string http_session::page(int status, const std::string& title, const std::string& inner, bool keep, bool http10,
                                const std::string& extra_fields) const {
-    std::string body = "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html_escape(title) +
-                       "</title>\n<style>body{font-family:sans-serif;max-width:26em;margin:4em auto}"
-                       "label,input{display:block;width:100%;margin:.3em 0}.error{color:#b00}</style></head>\n<body>\n" +
-                       inner + "</body></html>\n";
+    std::string body = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                       "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>" +
+                       html_escape(title) + "</title>\n<style>" + page_style + "</style></head>\n<body>\n" + inner + "</body></html>\n";
     return std::string(http10 ? "HTTP/1.0 " : "HTTP/1.1 ") + std::to_string(status) + " " + http::reason_phrase(status) +
            "\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\nX-Frame-Options: DENY\r\n"
            "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'\r\n"
@@ -206,12 +231,18 @@ std::string http_session::page(int status, const std::string& title, const std::
 
 std::string http_session::login_form(const std::string& back, const std::string& message) const {
     auto realm = lcfg().realm.empty() ? rt_->name : lcfg().realm;
-    return "<h1>" + html_escape(realm) + "</h1>\n" +
-           (message.empty() ? std::string() : "<p class=\"error\">" + html_escape(message) + "</p>\n") +
+    return "<main>\n<header><h1>" + html_escape(realm) + "</h1><p>Sign in to continue</p></header>\n<div class=\"body\">\n" +
+           (message.empty() ? std::string() : "<p class=\"error\" id=\"error\" role=\"alert\">" + html_escape(message) + "</p>\n") +
            "<form method=\"post\" action=\"" + login_path + "\">\n<input type=\"hidden\" name=\"url\" value=\"" + html_escape(back) +
-           "\">\n<label>User name <input name=\"username\" autocomplete=\"username\"></label>\n"
-           "<label>Password <input name=\"password\" type=\"password\" autocomplete=\"current-password\"></label>\n"
-           "<input type=\"submit\" value=\"Sign in\">\n</form>\n";
+           "\">\n<label for=\"username\">User name</label>\n"
+           "<input type=\"text\" id=\"username\" name=\"username\" autocomplete=\"username\" autocapitalize=\"none\" "
+           "spellcheck=\"false\" required autofocus aria-describedby=\"username-hint\"" +
+           (message.empty() ? std::string() : " aria-invalid=\"true\"") +
+           ">\n<p class=\"hint\" id=\"username-hint\">domain\\user name or user@domain</p>\n"
+           "<label for=\"password\">Password</label>\n"
+           "<input type=\"password\" id=\"password\" name=\"password\" autocomplete=\"current-password\" required>\n"
+           "<button type=\"submit\">Sign in</button>\n</form>\n"
+           "<p class=\"note\">Sign out and close the browser when you are done on a shared computer.</p>\n</div>\n</main>\n";
 }
 
 /// Reads `n` body bytes into in_ (small bodies only). False when the client went away.
