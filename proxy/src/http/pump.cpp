@@ -16,6 +16,16 @@ constexpr std::uint64_t splice_min = 256 * 1024;
 
 // ---- upstream -> client ---------------------------------------------------------------
 
+void http_session::fail_late(rules::fault f) {
+    if (tx_.rec.fault || client_gone_) return;  // the first cause stays; a client gone has its note
+    if (tx_.rule) f.rule = tx_.rule->name;
+    tx_.rec.fault = std::move(f);
+}
+
+void http_session::client_write_failed(const error_code& ec) {
+    fail_late(make_fault(fault_class::bad_request, 0, "the client connection failed while the answer was sent (" + ec.message() + ")"));
+}
+
 task<bool> http_session::read_upstream_more(error_code& ec) {
     auto& up = *tx_.up;
     std::size_t room = 0;
@@ -23,7 +33,15 @@ task<bool> http_session::read_upstream_more(error_code& ec) {
     up_dog_->arm(tx_.to->timeouts.read);
     watch_soon(tx_.up, tx_.sig);
     auto n = co_await up.stream.read_some(asio::buffer(p, std::min(room, pump_chunk)), ec);
-    if (ec) co_return false;
+    if (ec == asio::error::eof && tx_.up_until_close) co_return false;  // the end of the body
+    if (ec) {
+        if (up_dog_->expired())
+            fail_late(make_fault(fault_class::upstream_timeout, 0,
+                                 "no more of the answer's body within " + std::to_string(tx_.to->timeouts.read.count() / 1000) + " s"));
+        else
+            fail_late(make_fault(fault_class::upstream_protocol, 0, "the upstream connection failed in the answer's body (" + ec.message() + ")"));
+        co_return false;
+    }
     up.in.commit(n);
     co_return true;
 }
@@ -38,13 +56,17 @@ task<bool> http_session::pump_response_raw(http::body_kind kind, std::uint64_t l
     auto& up = *tx_.up;
     error_code ec;
     bool until_close = kind == http::body_kind::until_close;
+    tx_.up_until_close = until_close;
     std::uint64_t left = length;
     while (until_close || left > 0) {
         if (up.in.empty() && !co_await read_upstream_more(ec)) co_return until_close && ec == asio::error::eof;
         auto data = up.in.data();
         if (!until_close && data.size() > left) data = data.substr(0, static_cast<std::size_t>(left));
         co_await down_.write(asio::buffer(data.data(), data.size()), ec);
-        if (ec) co_return false;
+        if (ec) {
+            client_write_failed(ec);
+            co_return false;
+        }
         tx_.rec.bytes_out += data.size();
         up.in.consume(data.size());
         left -= std::min<std::uint64_t>(left, data.size());
@@ -60,7 +82,10 @@ task<bool> http_session::pump_response_chunked(bool chunk_to_client) {
         if (up.in.empty() && !co_await read_upstream_more(ec)) co_return false;
         http::chunked_decoder::step st;
         http::parse_error perr;
-        if (!dec.feed(up.in.data(), st, perr)) co_return false;
+        if (!dec.feed(up.in.data(), st, perr)) {
+            fail_late(make_fault(fault_class::upstream_protocol, 0, "the answer's chunked body: " + perr.code + ": " + perr.detail));
+            co_return false;
+        }
         if (!st.data.empty()) {
             if (chunk_to_client) {
                 auto size_line = http::hex(st.data.size()) + "\r\n";
@@ -72,24 +97,31 @@ task<bool> http_session::pump_response_chunked(bool chunk_to_client) {
                 co_await down_.write(asio::buffer(st.data.data(), st.data.size()), ec);
                 tx_.rec.bytes_out += st.data.size();
             }
-            if (ec) co_return false;
+            if (ec) {
+                client_write_failed(ec);
+                co_return false;
+            }
         }
         up.in.consume(st.consumed);
     }
     if (!chunk_to_client) co_return true;
     co_await down_.write(asio::buffer("0\r\n\r\n", 5), ec);
     tx_.rec.bytes_out += 5;
+    if (ec) client_write_failed(ec);
     co_return !ec;
 }
 
 // ---- client -> upstream ---------------------------------------------------------------
 
-task<bool> http_session::read_client_more(std::chrono::milliseconds idle, error_code& ec) {
+task<bool> http_session::read_client_more(pump_signal& sig, std::chrono::milliseconds idle, error_code& ec) {
     std::size_t room = 0;
     char* p = in_.prepare(pump_chunk, room);
     down_dog_.arm(idle);
     auto n = co_await down_.read_some(asio::buffer(p, std::min(room, pump_chunk)), ec);
-    if (ec) co_return false;
+    if (ec) {
+        sig.client_stopped = true;
+        co_return false;
+    }
     in_.commit(n);
     co_return true;
 }
@@ -120,7 +152,7 @@ task<bool> http_session::pump_request_length(upstream_conn& up, pump_signal& sig
         co_return false;
     while (left > 0) {
         // The client may stop early (an RPC channel may): what came is forwarded.
-        if (in_.empty() && !co_await read_client_more(idle, ec)) co_return false;
+        if (in_.empty() && !co_await read_client_more(sig, idle, ec)) co_return false;
         auto data = in_.data();
         if (data.size() > left) data = data.substr(0, static_cast<std::size_t>(left));
         co_await up.stream.write(asio::buffer(data.data(), data.size()), ec);
@@ -149,7 +181,10 @@ task<bool> http_session::splice_request(upstream_conn& up, pump_signal& sig, std
     while (pipe.ok() && left > 0 && in_.empty()) {
         down_dog_.arm(idle);
         auto n = co_await pipe.fill(down_, static_cast<std::size_t>(std::min<std::uint64_t>(left, pipe.capacity())), ec);
-        if (ec) co_return false;
+        if (ec) {
+            sig.client_stopped = true;
+            co_return false;
+        }
         co_await pipe.drain(up.stream, n, ec);
         if (ec) co_return false;
         sig.bytes += n;
@@ -163,7 +198,7 @@ task<bool> http_session::pump_request_chunked(upstream_conn& up, pump_signal& si
     error_code ec;
     http::chunked_decoder dec;
     while (!dec.done()) {
-        if (in_.empty() && !co_await read_client_more(idle, ec)) co_return false;
+        if (in_.empty() && !co_await read_client_more(sig, idle, ec)) co_return false;
         http::chunked_decoder::step st;
         http::parse_error perr;
         if (!dec.feed(in_.data(), st, perr)) {

@@ -28,6 +28,7 @@ public:
         local_port_ = lep.port();
         client_ = peer_;
         down_.socket().set_option(tcp::no_delay(true), ec);
+        down_.set_faults(w.faults);
         name_ = l.cfg->public_name.empty() ? rt_->name : l.cfg->public_name;
     }
 
@@ -252,7 +253,7 @@ private:
     task<bool> open_upstream() {
         auto key = "smtp|" + endpoint_text(*target_->address, target_->port);
         rules::fault f;
-        up_ = co_await connect_upstream(w_.io, w_.upstream_tls, *target_, key, f);
+        up_ = co_await connect_upstream(w_.io, w_.upstream_tls, *target_, key, f, down_.faults());
         auto fail = [&](const std::string& why, fault_class cls) {
             say("421 4.4.1 " + name_ + " (" + rt_->name + "): " + why);
             auto r = record();
