@@ -3,6 +3,8 @@
 // upstream connect or TLS handshake failing, until a run has no n-th operation of that kind.
 // Every run must end (no hang), leave no session, connection or descriptor behind, write
 // exactly one access-log record, and leave the client with a reply or a clean close.
+#include <iostream>
+
 #include "proxy/sessions/rig.hpp"
 
 namespace dmz::test::sessions {
@@ -250,6 +252,8 @@ unsigned fail_each(bool starttls, net::op_kind kind, bool eof = false) {
         if (testing::Test::HasFatalFailure()) break;
     }
     EXPECT_LT(n, 100u) << "the loop did not run out of operations";
+    std::cout << "[ injected ] " << (starttls ? "smtp+starttls" : "smtp") << ": " << net::to_string(kind) << (eof ? " (eof)" : "") << " #1.." << n - 1
+              << ", then a run with nothing to fail\n";
     return n - 1;
 }
 
