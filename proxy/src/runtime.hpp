@@ -45,6 +45,12 @@ struct instance_runtime {
     }
 };
 
+/// Builds the snapshot of a policy: the listeners' TLS contexts and the forms-session key.
+/// Throws (naming the listener and the file) when a certificate or key cannot be used.
+/// `revoked`: the logouts of the snapshot it replaces (a logout stays one across reloads).
+std::shared_ptr<const instance_runtime> make_runtime(std::shared_ptr<const rules::policy> policy,
+                                                     std::shared_ptr<revoked_sessions> revoked);
+
 struct worker;
 /// HTTP connections alive in the process, parked ones included (a drain waits for them, up
 /// to its timeout).
@@ -75,6 +81,9 @@ struct worker {
     /// Sessions that want to say goodbye on shutdown (SMTP's 421), by connection id.
     std::unordered_map<std::uint64_t, std::function<void()>> shutdown_hooks;
     bool stopping = false;
+    /// Tests only: makes the n-th stream operation of this worker's sessions fail (null in
+    /// production: one branch per operation).
+    net::fault_plan* faults = nullptr;
     /// The snapshot new connections and the next request of a kept connection get; a
     /// reload replaces it (posted to this worker's thread, so no lock).
     std::shared_ptr<const instance_runtime> rt;

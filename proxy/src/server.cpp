@@ -68,38 +68,6 @@ std::string join(const std::vector<std::string>& v) {
     return out;
 }
 
-/// Builds the snapshot of a policy: the listeners' TLS contexts and the forms-session key.
-/// Throws (naming the listener and the file) when a certificate or key cannot be used.
-std::shared_ptr<const instance_runtime> make_runtime(std::shared_ptr<const rules::policy> policy,
-                                                     std::shared_ptr<revoked_sessions> revoked) {
-    auto rt = std::make_shared<instance_runtime>();
-    rt->policy = policy;
-    rt->name = policy->config().name;
-    rt->role = policy->config().role;
-    if (revoked) rt->revoked = std::move(revoked);  // a logout stays a logout across reloads
-    for (auto& l : policy->config().listeners) {
-        auto lr = std::make_unique<listener_runtime>();
-        lr->cfg = &l;
-        // https listeners need a certificate; smtp listeners offer STARTTLS when they have one.
-        if (l.proto == rules::protocol::https || (l.proto == rules::protocol::smtp && !l.certificates.empty()))
-            lr->tls = std::make_unique<server_tls>(l);
-        for (auto& b : l.bind) rt->by_endpoint[b.to_string()] = lr.get();
-        rt->listeners.push_back(std::move(lr));
-    }
-    for (auto& l : policy->config().listeners)
-        if (l.auth == rules::auth_mode::forms && !rt->sessions) {
-            auto key = policy->config().session_key;
-            if (key.empty()) {
-                auto store = policy->config().user_store;
-                auto slash = store.rfind('/');
-                key = (slash == std::string::npos ? std::string(".") : store.substr(0, slash)) + "/session.key";
-            }
-            rt->sessions = session_sealer::open(key);
-        }
-    if (!policy->config().user_store.empty()) proxy::user_store::load(policy->config().user_store);  // malformed: fail now
-    return rt;
-}
-
 /// The listening sockets of one bind address, one per worker.
 using acceptor_group = std::vector<std::shared_ptr<tcp::acceptor>>;
 

@@ -57,6 +57,7 @@ http_session::http_session(worker& w, std::shared_ptr<const instance_runtime> rt
     if (a) peer_ = *a;
     peer_text_ = peer_.to_string();
     down_.socket().set_option(tcp::no_delay(true), ec);
+    down_.set_faults(w.faults);
     trusted_peer_ = rt_->policy->trusts_forwarding_from(peer_);
 }
 
@@ -65,6 +66,7 @@ http_session::http_session(worker& w, std::shared_ptr<const instance_runtime> rt
     : w_(w), rt_(std::move(rt)), l_(&l), endpoint_(std::move(c.endpoint)), counted_as_(std::move(c.counted_as)),
       down_(std::move(s)), down_dog_(w.io, down_), id_(c.id), peer_(c.peer), resumed_(true) {
     peer_text_ = peer_.to_string();
+    down_.set_faults(w.faults);
     trusted_peer_ = rt_->policy->trusts_forwarding_from(peer_);
     if (down_.is_tls()) sni_ = server_name(down_.native_tls());
 }

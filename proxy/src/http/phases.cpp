@@ -58,6 +58,7 @@ task<bool> http_session::transaction(bool first, bool readable) {
     tx_.rec = new_record();
     tx_.t0 = clock_type::now();
     tx_.use = upstream_use::none;
+    tx_.up_until_close = false;
     http::request_head head;
     fields_loan loan{head.fields};
     bool gone = false;

@@ -15,6 +15,24 @@ constexpr std::size_t pump_chunk = 64 * 1024;
 
 // ---- upstream -> client ---------------------------------------------------------------
 
+void http_session::fail_late(rules::fault f) {
+    if (tx_.rec.fault || client_gone_) return;  // the first cause stays; a client gone has its note
+    if (tx_.rule) f.rule = tx_.rule->name;
+    tx_.rec.fault = std::move(f);
+}
+
+void http_session::client_write_failed(const error_code& ec) {
+    fail_late(make_fault(fault_class::bad_request, 0, "the client connection failed while the answer was sent (" + ec.message() + ")"));
+}
+
+void http_session::upstream_body_failed(const error_code& ec) {
+    if (up_dog_->expired())
+        fail_late(make_fault(fault_class::upstream_timeout, 0,
+                             "no more of the answer's body within " + std::to_string(tx_.to->timeouts.read.count() / 1000) + " s"));
+    else
+        fail_late(make_fault(fault_class::upstream_protocol, 0, "the upstream connection failed in the answer's body (" + ec.message() + ")"));
+}
+
 task<bool> http_session::read_upstream_more(error_code& ec) {
     auto& up = *tx_.up;
     std::size_t room = 0;
@@ -22,7 +40,11 @@ task<bool> http_session::read_upstream_more(error_code& ec) {
     up_dog_->arm(tx_.to->timeouts.read);
     watch_soon(tx_.up, tx_.sig);
     auto n = co_await up.stream.read_some(asio::buffer(p, std::min(room, pump_chunk)), ec);
-    if (ec) co_return false;
+    if (ec == asio::error::eof && tx_.up_until_close) co_return false;  // the end of the body
+    if (ec) {
+        upstream_body_failed(ec);
+        co_return false;
+    }
     up.in.commit(n);
     co_return true;
 }
@@ -36,16 +58,21 @@ task<bool> http_session::pump_response(http::body_kind kind, std::uint64_t lengt
 task<bool> http_session::pump_response_raw(http::body_kind kind, std::uint64_t length) {
     error_code ec;
     auto timeout = tx_.to->timeouts.read;
+    bool until_close = kind == http::body_kind::until_close;
+    tx_.up_until_close = until_close;
     net::pipe_leg leg{.from = tx_.up->stream,
                       .to = down_,
                       .pending = tx_.up->in,
-                      .left = kind == http::body_kind::until_close ? net::until_eof : length,
+                      .left = until_close ? net::until_eof : length,
                       .moved = tx_.rec.bytes_out,
                       .before_read = [this, timeout] {
                           up_dog_->arm(timeout);
                           watch_soon(tx_.up, tx_.sig);
                       }};
-    co_return co_await net::pipe(leg, ec);
+    if (co_await net::pipe(leg, ec)) co_return true;
+    if (leg.to_failed) client_write_failed(ec);
+    else upstream_body_failed(ec);
+    co_return false;
 }
 
 task<bool> http_session::pump_response_chunked(bool chunk_to_client) {
@@ -56,7 +83,10 @@ task<bool> http_session::pump_response_chunked(bool chunk_to_client) {
         if (up.in.empty() && !co_await read_upstream_more(ec)) co_return false;
         http::chunked_decoder::step st;
         http::parse_error perr;
-        if (!dec.feed(up.in.data(), st, perr)) co_return false;
+        if (!dec.feed(up.in.data(), st, perr)) {
+            fail_late(make_fault(fault_class::upstream_protocol, 0, "the answer's chunked body: " + perr.code + ": " + perr.detail));
+            co_return false;
+        }
         if (!st.data.empty()) {
             if (chunk_to_client) {
                 auto size_line = http::hex(st.data.size()) + "\r\n";
@@ -68,24 +98,31 @@ task<bool> http_session::pump_response_chunked(bool chunk_to_client) {
                 co_await down_.write(asio::buffer(st.data.data(), st.data.size()), ec);
                 tx_.rec.bytes_out += st.data.size();
             }
-            if (ec) co_return false;
+            if (ec) {
+                client_write_failed(ec);
+                co_return false;
+            }
         }
         up.in.consume(st.consumed);
     }
     if (!chunk_to_client) co_return true;
     co_await down_.write(asio::buffer("0\r\n\r\n", 5), ec);
     tx_.rec.bytes_out += 5;
+    if (ec) client_write_failed(ec);
     co_return !ec;
 }
 
 // ---- client -> upstream ---------------------------------------------------------------
 
-task<bool> http_session::read_client_more(std::chrono::milliseconds idle, error_code& ec) {
+task<bool> http_session::read_client_more(pump_signal& sig, std::chrono::milliseconds idle, error_code& ec) {
     std::size_t room = 0;
     char* p = in_.prepare(pump_chunk, room);
     down_dog_.arm(idle);
     auto n = co_await down_.read_some(asio::buffer(p, std::min(room, pump_chunk)), ec);
-    if (ec) co_return false;
+    if (ec) {
+        sig.client_stopped = true;
+        co_return false;
+    }
     in_.commit(n);
     co_return true;
 }
@@ -114,7 +151,9 @@ task<bool> http_session::pump_request_length(upstream_conn& up, pump_signal& sig
     error_code ec;
     net::pipe_leg leg{.from = down_, .to = up.stream, .pending = in_, .left = length, .moved = sig.bytes,
                       .before_read = [this, idle] { down_dog_.arm(idle); }};
-    co_return co_await net::pipe(leg, ec);
+    if (co_await net::pipe(leg, ec)) co_return true;
+    if (!leg.to_failed) sig.client_stopped = true;
+    co_return false;
 }
 
 task<bool> http_session::pump_request_chunked(upstream_conn& up, pump_signal& sig, std::chrono::milliseconds idle,
@@ -122,7 +161,7 @@ task<bool> http_session::pump_request_chunked(upstream_conn& up, pump_signal& si
     error_code ec;
     http::chunked_decoder dec;
     while (!dec.done()) {
-        if (in_.empty() && !co_await read_client_more(idle, ec)) co_return false;
+        if (in_.empty() && !co_await read_client_more(sig, idle, ec)) co_return false;
         http::chunked_decoder::step st;
         http::parse_error perr;
         if (!dec.feed(in_.data(), st, perr)) {

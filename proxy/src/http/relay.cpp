@@ -30,7 +30,7 @@ task<http_session::take> http_session::take_upstream(bool has_body, rules::fault
         tx_.use = upstream_use::reused;
         co_return take::ok;
     }
-    tx_.up = co_await connect_upstream(w_.io, w_.upstream_tls, to, key_, f);
+    tx_.up = co_await connect_upstream(w_.io, w_.upstream_tls, to, key_, f, down_.faults());
     if (!tx_.up) co_return take::failed;
     tx_.use = upstream_use::fresh;
     co_return take::ok;
@@ -194,6 +194,12 @@ task<> http_session::answer_upstream_failure(error_code ec) {
         auto cf = *sig.client_fault;
         cf.rule = rule;
         co_await write_refusal(cf);
+    } else if (sig.done && sig.client_stopped && !up_dog_->expired()) {
+        // The client stopped in its request body, and the upstream then gave up on it: the
+        // client's fault, not the upstream's.
+        auto cf = make_fault(fault_class::bad_request, 400,
+                             "the client stopped sending in the request body; the upstream closed without answering", rule);
+        co_await write_refusal(cf);
     } else if (up_dog_->expired()) {
         auto fr = make_fault(fault_class::upstream_timeout, 504,
                              "no answer from " + tx_.rec.target + " within " + std::to_string(tx_.to->timeouts.read.count() / 1000) + " s",
@@ -235,8 +241,11 @@ task<bool> http_session::send_response_head(http::response_head& resp, bool& clo
     std::array<asio::const_buffer, 2> bufs{asio::buffer(rh), asio::buffer(up.in.data().data(), first_body)};
     error_code ec;
     co_await down_.write(bufs, ec);
+    if (ec) {
+        client_write_failed(ec);
+        co_return false;
+    }
     tx_.rec.bytes_out += rh.size() + first_body;
-    if (ec) co_return false;
     up.in.consume(first_body);
     length -= first_body;
     co_return true;

@@ -32,6 +32,8 @@ struct pump_signal {
     /// Set when the client broke the body's framing or limit: the client's fault, not the
     /// upstream's, whatever the upstream read then reports.
     std::optional<rules::fault> client_fault;
+    /// The client's connection ended (or failed) before the body did.
+    bool client_stopped = false;
 };
 
 /// A response this tier makes itself (a fault page, a login page, a redirect). An empty
@@ -92,6 +94,7 @@ struct transaction_context {
     upstream_use use = upstream_use::none;
     std::shared_ptr<upstream_conn> up;  ///< relay() sent the request on it
     std::shared_ptr<pump_signal> sig;   ///< the request body's pump
+    bool up_until_close = false;        ///< the answer's body ends when the upstream closes
 };
 
 class http_session : public std::enable_shared_from_this<http_session> {
@@ -212,12 +215,18 @@ private:
     task<bool> pump_response_raw(http::body_kind kind, std::uint64_t length);
     task<bool> pump_response_chunked(bool chunk_to_client);
     task<bool> read_upstream_more(error_code& ec);
+    /// A failure after the answer's head went out (nothing more can be said to the client):
+    /// on the record, unless an earlier cause is there already.
+    void fail_late(rules::fault f);
+    void client_write_failed(const error_code& ec);
+    /// The answer's body stopped coming: an upstream timeout or protocol fault.
+    void upstream_body_failed(const error_code& ec);
     /// Client -> upstream body. Runs beside the response; signals when done.
     task<> pump_request(std::shared_ptr<upstream_conn> up, std::shared_ptr<pump_signal> sig, http::body_kind kind,
                         std::uint64_t length, std::chrono::milliseconds idle, std::uint64_t limit);
     task<bool> pump_request_length(upstream_conn& up, pump_signal& sig, std::uint64_t length, std::chrono::milliseconds idle);
     task<bool> pump_request_chunked(upstream_conn& up, pump_signal& sig, std::chrono::milliseconds idle, std::uint64_t limit);
-    task<bool> read_client_more(std::chrono::milliseconds idle, error_code& ec);
+    task<bool> read_client_more(pump_signal& sig, std::chrono::milliseconds idle, error_code& ec);
 
     worker& w_;
     std::shared_ptr<const instance_runtime> rt_;

@@ -17,6 +17,8 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 
+#include "net/fault_plan.hpp"
+
 namespace dmz::net {
 
 namespace asio = boost::asio;
@@ -57,6 +59,14 @@ public:
     SSL* native_tls() { return ssl_.get(); }
     /// Hands the TLS state over (to park the connection); the stream is plain afterwards.
     tls_handle release_tls() { return std::move(ssl_); }
+    /// The worker's fault plan (tests only; null in production), shared with the streams a
+    /// session opens upstream.
+    void set_faults(fault_plan* p) { faults_ = p; }
+    fault_plan* faults() const { return faults_; }
+    /// Whether the plan fails this operation (counting it).
+    bool fails(op_kind k) { return faults_ && faults_->due(k); }
+    /// The failed operation: the socket shut down, the plan's error after a post.
+    task<std::size_t> fail(op_kind k, error_code& ec);
 
     /// The TLS handshake, as server or client (the socket must be connected).
     task<void> handshake(bool server, error_code& ec);
@@ -64,6 +74,7 @@ public:
     // read_some, wait_readable and write are not coroutines themselves: each hands back the
     // operation's own awaitable, which saves a coroutine frame (a malloc) per operation.
     task<std::size_t> read_some(asio::mutable_buffer b, error_code& ec) {
+        if (fails(op_kind::read)) [[unlikely]] return fail(op_kind::read, ec);
         if (ssl_) return tls_read(b, ec);
         return plain_.async_read_some(b, redirect(ec));
     }
@@ -76,6 +87,7 @@ public:
     /// is queued with no system call (the descriptor stays registered edge-triggered).
     /// (The count it returns means nothing.)
     task<std::size_t> wait_readable(error_code& ec) {
+        if (fails(op_kind::read)) [[unlikely]] return fail(op_kind::read, ec);
         if (ssl_ && SSL_has_pending(ssl_.get())) return ready();
         return peek(ec);
     }
@@ -85,6 +97,7 @@ public:
     /// epoll_wait before running it.) What does not fit is written asynchronously.
     template <class Buffers>
     task<std::size_t> write(const Buffers& b, error_code& ec) {
+        if (fails(op_kind::write)) [[unlikely]] return fail(op_kind::write, ec);
         if (ssl_) return tls_gather(b, ec);
         if (!plain_.non_blocking()) plain_.non_blocking(true, ec);
         std::size_t n = ec ? 0 : plain_.write_some(b, ec);
@@ -152,6 +165,7 @@ private:
     task<int> tls_call(int (*fn)(SSL*, void*, int), void* p, int n, error_code& ec);
     tcp::socket plain_;
     tls_handle ssl_;
+    fault_plan* faults_ = nullptr;
     char peek_ = 0;
 };
 

@@ -49,6 +49,7 @@ splice_pipe::~splice_pipe() {
 }
 
 task<std::size_t> splice_pipe::fill(stream& from, std::size_t max, error_code& ec) {
+    if (from.fails(op_kind::read)) co_return co_await from.fail(op_kind::read, ec);
     int fd = static_cast<int>(from.socket().native_handle());
     if (!from.socket().native_non_blocking()) from.socket().native_non_blocking(true, ec);
     if (ec) co_return 0;
@@ -71,6 +72,10 @@ task<std::size_t> splice_pipe::fill(stream& from, std::size_t max, error_code& e
 }
 
 task<void> splice_pipe::drain(stream& to, std::size_t n, error_code& ec) {
+    if (to.fails(op_kind::write)) {
+        co_await to.fail(op_kind::write, ec);
+        co_return;
+    }
     int fd = static_cast<int>(to.socket().native_handle());
     if (!to.socket().native_non_blocking()) to.socket().native_non_blocking(true, ec);
     if (ec) co_return;
@@ -96,7 +101,10 @@ task<bool> write_pending(pipe_leg& leg, error_code& ec) {
     auto data = leg.pending.data();
     if (leg.left != until_eof && data.size() > leg.left) data = data.substr(0, static_cast<std::size_t>(leg.left));
     co_await leg.to.write(asio::buffer(data.data(), data.size()), ec);
-    if (ec) co_return false;
+    if (ec) {
+        leg.to_failed = true;
+        co_return false;
+    }
     leg.moved += data.size();
     leg.pending.consume(data.size());
     if (leg.left != until_eof) leg.left -= data.size();
@@ -130,7 +138,10 @@ task<bool> splice_rest(pipe_leg& leg, error_code& ec) {
         auto n = co_await kp.fill(leg.from, want, ec);
         if (ec) co_return false;
         co_await kp.drain(leg.to, n, ec);
-        if (ec) co_return false;
+        if (ec) {
+            leg.to_failed = true;
+            co_return false;
+        }
         leg.moved += n;
         if (leg.left != until_eof) leg.left -= n;
     }

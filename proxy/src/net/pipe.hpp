@@ -27,6 +27,8 @@ struct pipe_leg {
     std::uint64_t& moved;
     /// Runs before every wait for `from` (arms its read deadline, starts a client watch).
     std::function<void()> before_read;
+    /// Set when the copy stopped because writing to `to` failed (else `from` failed or ended).
+    bool to_failed = false;
 };
 
 /// A known length shorter than this (beyond what is pending) is copied through the buffer:

@@ -10,9 +10,33 @@
 #include <climits>
 #include <stdexcept>
 
+#include <boost/asio/post.hpp>
+
 #include "asio.hpp"
 
 namespace dmz::net {
+
+const char* to_string(op_kind k) {
+    switch (k) {
+    case op_kind::read: return "read";
+    case op_kind::write: return "write";
+    case op_kind::connect: return "connect";
+    case op_kind::handshake: return "handshake";
+    }
+    return "?";
+}
+
+task<std::size_t> stream::fail(op_kind k, error_code& ec) {
+    // As a connection that broke now: the peer sees it close, later operations fail too.
+    error_code ignored;
+    plain_.shutdown(tcp::socket::shutdown_both, ignored);
+    co_await asio::post(plain_.get_executor(), use_task);
+    if (k == op_kind::read) ec = faults_->eof ? error_code(asio::error::eof) : error_code(asio::error::connection_reset);
+    else if (k == op_kind::write) ec = asio::error::broken_pipe;
+    else if (k == op_kind::connect) ec = asio::error::connection_refused;
+    else ec = ssl::error::stream_truncated;
+    co_return 0;
+}
 
 void stream::ssl_free::operator()(SSL* s) const { SSL_free(s); }
 
@@ -54,6 +78,10 @@ task<int> stream::tls_call(int (*fn)(SSL*, void*, int), void* p, int n, error_co
 }
 
 task<void> stream::handshake(bool server, error_code& ec) {
+    if (fails(op_kind::handshake)) {
+        co_await fail(op_kind::handshake, ec);
+        co_return;
+    }
     plain_.non_blocking(true, ec);
     if (ec) co_return;
     if (SSL_set_fd(ssl_.get(), static_cast<int>(plain_.native_handle())) != 1) {

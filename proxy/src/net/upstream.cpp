@@ -25,7 +25,7 @@ std::string endpoint_text(const rules::ip_address& a, std::uint16_t port) {
 }
 
 net::task<std::shared_ptr<upstream_conn>> connect_upstream(net::asio::io_context& io, client_tls& tls, const rules::target& to,
-                                                       std::string key, rules::fault& f) {
+                                                           std::string key, rules::fault& f, net::fault_plan* faults) {
 using namespace net;
     std::optional<stream> s;
     if (to.tls) {
@@ -39,6 +39,7 @@ using namespace net;
     } else {
         s.emplace(tcp::socket(io));
     }
+    s->set_faults(faults);
     auto addr = asio::ip::make_address(to.address->to_string());
     tcp::endpoint ep(addr, to.port);
     error_code ec;
@@ -50,7 +51,8 @@ using namespace net;
     }
     watchdog dog(io, *s);
     dog.arm(to.timeouts.connect);
-    co_await s->socket().async_connect(ep, redirect(ec));
+    if (s->fails(op_kind::connect)) co_await s->fail(op_kind::connect, ec);
+    else co_await s->socket().async_connect(ep, redirect(ec));
     if (ec) {
         auto what = endpoint_text(*to.address, to.port);
         if (dog.expired())
@@ -80,6 +82,7 @@ using namespace net;
         co_return nullptr;
     }
     s.emplace(std::move(fresh), std::move(tls_state));
+    s->set_faults(faults);
     s->socket().set_option(tcp::no_delay(true), ec);
     if (to.tls) {
         co_await s->handshake(false, ec);

@@ -30,9 +30,10 @@ std::string endpoint_text(const rules::ip_address& a, std::uint16_t port);
 /// Connects (and, for TLS targets, handshakes and verifies) within the target's connect
 /// timeout. On failure returns null and fills `f` with the class and a detail that says
 /// which: refused (10061), timed out (10060), no route (10065), name mismatch, untrusted
-/// chain, handshake failure.
+/// chain, handshake failure. `faults`: the session's fault plan (tests; null otherwise),
+/// which the new connection shares.
 net::task<std::shared_ptr<upstream_conn>> connect_upstream(net::asio::io_context& io, client_tls& tls, const rules::target& to,
-                                                           std::string key, rules::fault& f);
+                                                           std::string key, rules::fault& f, net::fault_plan* faults);
 
 /// Whether an idle connection is still open (the peer has not closed it).
 bool still_open(upstream_conn& c);

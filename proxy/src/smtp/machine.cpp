@@ -113,6 +113,10 @@ step machine_impl::on_client_closed(bool timed_out) {
     case state::command:
         if (timed_out)
             say("421 4.4.2 " + f_.name + " closing: no command within " + std::to_string(f_.command_timeout.count() / 1000) + " s");
+        // A mail begun and left without DATA or RSET: the client's doing, and not a mail.
+        if (in_transaction_)
+            tx_.fault = make_fault(fault_class::bad_request, 0,
+                                   timed_out ? "timed out in a mail transaction" : "the client closed in a mail transaction");
         close_transaction("", "");
         break;
     case state::data:

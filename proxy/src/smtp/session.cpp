@@ -29,6 +29,7 @@ public:
         local_port_ = lep.port();
         client_ = peer_;
         down_.socket().set_option(tcp::no_delay(true), ec);
+        down_.set_faults(w.faults);
         name_ = l.cfg->public_name.empty() ? rt_->name : l.cfg->public_name;
     }
 
@@ -253,7 +254,7 @@ private:
     task<bool> open_upstream() {
         auto key = "smtp|" + endpoint_text(*target_->address, target_->port);
         rules::fault f;
-        up_ = co_await connect_upstream(w_.io, w_.upstream_tls, *target_, key, f);
+        up_ = co_await connect_upstream(w_.io, w_.upstream_tls, *target_, key, f, down_.faults());
         auto fail = [&](const std::string& why, fault_class cls) {
             say("421 4.4.1 " + name_ + " (" + rt_->name + "): " + why);
             auto r = record();
@@ -327,13 +328,21 @@ private:
         auto idle = target_->timeouts.idle;
         net::pipe_leg leg{.from = up_->stream, .to = down_, .pending = up_->in, .left = net::until_eof, .moved = n_bytes->down,
                           .before_read = [this, idle] { up_dog_->arm(idle); }};
-        co_await net::pipe(leg, ec);
+        bool ok = co_await net::pipe(leg, ec);
         down_.shutdown_send();
         down_.cancel();
         auto r = record();
         r.bytes_in = n_bytes->up;
         r.bytes_out = n_bytes->down;
         r.note = "tcp mode";
+        // The upstream ending its side is the normal end; anything else is a fault with a side.
+        if (!ok && leg.to_failed)
+            r.fault = make_fault(fault_class::bad_request, 0, "tcp mode: the client connection failed (" + ec.message() + ")");
+        else if (!ok && up_dog_->expired())
+            r.fault = make_fault(fault_class::upstream_timeout, 0,
+                                 "tcp mode: the upstream sent nothing for " + std::to_string(idle.count() / 1000) + " s");
+        else if (!ok)
+            r.fault = make_fault(fault_class::upstream_protocol, 0, "tcp mode: the upstream connection failed (" + ec.message() + ")");
         write_log(r, t0_);
     }
 

@@ -203,6 +203,9 @@ TEST_F(SmtpMachine, ClientTimeoutSays421AndLogsTheTransaction) {
     EXPECT_EQ(last.next, action::end);
     ASSERT_EQ(world.logged.size(), 1u);
     EXPECT_EQ(world.logged[0].mail_from, "a@example.net");
+    EXPECT_EQ(world.logged[0].fault.cls, dmz::rules::fault_class::bad_request);
+    EXPECT_EQ(world.logged[0].fault.side, dmz::rules::fault_side::client);
+    EXPECT_EQ(world.logged[0].fault.detail, "timed out in a mail transaction");
 }
 
 // ---- MAIL --------------------------------------------------------------------------------
