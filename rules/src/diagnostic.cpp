@@ -43,6 +43,9 @@ std::string did_you_mean(const std::string& word, const std::vector<std::string>
     std::string best;
     std::size_t best_d = std::max<std::size_t>(2, word.size() / 3) + 1;
     for (auto& c : candidates) {
+        // The distance is at least the difference in length: skip what cannot be closer.
+        auto gap = word.size() > c.size() ? word.size() - c.size() : c.size() - word.size();
+        if (gap >= best_d) continue;
         auto d = edit_distance(word, c);
         if (d < best_d) {
             best_d = d;
