@@ -148,12 +148,13 @@ void lint(const topology& t, diagnostics& out) {
     }
 
     // A scenario's list of deliberate errors must name errors it has.
-    for (auto& [code, where] : t.broken_on_purpose) {
+    for (auto& listed : t.broken_on_purpose) {
+        const std::string& code = listed.first;  // not a structured binding: clang 14 cannot capture one
         bool found = std::any_of(out.begin(), out.end(), [&](const rules::diagnostic& d) {
             return d.code == code && d.level == severity::error;
         });
         if (!found)
-            add(out, severity::warning, "TOP010", where, "topology.broken_on_purpose",
+            add(out, severity::warning, "TOP010", listed.second, "topology.broken_on_purpose",
                 "broken_on_purpose lists " + code + ", but this topology has no such error",
                 "remove it: a fixed scenario should not start with its faults waved through");
     }
