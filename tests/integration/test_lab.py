@@ -564,8 +564,13 @@ class LabThroughBothTiers(unittest.TestCase):
             for s in (inn, out):
                 if s is not None:
                     s.close()
-        st = self.stats()
-        self.assertGreaterEqual(st["rpc"]["bytes_echoed"], len(first) + len(big) + len(last))
+        # The host counts echoed bytes just after it sent them: the client may be a moment ahead.
+        echoed = len(first) + len(big) + len(last)
+        def counted():
+            stats = self.stats()
+            return stats if stats["rpc"]["bytes_echoed"] >= echoed else None
+        st = wait_until(counted, 15)
+        self.assertIsNotNone(st, "the host counted fewer echoed bytes than arrived: %s" % self.stats()["rpc"])
         outs = [r for r in st["recent"] if token in (r.get("target") or "") and r["method"] == "RPC_OUT_DATA"]
         ins = [r for r in st["recent"] if token in (r.get("target") or "") and r["method"] == "RPC_IN_DATA"]
         self.assertEqual(len(outs), 1, st["recent"][-10:])
