@@ -47,7 +47,7 @@ std::shared_ptr<const rules::policy> load_config_file(const run_cli& o, std::str
         return nullptr;
     }
     print_diagnostics(std::cerr, res.diags);
-    return std::make_shared<rules::policy>(std::move(*res.config));
+    return rules::compile(std::move(*res.config));
 }
 
 /// The instance derived from the topology, checked as `check -t` checks the topology: an

@@ -32,6 +32,7 @@ std::shared_ptr<const instance_runtime> make_runtime(std::shared_ptr<const rules
     for (auto& l : policy->config().listeners) {
         auto lr = std::make_unique<listener_runtime>();
         lr->cfg = &l;
+        lr->id = policy->resolve_listener(l.name);
         // https listeners need a certificate; smtp listeners offer STARTTLS when they have one.
         if (l.proto == rules::protocol::https || (l.proto == rules::protocol::smtp && !l.certificates.empty()))
             lr->tls = std::make_unique<server_tls>(l);

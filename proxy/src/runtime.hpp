@@ -24,6 +24,7 @@ namespace dmz::proxy {
 
 struct listener_runtime {
     const rules::listener* cfg = nullptr;
+    rules::listener_id id;  ///< resolved once per snapshot: what each evaluation names it by
     std::unique_ptr<server_tls> tls;  ///< https listeners
 };
 

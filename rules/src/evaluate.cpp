@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "compiled.hpp"
+
 namespace dmz::rules {
 
 const char* to_string(verdict v) {
@@ -45,14 +47,20 @@ const char* to_string(examined_rule::outcome o) {
 }
 
 bool host_matches(std::string_view pattern, std::string_view host) {
-    auto h = to_lower(host);
+    // Compared a character at a time: the host's case is folded without a copy.
+    auto same = [](std::string_view h, std::string_view p) {
+        if (h.size() != p.size()) return false;
+        for (std::size_t i = 0; i < h.size(); ++i)
+            if (detail::ascii_lower(h[i]) != p[i]) return false;
+        return true;
+    };
     if (pattern.starts_with("*.")) {
         auto suffix = pattern.substr(1);  // ".contoso.com"
-        if (h.size() <= suffix.size() || !std::string_view(h).ends_with(suffix)) return false;
-        auto label = std::string_view(h).substr(0, h.size() - suffix.size());
+        if (host.size() <= suffix.size() || !same(host.substr(host.size() - suffix.size()), suffix)) return false;
+        auto label = host.substr(0, host.size() - suffix.size());
         return label.find('.') == std::string_view::npos;
     }
-    return h == pattern;
+    return same(host, pattern);
 }
 
 namespace {
@@ -100,243 +108,297 @@ std::string relay_trick(std::string_view mailbox) {
     return "";
 }
 
-policy::policy(instance_config cfg) : cfg_(std::move(cfg)) {}
+namespace detail {
 
-bool policy::source_contains(const std::string& name, const ip_address& a) const {
-    if (name == external_network) return cfg_.network_of(a) == external_network;
-    auto ranges = cfg_.ranges_of(name);
-    if (!ranges) return false;
-    return std::any_of(ranges->begin(), ranges->end(), [&](const cidr& c) { return c.contains(a); });
+namespace {
+
+using o_t = examined_rule::outcome;
+
+/// One evaluation: walks the rules in order until one decides. The trace (and every string
+/// in it) is built only when asked for; the per-request path visits only the listener's
+/// candidate rules and copies nothing per rule.
+class evaluation {
+public:
+    evaluation(const compiled_policy& c, const compiled_listener& l, const facts& f, const evaluate_options& opts,
+               decision& d)
+        : c_(c), l_(l), f_(f), opts_(opts), d_(d) {
+        if (l_.web && f_.target) {
+            d_.path = normalize_target(*f_.target);
+            norm_ = &d_.path;
+        }
+    }
+
+    /// Examines rule `i`; true when it decided the transaction.
+    bool examine(std::uint32_t i);
+    /// No rule decided: the built-in default deny, or a hint that a user would be allowed.
+    void fall_through();
+
+private:
+    void note(const rule& r, o_t result);
+    bool conditions(std::uint32_t i);
+    tri sources(const compiled_rule& cr) const;
+    tri hosts(const rule& r) const;
+    tri paths(const compiled_rule& cr, bool& unsafe) const;
+    tri users(const rule& r);
+    void undecided(const rule& r);
+    void matched(const compiled_rule& cr);
+    void relay(const compiled_rule& cr);
+
+    /// A condition's result: false when it failed (with the reason, built only for a
+    /// trace); the first unknown one leaves the rule undecided.
+    template <class Reason>
+    bool condition(tri t, const char* name, Reason&& reason) {
+        if (t == tri::no) {
+            if (opts_.trace) {
+                ex_.condition = name;
+                ex_.reason = reason();
+            }
+            return false;
+        }
+        if (t == tri::unknown && !undecided_) {
+            undecided_ = true;
+            undecided_cond_ = name;
+        }
+        return true;
+    }
+
+    const compiled_policy& c_;
+    const compiled_listener& l_;
+    const facts& f_;
+    const evaluate_options& opts_;
+    decision& d_;
+    const normalized_target* norm_ = nullptr;
+    const rule* auth_candidate_ = nullptr;
+    examined_rule ex_{};  ///< the rule being examined; filled only for a trace
+    bool undecided_ = false;
+    const char* undecided_cond_ = "";
+};
+
+void evaluation::note(const rule& r, o_t result) {
+    if (!opts_.trace) return;
+    ex_.rule = r.name;
+    ex_.where = r.where;
+    ex_.result = result;
+    d_.trace.push_back(std::move(ex_));
 }
 
-bool policy::trusts_forwarding_from(const ip_address& peer) const {
-    return std::any_of(cfg_.trust_forwarded_from.begin(), cfg_.trust_forwarded_from.end(),
-                       [&](const std::string& s) { return source_contains(s, peer); });
+bool evaluation::examine(std::uint32_t i) {
+    const rule& r = *c_.rules[i].r;
+    if (opts_.trace) ex_ = examined_rule{};
+    undecided_ = false;
+    undecided_cond_ = "";
+    bool enabled = r.enabled || (r.test && opts_.enable_test_rules);
+    if (!enabled) {
+        if (opts_.trace) ex_.reason = r.test ? "disabled (test rule)" : "disabled";
+        note(r, o_t::skipped_disabled);
+        return false;
+    }
+    if ((r.kind == rule_kind::web && !l_.web) || (r.kind == rule_kind::server && l_.web)) {
+        if (opts_.trace) ex_.reason = std::string(to_string(r.kind)) + " rule; this is " + (l_.web ? "HTTP" : "SMTP");
+        note(r, o_t::not_applicable);
+        return false;
+    }
+    if (!conditions(i)) {
+        note(r, o_t::failed);
+        return false;
+    }
+    if (undecided_) {
+        undecided(r);
+        return true;
+    }
+    note(r, o_t::matched);
+    matched(c_.rules[i]);
+    return true;
 }
 
-tri policy::match_sources(const std::vector<std::string>& names,
-                          const std::optional<ip_address>& a) const {
-    if (names.empty()) return tri::yes;
-    if (!a) return tri::unknown;
-    for (auto& n : names)
-        if (source_contains(n, *a)) return tri::yes;
+bool evaluation::conditions(std::uint32_t i) {
+    const compiled_rule& cr = c_.rules[i];
+    const rule& r = *cr.r;
+    bool ok = condition(l_.listed[i] ? tri::yes : tri::no, "listener",
+                        [&] { return "listener '" + l_.l->name + "' is not one of: " + join(r.listeners); });
+    if (ok) {
+        ok = condition(sources(cr), "from", [&] {
+            return f_.client ? "client " + f_.client->to_string() + " (network " + c_.cfg.network_of(*f_.client) +
+                                   ") is not in: " + join(r.from)
+                             : std::string();
+        });
+    }
+    if (ok && l_.web && !r.public_names.empty())
+        ok = condition(hosts(r), "public_names",
+                       [&] { return "host '" + f_.host.value_or("") + "' is not one of: " + join(r.public_names); });
+    if (ok && l_.web && r.kind == rule_kind::web) {
+        bool unsafe = false;
+        tri t = paths(cr, unsafe);
+        ok = condition(t, "paths", [&] {
+            return unsafe ? "unsafe path: " + norm_->unsafe : "path '" + norm_->path + "' is not under: " + join(r.paths);
+        });
+    }
+    if (ok && l_.web && !r.methods.empty()) {
+        tri t = tri::unknown;
+        if (f_.method) t = std::find(r.methods.begin(), r.methods.end(), *f_.method) != r.methods.end() ? tri::yes : tri::no;
+        ok = condition(t, "methods", [&] { return "method " + f_.method.value_or("") + " is not one of: " + join(r.methods); });
+    }
+    if (ok && (!r.users.empty() || !r.groups.empty())) {
+        ok = condition(users(r), "users", [&] {
+            return f_.who == identity::anonymous
+                       ? std::string("requires an authenticated user; the client is anonymous")
+                       : "user '" + f_.user + "' is not among users [" + join(r.users) + "] or groups [" + join(r.groups) + "]";
+        });
+    }
+    return ok;
+}
+
+tri evaluation::sources(const compiled_rule& cr) const {
+    if (cr.r->from.empty()) return tri::yes;
+    if (!f_.client) return tri::unknown;
+    return c_.contains(cr.from, *f_.client) ? tri::yes : tri::no;
+}
+
+tri evaluation::hosts(const rule& r) const {
+    if (!f_.host) return tri::unknown;
+    for (auto& p : r.public_names)
+        if (host_matches(p, *f_.host)) return tri::yes;
     return tri::no;
 }
 
-decision policy::evaluate(const facts& f, const evaluate_options& opts) const {
+tri evaluation::paths(const compiled_rule& cr, bool& unsafe) const {
+    if (!norm_) {
+        // A deny decides without the path: an unsafe path would be refused anyway.
+        // An allow must wait, since an unsafe path would stop it matching.
+        return cr.paths.empty() && cr.r->act == action::deny ? tri::yes : tri::unknown;
+    }
+    if (!norm_->safe()) {
+        unsafe = true;
+        return tri::no;
+    }
+    if (cr.paths.empty()) return tri::yes;
+    for (auto& p : cr.paths)
+        if (p.covers(norm_->path)) return tri::yes;
+    return tri::no;
+}
+
+tri evaluation::users(const rule& r) {
+    if (f_.who == identity::anonymous) {
+        if (!undecided_ && !auth_candidate_) auth_candidate_ = &r;
+        return tri::no;
+    }
+    if (f_.who != identity::authenticated) return tri::unknown;
+    for (auto& u : r.users)
+        if (u == "*" || u == f_.user) return tri::yes;
+    for (auto& g : r.groups)
+        if (std::find(f_.groups.begin(), f_.groups.end(), g) != f_.groups.end()) return tri::yes;
+    return tri::no;
+}
+
+void evaluation::undecided(const rule& r) {
+    if (opts_.trace) {
+        ex_.condition = undecided_cond_;
+        ex_.reason = std::string(undecided_cond_) + " not known yet";
+    }
+    note(r, o_t::undecided);
+    d_.result = verdict::undecided;
+    d_.why = fault_class::none;
+    d_.because = basis::not_known_yet;
+    d_.matched = &r;
+    d_.rule_name = r.name;
+    d_.where = r.where;
+    d_.reason = "rule '" + r.name + "' may match once " + undecided_cond_ + " is known";
+}
+
+void evaluation::matched(const compiled_rule& cr) {
+    const rule& r = *cr.r;
+    bool allow = r.act == action::allow;
+    d_.matched = &r;
+    d_.rule_name = r.name;
+    d_.where = r.where;
+    d_.result = allow ? verdict::allow : verdict::deny;
+    d_.why = allow ? fault_class::none : fault_class::rule_denied;
+    d_.because = allow ? basis::allowed : basis::denied_by_rule;
+    d_.reason = allow ? "allowed by rule '" + r.name + "'" : "denied by rule '" + r.name + "'";
+
+    if (allow && r.exchange_guards && norm_ && contains_nocase(norm_->decoded, "autodiscover") &&
+        contains_nocase(norm_->decoded, "powershell")) {
+        d_.result = verdict::deny;
+        d_.why = fault_class::rule_denied;
+        d_.because = basis::exchange_template;
+        d_.reason = "refused by the Exchange template of rule '" + r.name +
+                    "': the decoded URI names both autodiscover and powershell (ProxyShell/ProxyNotShell shape)";
+    }
+    if (allow && r.kind == rule_kind::server && f_.rcpt) relay(cr);
+}
+
+void evaluation::relay(const compiled_rule& cr) {
+    const rule& r = *cr.r;
+    auto trick = relay_trick(*f_.rcpt);
+    auto domain = mailbox_domain(*f_.rcpt);
+    bool accepted = trick.empty() && std::any_of(r.accepted_domains.begin(), r.accepted_domains.end(),
+                                                 [&](auto& a) { return host_matches(a, domain); });
+    bool relay_source = f_.client && c_.contains(cr.relay_from, *f_.client);
+    if (!trick.empty()) {
+        d_.result = verdict::deny;
+        d_.why = fault_class::rule_denied;
+        d_.because = basis::relay_trick;
+        d_.reason = "recipient " + std::string(*f_.rcpt) + " uses " + trick + ", which is never relayed (rule '" + r.name + "')";
+    } else if (accepted) {
+        d_.smtp_disposition = "submit";
+        d_.reason = "submit to accepted domain " + domain + " (rule '" + r.name + "')";
+    } else if (r.relay_authenticated && f_.who == identity::authenticated) {
+        d_.smtp_disposition = "relay";
+        d_.reason = "relay to " + domain + " for authenticated user '" + f_.user + "' (rule '" + r.name + "')";
+    } else if (relay_source) {
+        d_.smtp_disposition = "relay";
+        d_.reason = "relay to " + domain + " for client " + f_.client->to_string() + " in relay_from (rule '" + r.name + "')";
+    } else if (f_.who == identity::unknown && r.relay_authenticated) {
+        d_.result = verdict::undecided;
+        d_.because = basis::not_known_yet;
+        d_.reason = "relay to " + domain + " depends on authentication, not known yet";
+    } else {
+        d_.result = verdict::deny;
+        d_.why = fault_class::rule_denied;
+        d_.because = basis::relay_not_permitted;
+        d_.reason = "relay to " + domain + " denied: not an accepted domain of rule '" + r.name + "' (" +
+                    join(r.accepted_domains) + "), the session is not authenticated, and client " +
+                    (f_.client ? f_.client->to_string() : std::string("?")) + " is not in relay_from [" +
+                    join(r.relay_from) + "]";
+    }
+}
+
+void evaluation::fall_through() {
+    d_.rule_name = "default deny";
+    d_.result = verdict::deny;
+    if (auth_candidate_) {
+        d_.why = fault_class::auth_required;
+        d_.because = basis::needs_authentication;
+        d_.matched = nullptr;
+        d_.rule_name = auth_candidate_->name;
+        d_.where = auth_candidate_->where;
+        d_.reason = "rule '" + auth_candidate_->name + "' would allow this for an authenticated user";
+        return;
+    }
+    d_.why = fault_class::no_rule_matched;
+    d_.because = basis::no_rule_matched;
+    d_.reason = "no rule matched; the built-in default rule denies";
+}
+
+}  // namespace
+
+decision evaluate(const compiled_policy& c, const compiled_listener& l, const facts& f, const evaluate_options& opts) {
     decision d;
-    const listener* lst = cfg_.find_listener(f.listener);
-    if (!lst) {
-        d.rule_name = "default deny";
-        d.reason = "no listener named '" + f.listener + "'";
-        return d;
+    evaluation e(c, l, f, opts, d);
+    if (opts.trace) {
+        // Every rule, each with its outcome, for explain and diagnose.
+        for (std::uint32_t i = 0; i < c.rules.size(); ++i)
+            if (e.examine(i)) return d;
+    } else {
+        // Only the rules that can apply to this listener: the others fail on its kind or its
+        // name, which leaves nothing behind when no trace is kept.
+        for (auto i : l.candidates)
+            if (e.examine(i)) return d;
     }
-    bool web = lst->proto != protocol::smtp;
-    const normalized_target* norm = nullptr;
-    if (web && f.target) {
-        d.path = normalize_target(*f.target);
-        norm = &d.path;
-    }
-    const rule* auth_candidate = nullptr;
-    using o_t = examined_rule::outcome;
-
-    for (auto& r : cfg_.rules) {
-        // Filled only for a trace: the per-request path copies nothing per rule.
-        examined_rule ex{};
-        auto note = [&](o_t result) {
-            if (!opts.trace) return;
-            ex.rule = r.name;
-            ex.where = r.where;
-            ex.result = result;
-            d.trace.push_back(std::move(ex));
-        };
-        bool enabled = r.enabled || (r.test && opts.enable_test_rules);
-        if (!enabled) {
-            if (opts.trace) ex.reason = r.test ? "disabled (test rule)" : "disabled";
-            note(o_t::skipped_disabled);
-            continue;
-        }
-        if ((r.kind == rule_kind::web && !web) || (r.kind == rule_kind::server && web)) {
-            if (opts.trace) ex.reason = std::string(to_string(r.kind)) + " rule; this is " + (web ? "HTTP" : "SMTP");
-            note(o_t::not_applicable);
-            continue;
-        }
-
-        bool undecided = false;
-        const char* undecided_cond = "";
-        // The reason is built only when the condition fails and a trace is wanted.
-        auto cond = [&](tri t, const char* name, auto&& reason) -> bool {
-            if (t == tri::no) {
-                if (opts.trace) {
-                    ex.condition = name;
-                    ex.reason = reason();
-                }
-                return false;
-            }
-            if (t == tri::unknown && !undecided) {
-                undecided = true;
-                undecided_cond = name;
-            }
-            return true;
-        };
-
-        bool ok = cond(r.listeners.empty() || std::find(r.listeners.begin(), r.listeners.end(), f.listener) != r.listeners.end()
-                           ? tri::yes : tri::no,
-                       "listener", [&] { return "listener '" + f.listener + "' is not one of: " + join(r.listeners); });
-        if (ok) {
-            tri t = match_sources(r.from, f.client);
-            ok = cond(t, "from", [&] {
-                return f.client ? "client " + f.client->to_string() + " (network " + cfg_.network_of(*f.client) +
-                                      ") is not in: " + join(r.from)
-                                : std::string();
-            });
-        }
-        if (ok && web && !r.public_names.empty()) {
-            tri t = tri::unknown;
-            if (f.host) {
-                t = tri::no;
-                for (auto& p : r.public_names)
-                    if (host_matches(p, *f.host)) t = tri::yes;
-            }
-            ok = cond(t, "public_names", [&] { return "host '" + f.host.value_or("") + "' is not one of: " + join(r.public_names); });
-        }
-        if (ok && web && r.kind == rule_kind::web) {
-            tri t = tri::unknown;
-            bool unsafe = false;
-            if (norm) {
-                if (!norm->safe()) {
-                    t = tri::no;
-                    unsafe = true;
-                } else if (r.paths.empty()) {
-                    t = tri::yes;
-                } else {
-                    t = tri::no;
-                    for (auto& p : r.paths)
-                        if (path_has_prefix(norm->path, p)) t = tri::yes;
-                }
-            } else if (r.paths.empty() && r.act == action::deny) {
-                // A deny decides without the path: an unsafe path would be refused anyway.
-                // An allow must wait, since an unsafe path would stop it matching.
-                t = tri::yes;
-            }
-            ok = cond(t, "paths", [&] {
-                return unsafe ? "unsafe path: " + norm->unsafe : "path '" + norm->path + "' is not under: " + join(r.paths);
-            });
-        }
-        if (ok && web && !r.methods.empty()) {
-            tri t = tri::unknown;
-            if (f.method) t = std::find(r.methods.begin(), r.methods.end(), *f.method) != r.methods.end() ? tri::yes : tri::no;
-            ok = cond(t, "methods", [&] { return "method " + f.method.value_or("") + " is not one of: " + join(r.methods); });
-        }
-        if (ok && (!r.users.empty() || !r.groups.empty())) {
-            tri t = tri::unknown;
-            if (f.who == identity::anonymous) {
-                t = tri::no;
-                if (!undecided && !auth_candidate) auth_candidate = &r;
-            } else if (f.who == identity::authenticated) {
-                t = tri::no;
-                for (auto& u : r.users)
-                    if (u == "*" || u == f.user) t = tri::yes;
-                for (auto& g : r.groups)
-                    if (std::find(f.groups.begin(), f.groups.end(), g) != f.groups.end()) t = tri::yes;
-            }
-            ok = cond(t, "users", [&] {
-                return f.who == identity::anonymous
-                           ? std::string("requires an authenticated user; the client is anonymous")
-                           : "user '" + f.user + "' is not among users [" + join(r.users) + "] or groups [" + join(r.groups) + "]";
-            });
-        }
-        if (!ok) {
-            note(o_t::failed);
-            continue;
-        }
-        if (undecided) {
-            if (opts.trace) {
-                ex.condition = undecided_cond;
-                ex.reason = std::string(undecided_cond) + " not known yet";
-            }
-            note(o_t::undecided);
-            d.result = verdict::undecided;
-            d.why = fault_class::none;
-            d.because = basis::not_known_yet;
-            d.matched = &r;
-            d.rule_name = r.name;
-            d.where = r.where;
-            d.reason = "rule '" + r.name + "' may match once " + undecided_cond + " is known";
-            return d;
-        }
-
-        note(o_t::matched);
-        d.matched = &r;
-        d.rule_name = r.name;
-        d.where = r.where;
-        d.result = r.act == action::allow ? verdict::allow : verdict::deny;
-        d.why = r.act == action::allow ? fault_class::none : fault_class::rule_denied;
-        d.because = r.act == action::allow ? basis::allowed : basis::denied_by_rule;
-        d.reason = r.act == action::allow ? "allowed by rule '" + r.name + "'" : "denied by rule '" + r.name + "'";
-
-        if (r.act == action::allow && r.exchange_guards && norm &&
-            contains_nocase(norm->decoded, "autodiscover") && contains_nocase(norm->decoded, "powershell")) {
-            d.result = verdict::deny;
-            d.why = fault_class::rule_denied;
-            d.because = basis::exchange_template;
-            d.reason = "refused by the Exchange template of rule '" + r.name +
-                       "': the decoded URI names both autodiscover and powershell (ProxyShell/ProxyNotShell shape)";
-        }
-        if (r.act == action::allow && r.kind == rule_kind::server && f.rcpt) {
-            auto trick = relay_trick(*f.rcpt);
-            auto domain = mailbox_domain(*f.rcpt);
-            bool accepted = trick.empty() && std::any_of(r.accepted_domains.begin(), r.accepted_domains.end(),
-                                                         [&](auto& a) { return host_matches(a, domain); });
-            bool relay_source = f.client && std::any_of(r.relay_from.begin(), r.relay_from.end(),
-                                                        [&](auto& s) { return source_contains(s, *f.client); });
-            if (!trick.empty()) {
-                d.result = verdict::deny;
-                d.why = fault_class::rule_denied;
-                d.because = basis::relay_trick;
-                d.reason = "recipient " + std::string(*f.rcpt) + " uses " + trick +
-                           ", which is never relayed (rule '" + r.name + "')";
-            } else if (accepted) {
-                d.smtp_disposition = "submit";
-                d.reason = "submit to accepted domain " + domain + " (rule '" + r.name + "')";
-            } else if (r.relay_authenticated && f.who == identity::authenticated) {
-                d.smtp_disposition = "relay";
-                d.reason = "relay to " + domain + " for authenticated user '" + f.user + "' (rule '" + r.name + "')";
-            } else if (relay_source) {
-                d.smtp_disposition = "relay";
-                d.reason = "relay to " + domain + " for client " + f.client->to_string() + " in relay_from (rule '" + r.name + "')";
-            } else if (f.who == identity::unknown && r.relay_authenticated) {
-                d.result = verdict::undecided;
-                d.because = basis::not_known_yet;
-                d.reason = "relay to " + domain + " depends on authentication, not known yet";
-            } else {
-                d.result = verdict::deny;
-                d.why = fault_class::rule_denied;
-                d.because = basis::relay_not_permitted;
-                d.reason = "relay to " + domain + " denied: not an accepted domain of rule '" + r.name +
-                           "' (" + join(r.accepted_domains) + "), the session is not authenticated, and client " +
-                           (f.client ? f.client->to_string() : std::string("?")) + " is not in relay_from [" +
-                           join(r.relay_from) + "]";
-            }
-        }
-        return d;
-    }
-
-    d.rule_name = "default deny";
-    d.result = verdict::deny;
-    if (auth_candidate) {
-        d.why = fault_class::auth_required;
-        d.because = basis::needs_authentication;
-        d.matched = nullptr;
-        d.rule_name = auth_candidate->name;
-        d.where = auth_candidate->where;
-        d.reason = "rule '" + auth_candidate->name + "' would allow this for an authenticated user";
-        return d;
-    }
-    d.why = fault_class::no_rule_matched;
-    d.because = basis::no_rule_matched;
-    d.reason = "no rule matched; the built-in default rule denies";
+    e.fall_through();
     return d;
 }
+
+}  // namespace detail
 
 }  // namespace dmz::rules

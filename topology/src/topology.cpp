@@ -411,7 +411,7 @@ private:
             if (!lr.config) continue;
             if (lr.config->role.empty()) lr.config->role = in.role;
             derive(t, in, *lr.config);
-            in.policy = std::make_shared<rules::policy>(std::move(*lr.config));
+            in.policy = rules::compile(std::move(*lr.config));
         }
     }
 

@@ -239,7 +239,6 @@ task<http_session::reply> http_session::authenticate(const http::request_head& h
 http_session::reply http_session::decide(const http::request_head& head, admission& a) {
     auto& rec = tx_.rec;
     rules::facts f;
-    f.listener = lcfg().name;
     f.client = a.client;
     if (down_.is_tls()) f.sni = sni_;
     f.host = a.host;
@@ -248,7 +247,7 @@ http_session::reply http_session::decide(const http::request_head& head, admissi
     f.who = a.user.empty() ? rules::identity::anonymous : rules::identity::authenticated;
     f.user = a.user;
     f.groups = a.groups;
-    a.d = rt_->policy->evaluate(f, {.trace = false});
+    a.d = rt_->policy->evaluate(l_->id, f, {.trace = false});
     const auto& d = a.d;
     rec.rule = d.rule_name;
     rec.path = d.path.safe() ? d.path.path + (d.path.query.empty() ? "" : "?" + d.path.query) : std::string(head.target);

@@ -229,10 +229,9 @@ private:
         }
 
         rules::facts f;
-        f.listener = lcfg().name;
         f.client = client_;
         f.who = rules::identity::anonymous;
-        auto d = rt_->policy->evaluate(f, {.trace = false});
+        auto d = rt_->policy->evaluate(l_.id, f, {.trace = false});
         if (d.result != rules::verdict::allow || !d.matched || !d.matched->to) {
             auto refusal = smtp::connection_refusal(d, name_, client_.to_string());
             say(refusal);
@@ -517,7 +516,7 @@ private:
     }
 
     // ---- smtp::callbacks -----------------------------------------------------------------
-    rules::decision evaluate(const rules::facts& f) override { return rt_->policy->evaluate(f, {.trace = false}); }
+    rules::decision evaluate(const rules::facts& f) override { return rt_->policy->evaluate(l_.id, f, {.trace = false}); }
 
     bool auth_configured() override { return w_.auth.configured(); }
 

@@ -42,9 +42,9 @@ struct pki {
             auto base = std::filesystem::temp_directory_path() / ("dmz-session-tests-" + std::to_string(::getpid()));
             std::filesystem::create_directories(base);
             x.dir = base.string();
-            auto ca = certs::open_or_make_ca(x.dir, "session tests CA");
-            auto leaf = certs::issue_leaf(ca, {"mail.contoso.com", "127.0.0.1"}, x.dir, "mail");
-            x.ca = ca.cert_file();
+            auto authority = certs::open_or_make_ca(x.dir, "session tests CA");
+            auto leaf = certs::issue_leaf(authority, {"mail.contoso.com", "127.0.0.1"}, x.dir, "mail");
+            x.ca = authority.cert_file();
             x.cert = leaf.cert_file;
             x.key = leaf.key_file;
             return x;

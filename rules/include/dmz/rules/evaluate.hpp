@@ -1,8 +1,10 @@
 #pragma once
 /// @file First-match evaluation of one instance's rules over what is known of a transaction.
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "dmz/rules/fault.hpp"
@@ -19,7 +21,9 @@ enum class identity { unknown, anonymous, authenticated };
 
 /// What is known of a transaction at the moment of evaluation. Unset optionals are unknown.
 struct facts {
-    std::string listener;  ///< required: the listener the connection arrived on
+    /// The listener the connection arrived on, by name: what evaluate(facts) resolves.
+    /// evaluate(listener_id, facts) does not read it, except to name an unknown listener.
+    std::string listener;
     std::optional<ip_address> client;  ///< the original client (after trusted forwarding)
     std::optional<std::string> sni;
     std::optional<std::string> host;    ///< Host header without port, any case
@@ -83,21 +87,54 @@ struct evaluate_options {
     bool trace = true;
 };
 
-/// An instance's rules compiled once into immutable matchers.
+namespace detail {
+struct compiled_policy;
+}
+
+/// A listener of one compiled policy, resolved once (when the policy is built or a
+/// connection arrives) so that evaluating a request looks nothing up by name. It is good
+/// only with the policy that issued it: any other policy refuses it as an unknown listener.
+class listener_id {
+public:
+    listener_id() = default;  ///< names no listener
+    explicit operator bool() const { return policy_ != 0; }
+    bool operator==(const listener_id&) const = default;
+
+private:
+    friend class policy;
+    listener_id(std::uint64_t policy, std::uint32_t index) : policy_(policy), index_(index) {}
+    std::uint64_t policy_ = 0;  ///< the issuing policy's serial number; 0: none
+    std::uint32_t index_ = 0;   ///< the listener's position in the config
+};
+
+/// An instance's rules compiled once into immutable matchers: for each listener the rules
+/// that can apply to it, sources as address ranges, path prefixes ready to compare. Built
+/// once per config load and per reload, never changed after; copies share the compiled form.
 class policy {
 public:
     explicit policy(instance_config cfg);
-    const instance_config& config() const { return cfg_; }
+    policy(const policy&) = default;
+    policy& operator=(const policy&) = delete;  // immutable: a reload builds a new policy
+
+    const instance_config& config() const;
+    /// The listener named `name`; an empty id when there is none.
+    listener_id resolve_listener(std::string_view name) const;
+    /// First match for a transaction on the listener `where` (f.listener is not read).
+    decision evaluate(listener_id where, const facts& f, const evaluate_options& opts = {}) const;
+    /// The same, resolving f.listener by name first (explain, tests, offline tools).
     decision evaluate(const facts& f, const evaluate_options& opts = {}) const;
     /// Whether a source name (network, address set) covers the address.
-    bool source_contains(const std::string& source_name, const ip_address& a) const;
+    bool source_contains(std::string_view source_name, const ip_address& a) const;
     /// Whether `peer` is a previous tier whose forwarded client address is believed.
     bool trusts_forwarding_from(const ip_address& peer) const;
 
 private:
-    tri match_sources(const std::vector<std::string>& names, const std::optional<ip_address>& a) const;
-    instance_config cfg_;
+    std::shared_ptr<const detail::compiled_policy> c_;
 };
+
+/// Compiles a loaded config into the policy that judges its transactions (once per load and
+/// per reload; sessions keep the one they started with).
+std::shared_ptr<const policy> compile(instance_config cfg);
 
 /// Host name match with a leading "*." wildcard covering exactly one label.
 bool host_matches(std::string_view pattern, std::string_view host);
