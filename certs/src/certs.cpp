@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
@@ -16,6 +17,8 @@
 namespace dmz::certs {
 
 namespace {
+std::time_t to_time(const ASN1_TIME* t);
+
 std::string lower(std::string s) {
     std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
     return s;
@@ -32,24 +35,24 @@ bool name_matches(const std::string& pattern, const std::string& host) {
 }
 }  // namespace
 
-std::optional<certificate_info> read_certificate(const std::string& pem_path, std::string* error) {
-    std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(pem_path.c_str(), "rb"), &std::fclose);
-    if (!f) {
-        if (error) *error = "cannot open '" + pem_path + "'";
-        return std::nullopt;
-    }
-    std::unique_ptr<X509, void (*)(X509*)> cert(PEM_read_X509(f.get(), nullptr, nullptr, nullptr), &X509_free);
-    if (!cert) {
-        if (error) *error = "'" + pem_path + "' holds no PEM certificate";
-        return std::nullopt;
-    }
+namespace {
+std::time_t to_time(const ASN1_TIME* t) {
+    struct tm tm {};
+    if (!t || ASN1_TIME_to_tm(t, &tm) != 1) return 0;
+    return timegm(&tm);
+}
+}  // namespace
+
+certificate_info describe(x509_st* cert) {
     certificate_info info;
     char buf[512] = {};
-    X509_NAME_oneline(X509_get_subject_name(cert.get()), buf, sizeof buf);
+    X509_NAME_oneline(X509_get_subject_name(cert), buf, sizeof buf);
     info.subject = buf;
-    int len = X509_NAME_get_text_by_NID(X509_get_subject_name(cert.get()), NID_commonName, buf, sizeof buf);
+    X509_NAME_oneline(X509_get_issuer_name(cert), buf, sizeof buf);
+    info.issuer = buf;
+    int len = X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, buf, sizeof buf);
     if (len > 0) info.common_name = lower(std::string(buf, static_cast<std::size_t>(len)));
-    auto* sans = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert.get(), NID_subject_alt_name, nullptr, nullptr));
+    auto* sans = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
     if (sans) {
         for (int i = 0; i < sk_GENERAL_NAME_num(sans); ++i) {
             const GENERAL_NAME* gn = sk_GENERAL_NAME_value(sans, i);
@@ -60,7 +63,36 @@ std::optional<certificate_info> read_certificate(const std::string& pem_path, st
         }
         GENERAL_NAMES_free(sans);
     }
+    info.not_before = to_time(X509_get0_notBefore(cert));
+    info.not_after = to_time(X509_get0_notAfter(cert));
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    if (X509_digest(cert, EVP_sha256(), md, &n) == 1) {
+        static const char* hex = "0123456789ABCDEF";
+        for (unsigned i = 0; i < n; ++i) {
+            if (i) info.sha256 += ':';
+            info.sha256 += hex[md[i] >> 4];
+            info.sha256 += hex[md[i] & 15];
+        }
+    }
+    info.self_signed = X509_self_signed(cert, 0) == 1;
+    ERR_clear_error();
     return info;
+}
+
+std::optional<certificate_info> read_certificate(const std::string& pem_path, std::string* error) {
+    std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(pem_path.c_str(), "rb"), &std::fclose);
+    if (!f) {
+        if (error) *error = "cannot open '" + pem_path + "'";
+        return std::nullopt;
+    }
+    std::unique_ptr<X509, void (*)(X509*)> cert(PEM_read_X509(f.get(), nullptr, nullptr, nullptr), &X509_free);
+    if (!cert) {
+        ERR_clear_error();
+        if (error) *error = "'" + pem_path + "' holds no PEM certificate";
+        return std::nullopt;
+    }
+    return describe(cert.get());
 }
 
 bool certificate_covers(const certificate_info& cert, const std::string& host) {

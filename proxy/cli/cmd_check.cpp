@@ -3,6 +3,7 @@
 #include <memory>
 
 #include "commands.hpp"
+#include "dmz/certs/lint.hpp"
 #include "dmz/rules/config.hpp"
 #include "dmz/rules/lint.hpp"
 #include "dmz/topology/topology.hpp"
@@ -61,7 +62,10 @@ command add_check(CLI::App& app) {
             auto res = rules::load_instance_config(o->config);
             std::vector<const rules::instance_config*> cfgs;
             bool schema_ok = !rules::has_errors(res.diags);
-            if (res.config && schema_ok) rules::lint(*res.config, res.diags);
+            if (res.config && schema_ok) {
+                rules::lint(*res.config, res.diags);
+                certs::lint(*res.config, res.diags);
+            }
             if (res.config) cfgs.push_back(&*res.config);
             return finish(*o, res.diags, res.parsed, cfgs, o->config);
         }

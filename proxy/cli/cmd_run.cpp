@@ -5,6 +5,7 @@
 
 #include "commands.hpp"
 #include "dmz/certs/certs.hpp"
+#include "dmz/certs/lint.hpp"
 #include "dmz/proxy/run.hpp"
 #include "dmz/rules/config.hpp"
 #include "dmz/rules/lint.hpp"
@@ -39,7 +40,10 @@ void ensure_lab_certificates(const rules::instance_config& c, const std::string&
 std::shared_ptr<const rules::policy> load_config_file(const run_cli& o, std::string& why, bool& parsed) {
     auto res = rules::load_instance_config(o.config);
     parsed = res.parsed;
-    if (res.config && !rules::has_errors(res.diags)) rules::lint(*res.config, res.diags);
+    if (res.config && !rules::has_errors(res.diags)) {
+        rules::lint(*res.config, res.diags);
+        certs::lint(*res.config, res.diags);
+    }
     if (!res.config || rules::has_errors(res.diags)) {
         std::ostringstream msg;
         print_diagnostics(msg, res.diags);
@@ -76,6 +80,7 @@ std::shared_ptr<const rules::policy> load_from_topology(const run_cli& o, std::s
     }
     rules::diagnostics own;
     rules::lint(in->policy->config(), own);
+    certs::lint(in->policy->config(), own);
     for (auto& d : res.diags)
         if (res.topo->on_purpose(d)) own.push_back(d);
     print_diagnostics(std::cerr, own);

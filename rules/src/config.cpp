@@ -434,9 +434,10 @@ private:
                     r_.error("CFG003", r_.at(el), cp, "'" + cp + "' must be a table");
                     continue;
                 }
-                r_.only_keys(*ct, cp, {"names", "cert", "key", "issuer"});
+                r_.only_keys(*ct, cp, {"names", "cert", "key", "password_file", "issuer"});
                 certificate cert;
                 cert.where = r_.at(*ct);
+                cert.names_where = ct->contains("names") ? r_.at_key(*ct, "names") : cert.where;
                 for (auto& n : r_.strings(*ct, "names", cp, true)) {
                     cert.names.push_back(to_lower(n));
                     if (!valid_hostname(cert.names.back()))
@@ -452,14 +453,7 @@ private:
                                  "lab-issued certificates exist only inside a topology",
                                  "give 'cert' and 'key' files, or make them with 'dmzproxy certs issue'");
                 } else {
-                    if (auto f = r_.str(*ct, "cert", cp, true)) {
-                        cert.cert_file = resolve_file(*f);
-                        require_file(cert.cert_file, r_.at_key(*ct, "cert"), cp + ".cert");
-                    }
-                    if (auto f = r_.str(*ct, "key", cp, true)) {
-                        cert.key_file = resolve_file(*f);
-                        require_file(cert.key_file, r_.at_key(*ct, "key"), cp + ".key");
-                    }
+                    load_certificate_files(*ct, cp, cert);
                 }
                 l.certificates.push_back(std::move(cert));
             }
@@ -478,6 +472,27 @@ private:
             r_.error("CFG008", l.where, path + ".certificates",
                      "https listener '" + l.name + "' has no certificate",
                      "add certificates = [{ names = [\"mail.contoso.com\"], cert = \"...\", key = \"...\" }]");
+    }
+
+    /// `cert` is required; `key` only when the key is not in the cert file (a PFX, or a PEM
+    /// holding both), which the certificate loader in certs/ finds out.
+    void load_certificate_files(const toml::table& ct, const std::string& cp, certificate& cert) {
+        cert.cert_where = cert.key_where = cert.password_where = cert.where;
+        if (auto f = r_.str(ct, "cert", cp, true)) {
+            cert.cert_file = resolve_file(*f);
+            cert.cert_where = r_.at_key(ct, "cert");
+            require_file(cert.cert_file, cert.cert_where, cp + ".cert");
+        }
+        if (auto f = r_.str(ct, "key", cp)) {
+            cert.key_file = resolve_file(*f);
+            cert.key_where = r_.at_key(ct, "key");
+            require_file(cert.key_file, cert.key_where, cp + ".key");
+        }
+        if (auto f = r_.str(ct, "password_file", cp)) {
+            cert.password_file = resolve_file(*f);
+            cert.password_where = r_.at_key(ct, "password_file");
+            require_file(cert.password_file, cert.password_where, cp + ".password_file");
+        }
     }
 
     void load_groups(const toml::table& t, instance_config& c) {

@@ -7,8 +7,12 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+import byo_pki  # noqa: E402  (tests/support)
 
 DMZPROXY = os.environ.get("DMZPROXY", "")
 SOURCE_DIR = os.environ.get("DMZ_SOURCE_DIR", "")
@@ -397,6 +401,235 @@ class Certs(TempFiles):
         self.assertIn("name ex01.corp.contoso.com", res.stdout)
         bad = run("certs", "show", os.path.join(self.dir, "missing.pem"))
         self.assertEqual(bad.returncode, 1)
+
+
+class BringYourOwnCertificate(TempFiles):
+    """check loads every certificate and key a config names (issue 17, item 3): a PFX with
+    its password file, PEM chains, encrypted PEM keys; each fault at its key's position."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls._pki_dir = tempfile.TemporaryDirectory(prefix="dmz-byo-pki-")
+        cls.pki = byo_pki.ByoPki(cls._pki_dir.name)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._pki_dir.cleanup()
+
+    def config(self, names=("mail.contoso.com",), public_names=("mail.contoso.com",), **cert):
+        """An instance config whose one certificate entry has `cert`'s keys, each on its
+        own line (an array of tables), so that a finding's line says which key it is about."""
+        lines = ['[instance]', 'name = "byo"', '', '[listeners.web]', 'protocol = "https"',
+                 'bind = ["127.3.17.5:8443"]', '', '[[listeners.web.certificates]]',
+                 'names = %s' % json.dumps(list(names))]
+        lines += ['%s = %s' % (k, json.dumps(v)) for k, v in cert.items()]
+        lines += ['', '[[rules]]', 'name = "OWA"', 'action = "allow"', 'public_names = %s' % json.dumps(list(public_names)),
+                  'paths = ["/owa"]', 'target = { address = "127.3.17.6", port = 80 }', '']
+        path = self.write("byo.toml", "\n".join(lines))
+        return path, {l.split(" = ")[0]: i + 1 for i, l in enumerate(lines) if " = " in l}
+
+    def check(self, path):
+        return run("check", "-q", "-c", path)
+
+    def findings(self, res, code):
+        return [l for l in res.stdout.splitlines() if " %s: " % code in l]
+
+    def assert_only(self, res, code, at, severity="error"):
+        lines = self.findings(res, code)
+        self.assertEqual(len(lines), 1, res.stdout)
+        self.assertTrue(lines[0].startswith("%s:%d:1: %s %s:" % (at[0], at[1], severity, code)), lines[0])
+        return lines[0]
+
+    def assert_clean(self, res):
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        self.assertNotIn(" CERT0", res.stdout)
+
+    def test_a_pfx_with_its_password_file_checks_clean(self):
+        path, _ = self.config(cert=self.pki.pfx, password_file=self.pki.password_file)
+        self.assert_clean(self.check(path))
+
+    def test_a_pfx_without_password_loads_without_password_file(self):
+        path, _ = self.config(cert=self.pki.pfx_open)
+        self.assert_clean(self.check(path))
+
+    def test_a_legacy_windows_pfx_loads(self):
+        legacy = self.pki.legacy_pfx()
+        if legacy is None:
+            self.skipTest("this openssl cannot write RC2 (no legacy provider)")
+        path, _ = self.config(cert=legacy, password_file=self.pki.password_file)
+        self.assert_clean(self.check(path))
+
+    def test_wrong_pfx_password_is_cert002_at_password_file(self):
+        path, at = self.config(cert=self.pki.pfx, password_file=self.pki.wrong_password_file)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 1, res.stdout)
+        line = self.assert_only(res, "CERT002", (path, at["password_file"]))
+        self.assertIn("wrong password", line)
+
+    def test_pfx_password_missing_is_cert002_at_cert(self):
+        path, at = self.config(cert=self.pki.pfx)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 1, res.stdout)
+        self.assertIn("password_file", self.assert_only(res, "CERT002", (path, at["cert"])))
+
+    def test_pem_chain_and_encrypted_key(self):
+        path, _ = self.config(cert=self.pki.chain, key=self.pki.encrypted_key, password_file=self.pki.password_file)
+        self.assert_clean(self.check(path))
+        path, at = self.config(cert=self.pki.chain, key=self.pki.encrypted_key)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 1, res.stdout)
+        self.assertIn("encrypted", self.assert_only(res, "CERT002", (path, at["key"])))
+        path, at = self.config(cert=self.pki.chain, key=self.pki.encrypted_key, password_file=self.pki.wrong_password_file)
+        self.assert_only(self.check(path), "CERT002", (path, at["password_file"]))
+
+    def test_key_not_matching_is_cert003_at_key(self):
+        path, at = self.config(cert=self.pki.chain, key=self.pki.other_key)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 1, res.stdout)
+        self.assertIn("does not belong", self.assert_only(res, "CERT003", (path, at["key"])))
+
+    def test_unreadable_certificate_is_cert001(self):
+        junk = self.write("real.pfx", "this is not a certificate\n")
+        path, at = self.config(cert=junk, key=self.pki.key)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 1, res.stdout)
+        self.assert_only(res, "CERT001", (path, at["cert"]))
+
+    def test_expired_and_not_yet_valid_are_cert004_expiring_soon_cert005(self):
+        cert, key = self.pki.leaf_between("expired", "20200101000000Z", "20200201000000Z")
+        path, at = self.config(cert=cert, key=key)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 1, res.stdout)
+        self.assertIn("expired on 2020-02-01", self.assert_only(res, "CERT004", (path, at["cert"])))
+        cert, key = self.pki.leaf_between("future", "20990101000000Z", "20991231000000Z")
+        path, at = self.config(cert=cert, key=key)
+        self.assertIn("not valid before 2099-01-01", self.assert_only(self.check(path), "CERT004", (path, at["cert"])))
+        cert, key = self.pki.leaf_with_days("soon", 10)
+        path, at = self.config(cert=cert, key=key)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 0, res.stdout)
+        self.assert_only(res, "CERT005", (path, at["cert"]), "warning")
+
+    def test_missing_intermediate_is_cert006_warning(self):
+        path, at = self.config(cert=self.pki.leaf, key=self.pki.key)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 0, res.stdout)
+        self.assertIn("Contoso Test Issuing CA", self.assert_only(res, "CERT006", (path, at["cert"]), "warning"))
+        path, _ = self.config(cert=self.pki.chain, key=self.pki.key)
+        self.assert_clean(self.check(path))
+
+    def test_names_no_certificate_covers(self):
+        path, at = self.config(names=("mail.contoso.com", "owa.fabrikam.com"), cert=self.pki.chain, key=self.pki.key)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 1, res.stdout)
+        self.assertIn("'owa.fabrikam.com'", self.assert_only(res, "CERT007", (path, at["names"])))
+        path, at = self.config(public_names=("mail.contoso.com", "webmail.contoso.com"), cert=self.pki.chain, key=self.pki.key)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 0, res.stdout)
+        lines = self.findings(res, "CERT008")
+        self.assertEqual(len(lines), 1, res.stdout)
+        self.assertIn("'webmail.contoso.com'", lines[0])
+
+    def test_password_file_open_to_others_is_cert009(self):
+        loose = self.write("loose.txt", byo_pki.PASSWORD + "\n")
+        os.chmod(loose, 0o644)
+        path, at = self.config(cert=self.pki.pfx, password_file=loose)
+        res = self.check(path)
+        self.assertEqual(res.returncode, 0, res.stdout)
+        self.assert_only(res, "CERT009", (path, at["password_file"]), "warning")
+
+    def test_run_refuses_a_wrong_password_with_checks_line(self):
+        path, at = self.config(cert=self.pki.pfx, password_file=self.pki.wrong_password_file)
+        try:
+            res = run("run", "-c", path, timeout=20)
+        except subprocess.TimeoutExpired:
+            self.fail("run started with a wrong PFX password")
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertIn("%s:%d:1: error CERT002" % (path, at["password_file"]), res.stderr)
+
+    def test_certs_show_a_pfx(self):
+        res = run("certs", "show", self.pki.pfx, "--password-file", self.pki.password_file)
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertIn("name autodiscover.contoso.com", res.stdout)
+        self.assertIn("key yes", res.stdout)
+        self.assertIn("chain /CN=Contoso Test Issuing CA", res.stdout)
+        res = run("certs", "show", self.pki.pfx)
+        self.assertEqual(res.returncode, 1, res.stdout)
+        self.assertIn("password", res.stderr)
+
+
+class ExtendedProtection(TempFiles):
+    """check -t: with Extended Protection, the tier terminating the client's TLS must present
+    Exchange's own certificate for the published name (issue 17, item 4)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls._pki_dir = tempfile.TemporaryDirectory(prefix="dmz-ep-pki-")
+        cls.pki = byo_pki.ByoPki(cls._pki_dir.name)
+        cls.other = cls.pki.leaf_with_days("other", 60)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._pki_dir.cleanup()
+
+    LAB_WEB_CERT = 'certificates = [{ names = ["mail.contoso.com", "autodiscover.contoso.com"], issuer = "lab" }]'
+
+    def topology(self, front_end_cert=None, host_cert=True, extended_protection=None):
+        """The default lab, with Exchange's certificate given to the host and the front-end's
+        web certificate replaced by `front_end_cert` (a dict of keys), in a copy."""
+        shutil.copytree(os.path.join(os.path.dirname(TOPOLOGY), "exchange-two-tier"), os.path.join(self.dir, "exchange-two-tier"))
+        fe_path = os.path.join(self.dir, "exchange-two-tier", "front-end.toml")
+        with open(fe_path, encoding="utf-8") as f:
+            fe = f.read()
+        self.assertIn(self.LAB_WEB_CERT, fe)
+        if front_end_cert:
+            entry = ", ".join('%s = %s' % (k, json.dumps(v)) for k, v in front_end_cert.items())
+            fe = fe.replace(self.LAB_WEB_CERT, 'certificates = [{ names = ["mail.contoso.com", "autodiscover.contoso.com"], %s }]' % entry)
+        with open(fe_path, "w", encoding="utf-8") as f:
+            f.write(fe)
+        line = next(i + 1 for i, l in enumerate(fe.splitlines()) if l.startswith("certificates = [{ names = [\"mail.contoso.com\", \"auto"))
+        with open(TOPOLOGY, encoding="utf-8") as f:
+            topo = f.read()
+        extra = ""
+        if host_cert:
+            extra += 'certificate = { cert = %s, password_file = %s }\n' % (json.dumps(self.pki.pfx), json.dumps(self.pki.password_file))
+        if extended_protection is not None:
+            extra += "extended_protection = %s\n" % ("true" if extended_protection else "false")
+        topo = topo.replace("[hosts.exchange]\n", "[hosts.exchange]\n" + extra, 1)
+        return self.write("topology.toml", topo), fe_path, line
+
+    def ep_findings(self, path):
+        res = run("check", "-q", "-t", path)
+        return res, [l for l in res.stdout.splitlines() if " EXCH004: " in l]
+
+    def test_a_lab_certificate_in_front_of_exchanges_own_is_exch004(self):
+        path, fe, line = self.topology()
+        res, found = self.ep_findings(path)
+        self.assertEqual(len(found), 1, res.stdout)
+        self.assertTrue(found[0].startswith("%s:%d:" % (fe, line)), found[0])
+        self.assertIn("warning EXCH004", found[0])
+        self.assertIn("Export-ExchangeCertificate", res.stdout, "the hint says how to fix it")
+
+    def test_a_different_certificate_is_exch004_and_exchanges_own_is_clean(self):
+        cert, key = self.other
+        path, fe, line = self.topology({"cert": cert, "key": key})
+        res, found = self.ep_findings(path)
+        self.assertEqual(len(found), 1, res.stdout)
+        self.assertTrue(found[0].startswith("%s:%d:" % (fe, line)), found[0])
+        shutil.rmtree(os.path.join(self.dir, "exchange-two-tier"))
+        path, _, _ = self.topology({"cert": self.pki.pfx, "password_file": self.pki.password_file})
+        res, found = self.ep_findings(path)
+        self.assertEqual(found, [], res.stdout)
+        self.assertEqual(res.returncode, 0, res.stdout)
+
+    def test_no_finding_without_extended_protection_or_without_the_hosts_certificate(self):
+        path, _, _ = self.topology(extended_protection=False)
+        res, found = self.ep_findings(path)
+        self.assertEqual(found, [], res.stdout)
+        shutil.rmtree(os.path.join(self.dir, "exchange-two-tier"))
+        path, _, _ = self.topology(host_cert=False)
+        res, found = self.ep_findings(path)
+        self.assertEqual(found, [], res.stdout)
 
 
 class SmtpRecipientForm(unittest.TestCase):

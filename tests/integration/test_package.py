@@ -69,7 +69,8 @@ class DebianPackage(unittest.TestCase):
         for tier in ("front-end", "back-end"):
             shutil.copy(os.path.join(self.root, "usr", "share", "doc", "dmzproxy", "examples", tier + ".toml"), etc)
         key, crt = os.path.join(etc, "certs", "mail.contoso.com.key"), os.path.join(etc, "certs", "mail.contoso.com.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "365",
+                        "-addext", "subjectAltName=DNS:mail.contoso.com,DNS:autodiscover.contoso.com",
                         "-subj", "/CN=mail.contoso.com", "-keyout", key, "-out", crt], check=True, capture_output=True, timeout=60)
         shutil.copy(crt, os.path.join(etc, "certs", "internal-ca.pem"))
         for tier in ("front-end", "back-end"):

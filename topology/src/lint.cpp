@@ -1,7 +1,10 @@
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <set>
 
+#include "dmz/certs/certs.hpp"
+#include "dmz/certs/lint.hpp"
 #include "dmz/rules/lint.hpp"
 #include "dmz/topology/topology.hpp"
 
@@ -15,11 +18,88 @@ void add(diagnostics& out, severity s, const char* code, const source_location& 
     out.push_back({s, code, where, std::move(key), std::move(msg), std::move(hint)});
 }
 
+bool rule_serves(const rules::rule& r, const rules::listener* l, const std::string& name) {
+    if (r.kind != rules::rule_kind::web || !r.enabled || r.act != rules::action::allow || !r.to || !r.to->tls) return false;
+    if (l && !r.listeners.empty() && std::find(r.listeners.begin(), r.listeners.end(), l->name) == r.listeners.end()) return false;
+    return r.public_names.empty() ||
+           std::any_of(r.public_names.begin(), r.public_names.end(), [&](auto& p) { return rules::host_matches(p, name); });
+}
+
+/// The hosts a request for `name` reaches over TLS from rule `r`, through later tiers too.
+void hosts_reached(const topology& t, const rules::rule& r, const std::string& name, int depth, std::set<const host*>& out) {
+    if (depth > 8) return;  // a loop is TOP002's business
+    if (auto* h = t.find_host(r.to->host)) out.insert(h);
+    auto* next = t.find_instance(r.to->instance);
+    if (!next || !next->policy) return;
+    for (auto& nr : next->policy->config().rules)
+        if (rule_serves(nr, nullptr, name)) hosts_reached(t, nr, name, depth + 1, out);
+}
+
+/// The SHA-256 of a certificate entry's leaf, "" when it does not load (CERT0xx says why).
+std::string fingerprint(const rules::certificate& c, diagnostics* out, const std::string& key) {
+    auto loaded = certs::load_key_pair({c.cert_file, c.key_file, c.password_file}, false);
+    if (loaded.pair) return certs::describe(loaded.pair->leaf.get()).sha256;
+    if (out) {
+        auto& e = *loaded.error;
+        auto where = e.role == certs::file_role::password ? c.password_where : e.role == certs::file_role::key ? c.key_where : c.cert_where;
+        add(*out, severity::error, e.problem == certs::load_problem::bad_password ? "CERT002" : "CERT001", where, key, e.message, e.hint);
+    }
+    return {};
+}
+
+/// Exchange with Extended Protection checks that the client saw Exchange's own certificate
+/// (the channel binding of NTLM and Kerberos): the tier terminating the client's TLS must
+/// present it (CSS-Exchange issues 1151 and 1463, HAProxy issue 1828).
+void extended_protection(const topology& t, diagnostics& out) {
+    std::map<const host*, std::string> host_fp;
+    for (auto& h : t.hosts)
+        if (h.certificate && !h.certificate->cert_file.empty())
+            host_fp[&h] = fingerprint(*h.certificate, &out, "hosts." + h.name + ".certificate");
+    std::set<std::string> told;
+    for (auto& [name, node] : t.names) {
+        auto* in = t.find_instance(node);
+        if (!in || !in->policy) continue;
+        for (auto& l : in->policy->config().listeners) {
+            if (l.proto != rules::protocol::https) continue;
+            for (std::size_t i = 0; i < l.certificates.size(); ++i) {
+                auto& c = l.certificates[i];
+                if (std::none_of(c.names.begin(), c.names.end(), [&](auto& n) { return rules::host_matches(n, name); })) continue;
+                std::set<const host*> reached;
+                auto windows_auth = l.auth == rules::auth_mode::none || l.auth == rules::auth_mode::pass_through;
+                for (auto& r : in->policy->config().rules)
+                    if (rule_serves(r, &l, name) && r.delegate.value_or(windows_auth ? rules::delegation::pass_through : rules::delegation::basic) ==
+                                                        rules::delegation::pass_through)
+                        hosts_reached(t, r, name, 0, reached);
+                for (auto* h : reached) {
+                    auto it = host_fp.find(h);
+                    if (!h->extended_protection || it == host_fp.end() || it->second.empty()) continue;
+                    auto key = "instances." + in->name + ".listeners." + l.name + ".certificates[" + std::to_string(i) + "]";
+                    auto mine = c.lab ? std::string() : fingerprint(c, nullptr, key);
+                    if ((!c.lab && mine.empty()) || mine == it->second || !told.insert(key + "|" + h->name).second) continue;
+                    add(out, severity::warning, "EXCH004", c.lab ? c.where : c.cert_where, key,
+                        "Extended Protection: clients reach '" + name + "' through listener '" + l.name + "' of '" + in->name + "', whose " +
+                            (c.lab ? std::string("lab-issued certificate") : "certificate (SHA-256 " + mine.substr(0, 23) + "...)") +
+                            " is not Exchange host '" + h->name + "''s (SHA-256 " + it->second.substr(0, 23) +
+                            "...): NTLM and Kerberos through the bridge fail with 401 (Outlook, EWS, ActiveSync with Negotiate)",
+                        "give this listener Exchange's own certificate and key for '" + name +
+                            "': $c = Export-ExchangeCertificate -Thumbprint T -BinaryEncoded -Password (Get-Credential).Password; "
+                            "[IO.File]::WriteAllBytes('mail.pfx', $c.FileData) (or the MMC, with the private key), then cert = \"mail.pfx\", "
+                            "password_file = \"mail.pfx.pass\". Turning Extended Protection off instead (extended_protection = false "
+                            "describes that) opens Exchange to NTLM relay");
+                }
+            }
+        }
+    }
+}
+
 }  // namespace
 
 void lint(const topology& t, diagnostics& out) {
     for (auto& in : t.instances)
-        if (in.policy) rules::lint(in.policy->config(), out);
+        if (in.policy) {
+            rules::lint(in.policy->config(), out);
+            certs::lint(in.policy->config(), out);
+        }
 
     // Two services of one host on one port: the seed's FrontEnd and Hub transport both on 25.
     for (auto& h : t.hosts)
@@ -146,6 +226,8 @@ void lint(const topology& t, diagnostics& out) {
             "publishing loop: " + chain + " (a request would pass the same proxy twice, TMG error 12206)",
             "each tier must publish toward the Exchange host, never back toward an earlier tier");
     }
+
+    extended_protection(t, out);
 
     // A scenario's list of deliberate errors must name errors it has.
     for (auto& listed : t.broken_on_purpose) {

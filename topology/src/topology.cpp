@@ -252,7 +252,8 @@ private:
                 r_.error("CFG003", r_.at(v), path, "'" + path + "' must be a table");
                 continue;
             }
-            r_.only_keys(*tt, path, {"network", "address", "names", "accepted_domains", "xclient_from", "services", "description"});
+            r_.only_keys(*tt, path, {"network", "address", "names", "accepted_domains", "xclient_from", "services", "description",
+                                     "certificate", "extended_protection"});
             r_.str(*tt, "description", path);
             claim_node(t, h.name, h.where, path);
             h.network = r_.str(*tt, "network", path, true).value_or("");
@@ -267,6 +268,9 @@ private:
             for (auto& d : r_.strings(*tt, "accepted_domains", path)) h.accepted_domains.push_back(rules::to_lower(d));
             h.xclient_from = r_.strings(*tt, "xclient_from", path);
             h.xclient_from_where = tt->contains("xclient_from") ? r_.at_key(*tt, "xclient_from") : h.where;
+            h.extended_protection = r_.boolean(*tt, "extended_protection", path).value_or(true);
+            h.extended_protection_where = tt->contains("extended_protection") ? r_.at_key(*tt, "extended_protection") : h.where;
+            if (auto* ct = r_.table(*tt, "certificate", path)) h.certificate = host_certificate(*ct, path + ".certificate", t);
             if (auto* arr = r_.array(*tt, "services", path)) {
                 std::size_t idx = 0;
                 for (auto& el : *arr) {
@@ -290,6 +294,29 @@ private:
             }
             t.hosts.push_back(std::move(h));
         }
+    }
+
+    /// A host's certificate files, relative to the topology file.
+    rules::certificate host_certificate(const toml::table& ct, const std::string& path, const topology& t) {
+        r_.only_keys(ct, path, {"cert", "key", "password_file"});
+        rules::certificate c;
+        c.where = c.names_where = c.cert_where = c.key_where = c.password_where = r_.at(ct);
+        auto dir = fs::path(t.file).parent_path();
+        auto file = [&](const char* key, std::string& out, source_location& where, bool required) {
+            auto f = r_.str(ct, key, path, required);
+            if (!f) return;
+            auto p = fs::path(*f);
+            out = (p.is_relative() ? dir / p : p).lexically_normal().string();
+            where = r_.at_key(ct, key);
+            std::error_code ec;
+            if (!fs::is_regular_file(out, ec))
+                r_.error("CFG007", where, path + "." + key, "file '" + out + "' does not exist",
+                         "relative names are resolved from the topology file's folder");
+        };
+        file("cert", c.cert_file, c.cert_where, true);
+        file("key", c.key_file, c.key_where, false);
+        file("password_file", c.password_file, c.password_where, false);
+        return c;
     }
 
     void load_instances(const toml::table& it, topology& t) {

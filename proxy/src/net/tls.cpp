@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 
+#include "dmz/certs/certs.hpp"
 #include "dmz/rules/evaluate.hpp"
 
 namespace dmz::proxy {
@@ -29,16 +30,20 @@ void harden(net::ssl::context& ctx) {
     SSL_CTX_set_mode(c, SSL_MODE_RELEASE_BUFFERS);
 }
 
+/// The same loader as `check` (certs::load_key_pair): PEM chains, PEM keys (encrypted
+/// ones with password_file) and PKCS#12 files.
 std::shared_ptr<net::ssl::context> load_server_context(const rules::certificate& cert) {
+    auto loaded = certs::load_key_pair({cert.cert_file, cert.key_file, cert.password_file});
+    if (!loaded.pair) throw std::runtime_error(loaded.error->message);
     auto ctx = std::make_shared<net::ssl::context>(net::ssl::context::tls_server);
     harden(*ctx);
-    SSL_CTX* c = ctx->native_handle();
-    if (SSL_CTX_use_certificate_chain_file(c, cert.cert_file.c_str()) != 1)
-        throw std::runtime_error("cannot load certificate '" + cert.cert_file + "': " + openssl_error());
-    if (SSL_CTX_use_PrivateKey_file(c, cert.key_file.c_str(), SSL_FILETYPE_PEM) != 1)
-        throw std::runtime_error("cannot load key '" + cert.key_file + "': " + openssl_error());
-    if (SSL_CTX_check_private_key(c) != 1)
-        throw std::runtime_error("key '" + cert.key_file + "' does not match certificate '" + cert.cert_file + "'");
+    std::unique_ptr<STACK_OF(X509), void (*)(STACK_OF(X509)*)> chain(sk_X509_new_null(), [](STACK_OF(X509)* s) { sk_X509_free(s); });
+    if (!chain) throw std::runtime_error("out of memory loading '" + cert.cert_file + "'");
+    for (auto& c : loaded.pair->chain)
+        if (sk_X509_push(chain.get(), c.get()) <= 0) throw std::runtime_error("out of memory loading '" + cert.cert_file + "'");
+    // Takes its own references to the leaf, the key and each certificate of the chain.
+    if (SSL_CTX_use_cert_and_key(ctx->native_handle(), loaded.pair->leaf.get(), loaded.pair->key.get(), chain.get(), 1) != 1)
+        throw std::runtime_error("cannot use certificate '" + cert.cert_file + "': " + openssl_error());
     return ctx;
 }
 

@@ -45,9 +45,11 @@ struct bind_endpoint {
 struct certificate {
     std::vector<std::string> names;  ///< SNI names this certificate serves (lower case)
     bool lab = false;                ///< issued by the lab CA (`issuer = "lab"`)
-    std::string cert_file;
-    std::string key_file;
+    std::string cert_file;      ///< PEM (leaf, then intermediates; may hold the key too) or PKCS#12 (.pfx/.p12)
+    std::string key_file;       ///< PEM key; empty: the key is in cert_file
+    std::string password_file;  ///< first line: the PFX or encrypted PEM key's password; may be empty
     source_location where;
+    source_location names_where, cert_where, key_where, password_where;  ///< each key's own position (else `where`)
 };
 
 struct listener_limits {

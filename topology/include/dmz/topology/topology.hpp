@@ -48,6 +48,13 @@ struct host {
     std::vector<std::string> xclient_from;
     source_location xclient_from_where;
     std::vector<host_service> services;
+    /// The certificate the host presents for its names (Exchange's, exported), when the
+    /// topology gives it: only `cert` is needed to compare (a .cer, a PEM, or a PFX).
+    std::optional<rules::certificate> certificate;
+    /// Exchange's Extended Protection (on by default from Exchange 2019 CU14): Windows
+    /// authentication then works through a proxy only if the client sees this host's certificate.
+    bool extended_protection = true;
+    source_location extended_protection_where;
     source_location where;
     const host_service* service_at(std::uint16_t port) const;
 };
@@ -114,7 +121,8 @@ std::uint16_t mapped_port(std::uint16_t port, bool map_privileged);
 /// naming instances and hosts resolved to addresses).
 load_result load(const std::string& path, const load_settings& settings = {});
 
-/// Topology-level findings (TOP*, TLS*), on top of each instance's own lint.
+/// Topology-level findings (TOP*, TLS*, EXCH004 for Extended Protection), on top of each
+/// instance's own lint and its certificates' (certs::lint).
 void lint(const topology& t, diagnostics& out);
 
 /// What stops `run -t` and `lab up`: every error among `found` (load and lint), except the
