@@ -56,14 +56,29 @@ std::string json_response(int status, const char* reason, const nlohmann::json& 
     return response(status, reason, "application/json", j.dump(2) + "\n", extra);
 }
 
-std::string answer(const admin_view& v, const http::request_head& head) {
-    if (!v.token.empty()) {
-        auto got = std::string(head.get("authorization"));
-        auto want = "Bearer " + v.token;
-        if (got.size() != want.size() || CRYPTO_memcmp(got.data(), want.data(), want.size()) != 0)
-            return json_response(401, "Unauthorized", {{"error", "this admin endpoint needs Authorization: Bearer <token>"}},
-                                 "WWW-Authenticate: Bearer realm=\"dmzproxy admin\"\r\n");
+/// The 401 for a request without the bearer token the endpoint demands, or "".
+std::string unauthorized(const admin_view& v, const http::request_head& head) {
+    if (v.token.empty()) return {};
+    auto got = std::string(head.get("authorization"));
+    auto want = "Bearer " + v.token;
+    if (got.size() == want.size() && CRYPTO_memcmp(got.data(), want.data(), want.size()) == 0) return {};
+    return json_response(401, "Unauthorized", {{"error", "this admin endpoint needs Authorization: Bearer <token>"}},
+                         "WWW-Authenticate: Bearer realm=\"dmzproxy admin\"\r\n");
+}
+
+const char* reason_phrase(int status) {
+    switch (status) {
+        case 200: return "OK";
+        case 400: return "Bad Request";
+        case 404: return "Not Found";
+        case 422: return "Unprocessable Entity";
+        case 429: return "Too Many Requests";
+        default: return "Error";
     }
+}
+
+/// The answer to a request the token check let through (all but /probe, which is async).
+std::string answer(const admin_view& v, const http::request_head& head) {
     auto path = head.target.substr(0, head.target.find('?'));
     auto query = head.target.find('?') == std::string_view::npos ? std::string_view() : head.target.substr(head.target.find('?') + 1);
     bool get = head.method == "GET" || head.method == "HEAD";
@@ -105,7 +120,7 @@ std::string answer(const admin_view& v, const http::request_head& head) {
         if (ok) return json_response(200, "OK", {{"ok", true}, {"config_version", *v.version}, {"message", message}});
         return json_response(422, "Unprocessable Entity", {{"ok", false}, {"config_version", *v.version}, {"error", message}});
     }
-    return json_response(404, "Not Found", {{"error", "no such admin resource"}, {"resources", {"/metrics", "/status", "/reload"}}});
+    return json_response(404, "Not Found", {{"error", "no such admin resource"}, {"resources", {"/metrics", "/status", "/reload", "/probe", "/log"}}});
 }
 
 task<> admin_session(worker& w, tcp::socket s, const admin_view& v) {
@@ -120,7 +135,19 @@ task<> admin_session(worker& w, tcp::socket s, const admin_view& v) {
     while (true) {
         auto r = http::parse_request(in.data(), lim, head, perr);
         if (r == http::result::done) {
-            out = answer(v, head);
+            out = unauthorized(v, head);
+            auto path = head.target.substr(0, head.target.find('?'));
+            if (out.empty() && path == "/probe" && head.method == "POST") {
+                auto query = head.target.substr(std::min(head.target.size(), head.target.find('?') + 1));
+                dog.arm(std::chrono::seconds(70));  // the rule's own connect timeout bounds the probe
+                auto got = co_await run_probe(w, v, query);
+                dog.arm(std::chrono::seconds(5));
+                out = response(got.status, reason_phrase(got.status), "application/json", got.json, got.extra);
+            } else if (out.empty() && path == "/probe") {
+                out = json_response(405, "Method Not Allowed", {{"error", "POST /probe?rule=NAME"}}, "Allow: POST\r\n");
+            } else if (out.empty()) {
+                out = answer(v, head);
+            }
             if (head.method == "HEAD") out.resize(out.find("\r\n\r\n") + 4);
             break;
         }

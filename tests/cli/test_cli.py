@@ -855,3 +855,45 @@ class OneRootErrorOneMessage(TempFiles):
         self.assertEqual(len(errs), 1, errs)
         self.assertIn("missing required key 'rules.OWA.action'", errs[0])
         self.assertNotIn("deny rule", "\n".join(errs))
+
+
+class DiagnoseADeployment(TempFiles):
+    """diagnose without a lab: the topology names the instances' admin endpoints."""
+
+    def copy_topology(self, admin_port):
+        import re
+        moved = lambda text: re.sub(r"127\.(10|20|30)\.", lambda m: "127.%d." % (int(m.group(1)) + 67), text)
+        os.makedirs(os.path.join(self.dir, "exchange-two-tier"))
+        with open(TOPOLOGY, encoding="utf-8") as f:
+            topo = self.write("site.toml", moved(f.read()))
+        for name in ("front-end", "back-end"):
+            with open(os.path.join(os.path.dirname(TOPOLOGY), "exchange-two-tier", name + ".toml"), encoding="utf-8") as f:
+                text = moved(f.read())
+            if name == "front-end":
+                text = text.replace("[instance]\n", '[instance]\nadmin = "127.0.0.1:%d"\n' % admin_port, 1)
+            self.write(os.path.join("exchange-two-tier", name + ".toml"), text)
+        return topo
+
+    def test_no_lab_and_no_topology_exits_2_and_says_what_to_give(self):
+        res = run("diagnose", "--state", self.dir, "https://mail.contoso.com/owa/")
+        self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+        self.assertIn("no lab is running from " + self.dir, res.stderr)
+        self.assertIn("name its topology with -t", res.stderr)
+
+    def test_an_unreachable_admin_endpoint_leaves_its_hop_unprobed_not_faulted(self):
+        import socket
+        with socket.socket() as s:  # a loopback port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        topo = self.copy_topology(port)
+        res = run("diagnose", "--state", os.path.join(self.dir, "nothing"), "-t", topo, "--json",
+                  "https://mail.contoso.com/owa/")
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        d = json.loads(res.stdout)
+        hop = [h for h in d["hops"] if h["from"] == "front-end"][0]
+        self.assertFalse(hop["probed"], hop)
+        self.assertEqual(hop["probed_by"], "front-end")
+        self.assertIn("asking 'front-end' failed: cannot connect to http://127.0.0.1:%d" % port, hop["tcp"])
+        # Nothing runs at the front-end's address: the client's hop is the fault, not the unasked one.
+        self.assertEqual(d["verdict"], "network-fault")
+        self.assertEqual(d["hop"], "client -> front-end")

@@ -25,15 +25,18 @@ constexpr int probe_timeout_ms = 5000;
 
 /// A TCP connection from `source` to `address:port`, with a deadline. Returns the fd, or
 /// -1 with `why` in TMG's words.
-int connect_from(const ip_address& source, const ip_address& address, std::uint16_t port, std::string& why) {
+/// `source` null: the system picks. `not_here` says the source is no address of this machine.
+int connect_from(const ip_address* source, const ip_address& address, std::uint16_t port, std::string& why,
+                 bool* not_here = nullptr) {
     int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_in src{}, dst{};
     src.sin_family = dst.sin_family = AF_INET;
-    inet_pton(AF_INET, source.to_string().c_str(), &src.sin_addr);
+    if (source) inet_pton(AF_INET, source->to_string().c_str(), &src.sin_addr);
     inet_pton(AF_INET, address.to_string().c_str(), &dst.sin_addr);
     dst.sin_port = htons(port);
-    if (::bind(fd, reinterpret_cast<sockaddr*>(&src), sizeof src) != 0) {
-        why = "cannot use source address " + source.to_string() + ": " + std::strerror(errno);
+    if (source && ::bind(fd, reinterpret_cast<sockaddr*>(&src), sizeof src) != 0) {
+        if (not_here) *not_here = errno == EADDRNOTAVAIL;
+        why = "cannot use source address " + source->to_string() + ": " + std::strerror(errno);
         ::close(fd);
         return -1;
     }
@@ -73,6 +76,7 @@ ctx_ptr client_context(const std::string& ca_file) {
     ctx_ptr ctx(SSL_CTX_new(TLS_client_method()), &SSL_CTX_free);
     SSL_CTX_set_min_proto_version(ctx.get(), TLS1_2_VERSION);
     if (!ca_file.empty()) SSL_CTX_load_verify_locations(ctx.get(), ca_file.c_str(), nullptr);
+    else SSL_CTX_set_default_verify_paths(ctx.get());
     SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_NONE, nullptr);  // judged below, so every failure is named
     return ctx;
 }
@@ -163,15 +167,55 @@ std::string field(const std::string& x_dmz_error, int n) {
     return x_dmz_error.substr(start, end == std::string::npos ? std::string::npos : end - start);
 }
 
+/// One hop probed from here: from the hop's own source address (the client's only when
+/// `bind`), then TLS for https.
+hop_probe probe_here(hop_probe hp, SSL_CTX* ctx, bool bind) {
+    std::string why;
+    bool not_here = false;
+    int fd = connect_from(bind ? &hp.hop.source : nullptr, hp.hop.address, hp.hop.port, why, &not_here);
+    if (fd < 0 && not_here) {
+        hp.probed = false;
+        hp.tcp = "not probed: " + hp.hop.source.to_string() + " is not an address of this machine, and '" + hp.hop.from +
+                 "' names no admin endpoint to ask ([instance] admin in its config)";
+        return hp;
+    }
+    hp.tcp = fd < 0 ? why : "ok";
+    if (fd >= 0 && hp.hop.proto == rules::protocol::https) {
+        ssl_ptr keep(nullptr, &SSL_free);
+        hp.tls = tls_check(ctx, fd, hp.hop.sni, hp.tls_detail, keep);
+    }
+    if (fd >= 0) ::close(fd);
+    return hp;
+}
+
+/// One hop probed by the instance it leaves from, through its admin endpoint.
+hop_probe probe_there(hop_probe hp, const remote_probe& r) {
+    hp.by = hp.hop.from;
+    if (!r.error.empty()) {
+        hp.probed = false;
+        hp.tcp = "not probed: asking '" + hp.hop.from + "' failed: " + r.error;
+        return hp;
+    }
+    hp.tcp = r.tcp;
+    hp.tls = hp.hop.proto == rules::protocol::https ? r.tls : "";
+    hp.tls_detail = r.names;
+    // What the running instance used: the address it is configured with, not the file's.
+    if (auto a = ip_address::parse(r.source)) hp.hop.source = *a;
+    if (auto a = ip_address::parse(r.address)) hp.hop.address = *a;
+    if (r.port > 0) hp.hop.port = static_cast<std::uint16_t>(r.port);
+    return hp;
+}
+
 }  // namespace
 
-diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file, bool map_ports) {
+diagnosis diagnose(const topology& t, const probe& p, const diagnose_settings& s) {
     diagnosis d;
-    d.offline = explain(t, p, map_ports);
+    d.offline = explain(t, p, s.map_ports);
     auto& ex = d.offline;
-    auto ctx = client_context(ca_file);
+    auto ctx = client_context(s.ca_file);
 
-    // 1. Each hop as it really is: connect from that hop's own address, then TLS.
+    // 1. Each hop as it really is: the client's from here, every other by the tier it
+    // leaves from (its admin endpoint), or from here on that tier's address.
     for (std::size_t i = 0; i < ex.hops.size(); ++i) {
         hop_probe hp;
         hp.hop = ex.hops[i];
@@ -180,16 +224,13 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
             // An allow rule that wants a user is not a deny: say what it needs.
             hp.action = ex.tiers[i].decision.why == rules::fault_class::auth_required ? "allow, needs a user" : ex.tiers[i].action;
         }
-        std::string why;
-        int fd = connect_from(hp.hop.source, hp.hop.address, hp.hop.port, why);
-        hp.tcp = fd < 0 ? why : "ok";
-        if (fd >= 0 && hp.hop.proto == rules::protocol::https) {
-            ssl_ptr keep(nullptr, &SSL_free);
-            hp.tls = tls_check(ctx.get(), fd, hp.hop.sni, hp.tls_detail, keep);
-        }
-        if (fd >= 0) ::close(fd);
+        std::optional<remote_probe> asked;
+        if (i > 0 && s.ask && i - 1 < ex.tiers.size() && !ex.tiers[i - 1].matched_rule.empty())
+            asked = s.ask(hp.hop.from, ex.tiers[i - 1].matched_rule);
+        hp = asked ? probe_there(std::move(hp), *asked) : probe_here(std::move(hp), ctx.get(), i > 0 || s.bind_client);
         d.hops.push_back(hp);
         auto name = hp.hop.from + " -> " + hp.hop.to;
+        if (!hp.probed) continue;
         if (d.verdict.empty() && hp.tcp != "ok") {
             d.verdict = "network-fault", d.hop = name, d.tier = hp.hop.to;
             d.reason = hp.tcp + " at " + hp.hop.address.to_string() + ":" + std::to_string(hp.hop.port);
@@ -206,7 +247,7 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
     if (!ex.hops.empty() && d.hops.front().tcp == "ok") {
         auto& first = ex.hops.front();
         std::string why;
-        int fd = connect_from(first.source, first.address, first.port, why);
+        int fd = connect_from(s.bind_client ? &first.source : nullptr, first.address, first.port, why);
         ssl_ptr ssl(nullptr, &SSL_free);
         if (fd >= 0 && first.proto == rules::protocol::https) {
             std::string names;
@@ -240,7 +281,7 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
                     // The path a deliverable mail takes names the hop after that tier.
                     auto q = p;
                     q.rcpt = "postmaster@" + (t.domain.empty() ? std::string("localhost") : t.domain);
-                    for (auto& h : explain(t, q, map_ports).hops)
+                    for (auto& h : explain(t, q, s.map_ports).hops)
                         if (h.from == d.tier) d.hop = h.from + " -> " + h.to;
                     if (d.hop.empty()) d.hop = d.tier + " -> next";
                 } else {
@@ -311,7 +352,7 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
     } else if (d.verdict == "rule-fault") {
         auto q = p;
         q.with_test_rules = true;
-        auto alt = explain(t, q, map_ports);
+        auto alt = explain(t, q, s.map_ports);
         d.test_rules = alt.result == outcome::ok
                            ? "with each tier's test rule enabled this probe would reach '" + alt.reached + "': a rule stops it, the network is fine"
                            : "even with the test rules it would fail: " + std::string(to_string(alt.result)) + " at " + alt.stopped_at + " (" + alt.reason + ")";
@@ -327,14 +368,14 @@ diagnosis diagnose(const topology& t, const probe& p, const std::string& ca_file
             past = past || here;
         }
     }
-    // Where the live lab and the topology file disagree (an edited file not yet reloaded).
+    // Where the running instances and the topology file disagree (an edited file not yet reloaded).
     // Network faults are invisible offline; anything else should agree with the file.
     bool live_ok = d.verdict == "ok";
     // A refused password is invisible offline too (the file assumes the user's credentials work).
     bool password_refused = d.verdict == "auth-fault" && !p.user.empty();
     if (d.verdict != "network-fault" && !password_refused && !host_refused && live_ok != (ex.result == outcome::ok))
         d.note = std::string("the topology file says ") + to_string(ex.result) + " (" + ex.reason +
-                 "), the running lab says " + d.verdict + ": was the lab started from another version of the file?";
+                 "), the running instances say " + d.verdict + ": were they started from another version of the file (reload them)?";
     return d;
 }
 

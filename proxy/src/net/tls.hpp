@@ -47,6 +47,10 @@ void prepare_client(SSL* ssl, const std::string& name);
 /// chain: ..." or "handshake failure: ...".
 std::string describe_client_failure(SSL* ssl, const net::error_code& ec, const std::string& name);
 
+/// The DNS names on the certificate the peer presented, also after a handshake that
+/// refused it (a name mismatch, an untrusted chain).
+std::vector<std::string> presented_names(SSL* ssl);
+
 /// The SNI the client sent, or "".
 std::string server_name(SSL* ssl);
 

@@ -25,7 +25,8 @@ std::string endpoint_text(const rules::ip_address& a, std::uint16_t port) {
 }
 
 net::task<std::shared_ptr<upstream_conn>> connect_upstream(net::asio::io_context& io, client_tls& tls, const rules::target& to,
-                                                           std::string key, rules::fault& f, net::fault_plan* faults) {
+                                                           std::string key, rules::fault& f, net::fault_plan* faults,
+                                                           std::vector<std::string>* presented) {
 using namespace net;
     std::optional<stream> s;
     if (to.tls) {
@@ -87,6 +88,7 @@ using namespace net;
     if (to.tls) {
         co_await s->handshake(false, ec);
         if (ec) {
+            if (presented) *presented = presented_names(s->native_tls());
             f = make_fault(dog.expired() ? fault_class::upstream_timeout : fault_class::upstream_tls, 502, dog.expired() ? std::string("TLS handshake timed out") : describe_client_failure(s->native_tls(), ec, to.name));
             co_return nullptr;
         }

@@ -31,9 +31,11 @@ std::string endpoint_text(const rules::ip_address& a, std::uint16_t port);
 /// timeout. On failure returns null and fills `f` with the class and a detail that says
 /// which: refused (10061), timed out (10060), no route (10065), name mismatch, untrusted
 /// chain, handshake failure. `faults`: the session's fault plan (tests; null otherwise),
-/// which the new connection shares.
+/// which the new connection shares. `presented` (probes): on a failed handshake, the names
+/// of the certificate the server presented.
 net::task<std::shared_ptr<upstream_conn>> connect_upstream(net::asio::io_context& io, client_tls& tls, const rules::target& to,
-                                                           std::string key, rules::fault& f, net::fault_plan* faults);
+                                                           std::string key, rules::fault& f, net::fault_plan* faults,
+                                                           std::vector<std::string>* presented = nullptr);
 
 /// Whether an idle connection is still open (the peer has not closed it).
 bool still_open(upstream_conn& c);
