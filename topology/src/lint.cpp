@@ -56,8 +56,9 @@ void extended_protection(const topology& t, diagnostics& out) {
         if (h.certificate && !h.certificate->cert_file.empty())
             host_fp[&h] = fingerprint(*h.certificate, &out, "hosts." + h.name + ".certificate");
     std::set<std::string> told;
-    for (auto& [name, node] : t.names) {
-        auto* in = t.find_instance(node);
+    for (auto& entry : t.names) {
+        const auto& name = entry.first;  // not a structured binding: the lambda below captures it
+        auto* in = t.find_instance(entry.second);
         if (!in || !in->policy) continue;
         for (auto& l : in->policy->config().listeners) {
             if (l.proto != rules::protocol::https) continue;
