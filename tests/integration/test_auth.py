@@ -101,6 +101,8 @@ target = %s
         failed = lambda: [e for e in self.fe.access() if e.get("fault") == "auth-failed"]
         h.wait_for(lambda: len(failed()) == 2, 10)  # the log is written asynchronously
         self.assertEqual(sorted(e["user"] for e in failed()), ["alice", "mallory"])
+        # The rule the request was for, in the log (and so in the live view and /metrics).
+        self.assertEqual([e["rule"] for e in failed()], ["OWA for users"] * 2)
 
     def test_valid_credentials_reach_the_upstream_with_basic_delegation(self):
         r = self.get("/owa/", basic("alice", "alice-pw"))

@@ -223,9 +223,14 @@ task<http_session::reply> http_session::authenticate(const http::request_head& h
             tx_.rec.user = tried_user;
             // The password checks' queue was full: 503 (retry), not 401.
             if (busy) co_return refusal(auth_overloaded_fault(tried_user), a.keep_if_refused, a.http10);
+            // The log, the live view and /metrics name the rule the request was for: the one
+            // that asks an anonymous request for a user.
+            auto anonymous = rt_->policy->evaluate(l_->id, facts_of(head, a), {.trace = false});
+            tx_.rec.rule = anonymous.rule_name;
             auto out = refusal(make_fault(fault_class::auth_failed, 401,
                                           "the credentials" + (tried_user.empty() ? std::string() : " for '" + tried_user + "'") +
-                                              " were refused"),
+                                              " were refused",
+                                          anonymous.rule_name),
                                a.keep_if_refused, a.http10);
             // The client hears only "refused"; the log says why (no user enumeration).
             if (!why_refused.empty()) tx_.rec.fault.detail += " (" + why_refused + ")";
@@ -236,8 +241,7 @@ task<http_session::reply> http_session::authenticate(const http::request_head& h
     co_return std::nullopt;
 }
 
-http_session::reply http_session::decide(const http::request_head& head, admission& a) {
-    auto& rec = tx_.rec;
+rules::facts http_session::facts_of(const http::request_head& head, const admission& a) const {
     rules::facts f;
     f.client = a.client;
     if (down_.is_tls()) f.sni = sni_;
@@ -247,7 +251,12 @@ http_session::reply http_session::decide(const http::request_head& head, admissi
     f.who = a.user.empty() ? rules::identity::anonymous : rules::identity::authenticated;
     f.user = a.user;
     f.groups = a.groups;
-    a.d = rt_->policy->evaluate(l_->id, f, {.trace = false});
+    return f;
+}
+
+http_session::reply http_session::decide(const http::request_head& head, admission& a) {
+    auto& rec = tx_.rec;
+    a.d = rt_->policy->evaluate(l_->id, facts_of(head, a), {.trace = false});
     const auto& d = a.d;
     rec.rule = d.rule_name;
     rec.path = d.path.safe() ? d.path.path + (d.path.query.empty() ? "" : "?" + d.path.query) : std::string(head.target);

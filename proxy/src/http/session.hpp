@@ -150,6 +150,8 @@ private:
     reply filter(const http::request_head& head, admission& a);
     /// Phase 3: who is asking (a forms session, Basic credentials).
     task<reply> authenticate(const http::request_head& head, admission& a);
+    /// What the rules are told about this request: client, SNI, host, method, target, user.
+    rules::facts facts_of(const http::request_head& head, const admission& a) const;
     /// Phase 4: the rules, the Exchange guards and the body limit.
     reply decide(const http::request_head& head, admission& a);
     /// Phase 5: the head toward the upstream, into tx_; the client's head is done with.
