@@ -19,8 +19,9 @@ h1{font-size:16px;margin:0 0 8px}
 .hop h2{font-size:13px;margin:0 0 4px}.hop ul{margin:0;padding-left:16px}
 .arrow{align-self:center;font-size:18px;color:#777}
 #filters input{width:110px;margin-right:4px}
-table{border-collapse:collapse;width:100%;margin-top:8px}
-td,th{border-bottom:1px solid #ddd;padding:2px 6px;text-align:left;white-space:nowrap}
+table{border-collapse:collapse;width:100%;margin-top:8px;table-layout:fixed}
+td,th{border-bottom:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+td.wrap{white-space:normal;overflow-wrap:anywhere}
 tr[data-fault]:not([data-fault=""]){background:#fff3f3}
 #state{color:#777;margin-left:8px}
 </style></head><body>
@@ -31,7 +32,8 @@ tr[data-fault]:not([data-fault=""]){background:#fff3f3}
 <input id="f-user" placeholder="user"><input id="f-fault" placeholder="fault class"><input id="f-status" placeholder="status">
 <input id="f-path" placeholder="path or recipient">
 </div>
-<table><thead><tr><th>time</th><th>tier</th><th>rule</th><th>client</th><th>user</th><th>request</th><th>status</th>
+<table><colgroup><col style="width:150px"><col style="width:80px"><col style="width:120px"><col style="width:105px">
+<col style="width:80px"><col><col style="width:48px"><col style="width:130px"><col><col style="width:52px"></colgroup><thead><tr><th>time</th><th>tier</th><th>rule</th><th>client</th><th>user</th><th>request</th><th>status</th>
 <th>fault</th><th>detail</th><th>ms</th></tr></thead><tbody id="rows"></tbody></table>
 <script>
 "use strict";
@@ -72,7 +74,15 @@ function matches(r) {
   }
   return true;
 }
-function cell(tr, text) { const td = document.createElement("td"); td.textContent = text; tr.appendChild(td); }
+// Every column fits the window: long requests and details wrap, the rest is cut with an
+// ellipsis and shown whole on hover.
+function cell(tr, text, wrap) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  td.title = text;
+  if (wrap) td.className = "wrap";
+  tr.appendChild(td);
+}
 function render() {
   const all = [];
   for (const s of state) for (const r of s.lines) all.push(r);
@@ -94,15 +104,18 @@ function render() {
     cell(tr, r.rule || "");
     cell(tr, field(r, "client"));
     cell(tr, r.user || "");
-    cell(tr, r.protocol === "smtp" ? "SMTP " + field(r, "path") : (r.method || "") + " " + (r.path || ""));
+    cell(tr, r.protocol === "smtp" ? "SMTP " + field(r, "path") : (r.method || "") + " " + (r.path || ""), true);
     cell(tr, r.status ? String(r.status) : "");
     cell(tr, r.fault || "");
-    cell(tr, r.detail || "");
+    cell(tr, r.detail || "", true);
     cell(tr, r.duration_ms !== undefined ? Number(r.duration_ms).toFixed(1) : "");
     body.appendChild(tr);
     shown++;
   }
   document.getElementById("state").textContent = shown + " of " + all.length + " lines";
+  // Whether anything is wider than the window (a horizontal scrollbar): for the tests.
+  const page = document.documentElement;
+  document.body.dataset.overflow = page.scrollWidth > page.clientWidth ? "yes" : "no";
   drawTopology();
 }
 function health(s) {

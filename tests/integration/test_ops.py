@@ -498,8 +498,10 @@ class LiveLogView(unittest.TestCase):
         url = "%s/log?tiers=%s,%s%s" % (fe, fe, be, query)
         profile = tempfile.mkdtemp(prefix="dmz-chromium-", dir=self.lab.dir)
         r = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir=" + profile,
-                            "--virtual-time-budget=4000", "--dump-dom", url], capture_output=True, text=True, timeout=120)
+                            "--window-size=1400,900", "--virtual-time-budget=4000", "--dump-dom", url],
+                           capture_output=True, text=True, timeout=120)
         self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        self.last_dom = r.stdout
         rows = re.findall(r'<tr class="row" data-tier="([^"]*)" data-rule="([^"]*)" data-status="([^"]*)" '
                           r'data-fault="([^"]*)" data-path="([^"]*)"', r.stdout)
         hops = dict(re.findall(r'<div class="hop" data-name="([^"]*)" data-health="([^"]*)"', r.stdout))
@@ -527,6 +529,16 @@ class LiveLogView(unittest.TestCase):
         self.assertEqual({(t, s[0]) for t, _, s, _, _ in rows}, {("back-end", "2")})
         ok, failures = flowing.stop()
         self.assertEqual(failures, [])
+
+    def test_long_lines_fit_a_1400_pixel_window(self):
+        # A long request and a long detail wrap inside their columns; nothing (not the
+        # duration column either) hides behind a horizontal scrollbar.
+        self.assertEqual(self.get("/nothing-here/" + "segment-" * 80), 403)
+        self.assertEqual(self.get("/owa/" + "x" * 300), 200)
+        rows, _, _ = self.browse("")
+        self.assertTrue([r for r in rows if r[4].startswith("/nothing-here/segment-")], rows[:5])
+        self.assertIn('data-overflow="no"', self.last_dom)
+        self.assertNotIn('data-overflow="yes"', self.last_dom)
 
 
 class LogRotation(unittest.TestCase):
