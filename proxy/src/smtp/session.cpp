@@ -311,6 +311,8 @@ private:
     task<> pipe() {
         struct counters {
             std::uint64_t up = 0, down = 0;
+            bool up_failed = false, up_to_failed = false;  ///< how the client -> upstream leg ended
+            std::string up_error;
         };
         auto n_bytes = std::make_shared<counters>();
         // client -> upstream in its own coroutine; upstream -> client here. Both through
@@ -320,7 +322,8 @@ private:
             auto idle = self->target_->timeouts.idle;
             net::pipe_leg leg{.from = self->down_, .to = self->up_->stream, .pending = self->in_, .left = net::until_eof,
                               .moved = n_bytes->up, .before_read = [s = self.get(), idle] { s->dog_.arm(idle); }};
-            co_await net::pipe(leg, ec);
+            bool leg_ok = co_await net::pipe(leg, ec);
+            if (!leg_ok) n_bytes->up_failed = true, n_bytes->up_to_failed = leg.to_failed, n_bytes->up_error = ec.message();
             self->up_->stream.shutdown_send();
         });
         error_code ec;
@@ -342,6 +345,11 @@ private:
                                  "tcp mode: the upstream sent nothing for " + std::to_string(idle.count() / 1000) + " s");
         else if (!ok)
             r.fault = make_fault(fault_class::upstream_protocol, 0, "tcp mode: the upstream connection failed (" + ec.message() + ")");
+        // The upstream ended because the other leg failed: that leg's failure is the fault.
+        else if (n_bytes->up_failed && n_bytes->up_to_failed)
+            r.fault = make_fault(fault_class::upstream_protocol, 0, "tcp mode: sending to the upstream failed (" + n_bytes->up_error + ")");
+        else if (n_bytes->up_failed)
+            r.fault = make_fault(fault_class::bad_request, 0, "tcp mode: the client connection failed (" + n_bytes->up_error + ")");
         write_log(r, t0_);
     }
 

@@ -1,6 +1,7 @@
-// An SMTP session inside the test (plain, and STARTTLS toward the client): one mail relayed
-// to a fake upstream, once as it goes, then again for every n with the n-th read, write,
-// upstream connect or TLS handshake failing, until a run has no n-th operation of that kind.
+// An SMTP session inside the test (plain, STARTTLS toward the client, and `tcp` mode, the
+// byte pipe): one mail relayed to a fake upstream, once as it goes, then again for every n
+// with the n-th read, write, upstream connect or TLS handshake failing, until a run has no
+// n-th operation of that kind.
 // Every run must end (no hang), leave no session, connection or descriptor behind, write
 // exactly one access-log record, and leave the client with a reply or a clean close.
 #include <iostream>
@@ -154,12 +155,25 @@ task<> sink(rig& r, outcome& out) {
     p.close();
 }
 
-outcome run_smtp(bool starttls, net::fault_plan* plan) {
+/// How the session publishes: SMTP-aware (plain or with STARTTLS), or a `tcp` byte pipe.
+enum class way { plain, starttls, tcp };
+
+std::string name_of(way w) { return w == way::plain ? "smtp" : w == way::starttls ? "smtp+starttls" : "tcp mode"; }
+
+std::string config_for(way w) {
+    if (w != way::tcp) return smtp_config;
+    auto c = smtp_config;
+    auto at = c.find("target = { address");
+    return c.insert(at + std::string("target = { ").size(), "mode = \"tcp\", ");
+}
+
+outcome run_smtp(way how, net::fault_plan* plan) {
+    bool starttls = how == way::starttls;
     outcome out;
     out.fds_before = open_fds();
     {
         auto cctx = client_context();
-        rig r(smtp_config);
+        rig r(config_for(how));
         r.worker().faults = plan;
         r.serve_one();
         r.spawn([&]() { return sink(r, out); });
@@ -195,17 +209,40 @@ void expect_clean(const outcome& o, const std::string& what) {
     EXPECT_EQ(o.recs.size(), 1u) << what << ": one record per session or mail\n" << describe(o);
 }
 
-void expect_success(const outcome& o, bool starttls, const std::string& what) {
-    std::vector<int> want{220, 250, 250, 250, 354, 250, 221};
-    if (starttls) want = {220, 250, 220, 250, 250, 250, 354, 250, 221};
-    EXPECT_EQ(o.client_codes, want) << what << "\n" << describe(o);
+std::vector<int> all_replies(way how) {
+    if (how == way::starttls) return {220, 250, 220, 250, 250, 250, 354, 250, 221};
+    return {220, 250, 250, 250, 354, 250, 221};
+}
+
+void expect_success(const outcome& o, way how, const std::string& what) {
+    EXPECT_EQ(o.client_codes, all_replies(how)) << what << "\n" << describe(o);
     EXPECT_EQ(o.queued, 1) << what;
     ASSERT_EQ(o.recs.size(), 1u) << what;
     auto& rec = o.recs.front();
     EXPECT_EQ(rec["fault"], "") << what << "\n" << describe(o);
+    if (how == way::tcp) {  // a byte pipe: no SMTP fields, the bytes each way
+        EXPECT_EQ(rec["detail"], "tcp mode") << what;
+        EXPECT_GT(rec["bytes_in"].get<std::uint64_t>(), 100u) << what;
+        EXPECT_GT(rec["bytes_out"].get<std::uint64_t>(), 100u) << what;
+        return;
+    }
     EXPECT_EQ(rec["status"], 250) << what;
     EXPECT_EQ(rec["mail_from"], "a@example.net") << what;
-    EXPECT_EQ(rec["tls"], starttls) << what;
+    EXPECT_EQ(rec["tls"], how == way::starttls) << what;
+}
+
+/// tcp mode cannot know a mail, only the connection: a failed operation that cut the
+/// dialogue short is a fault with its side; an end from either party is not.
+void expect_pipe_fault(const outcome& o, bool eof, const std::string& what) {
+    if (o.recs.size() != 1) return;
+    auto& rec = o.recs.front();
+    std::string cls = rec["fault"], side = rec.value("fault_side", "");
+    if (!cls.empty()) {
+        EXPECT_TRUE(side == "client" || side == "upstream") << what << ": side '" << side << "'\n" << describe(o);
+    }
+    if (!eof && o.client_codes != all_replies(way::tcp)) {
+        EXPECT_NE(cls, "") << what << ": the dialogue was cut short by a failure, and the record says nothing\n" << describe(o);
+    }
 }
 
 /// An operation failed. The one record: the mail, delivered (the upstream queued it: 250,
@@ -233,51 +270,62 @@ void expect_fault(const outcome& o, const std::string& what) {
     }
 }
 
-unsigned fail_each(bool starttls, net::op_kind kind, bool eof = false) {
+unsigned fail_each(way how, net::op_kind kind, bool eof = false) {
     unsigned n = 1;
     for (; n < 100; ++n) {
         net::fault_plan plan;
         plan.kind = kind;
         plan.fail_at = n;
         plan.eof = eof;
-        auto o = run_smtp(starttls, &plan);
-        std::string what = std::string(starttls ? "smtp+starttls" : "smtp") + ", " + net::to_string(kind) + (eof ? " (eof)" : "") +
-                           " #" + std::to_string(n);
+        auto o = run_smtp(how, &plan);
+        std::string what = name_of(how) + ", " + net::to_string(kind) + (eof ? " (eof)" : "") + " #" + std::to_string(n);
         expect_clean(o, what);
         if (!plan.fired) {
-            expect_success(o, starttls, what + " (nothing failed)");
+            expect_success(o, how, what + " (nothing failed)");
             break;
         }
-        expect_fault(o, what);
+        if (how == way::tcp) expect_pipe_fault(o, eof, what);
+        else expect_fault(o, what);
         if (testing::Test::HasFatalFailure()) break;
     }
     EXPECT_LT(n, 100u) << "the loop did not run out of operations";
-    std::cout << "[ injected ] " << (starttls ? "smtp+starttls" : "smtp") << ": " << net::to_string(kind) << (eof ? " (eof)" : "") << " #1.." << n - 1
+    std::cout << "[ injected ] " << name_of(how) << ": " << net::to_string(kind) << (eof ? " (eof)" : "") << " #1.." << n - 1
               << ", then a run with nothing to fail\n";
     return n - 1;
 }
 
 TEST(SmtpSessionFaults, RelaysPlain) {
-    auto o = run_smtp(false, nullptr);
+    auto o = run_smtp(way::plain, nullptr);
     expect_clean(o, "smtp");
-    expect_success(o, false, "smtp");
+    expect_success(o, way::plain, "smtp");
 }
 
 TEST(SmtpSessionFaults, RelaysStarttls) {
-    auto o = run_smtp(true, nullptr);
+    auto o = run_smtp(way::starttls, nullptr);
     expect_clean(o, "smtp+starttls");
-    expect_success(o, true, "smtp+starttls");
+    expect_success(o, way::starttls, "smtp+starttls");
 }
 
-TEST(SmtpSessionFaults, EachReadFailsPlain) { EXPECT_GE(fail_each(false, net::op_kind::read), 5u); }
-TEST(SmtpSessionFaults, EachReadEndsPlain) { EXPECT_GE(fail_each(false, net::op_kind::read, true), 5u); }
-TEST(SmtpSessionFaults, EachWriteFailsPlain) { EXPECT_GE(fail_each(false, net::op_kind::write), 5u); }
-TEST(SmtpSessionFaults, ConnectFailsPlain) { EXPECT_EQ(fail_each(false, net::op_kind::connect), 1u); }
+TEST(SmtpSessionFaults, PipesInTcpMode) {
+    auto o = run_smtp(way::tcp, nullptr);
+    expect_clean(o, "tcp mode");
+    expect_success(o, way::tcp, "tcp mode");
+}
 
-TEST(SmtpSessionFaults, EachReadFailsStarttls) { EXPECT_GE(fail_each(true, net::op_kind::read), 5u); }
-TEST(SmtpSessionFaults, EachReadEndsStarttls) { EXPECT_GE(fail_each(true, net::op_kind::read, true), 5u); }
-TEST(SmtpSessionFaults, EachWriteFailsStarttls) { EXPECT_GE(fail_each(true, net::op_kind::write), 5u); }
-TEST(SmtpSessionFaults, HandshakeFailsStarttls) { EXPECT_EQ(fail_each(true, net::op_kind::handshake), 1u); }
+TEST(SmtpSessionFaults, EachReadFailsPlain) { EXPECT_GE(fail_each(way::plain, net::op_kind::read), 5u); }
+TEST(SmtpSessionFaults, EachReadEndsPlain) { EXPECT_GE(fail_each(way::plain, net::op_kind::read, true), 5u); }
+TEST(SmtpSessionFaults, EachWriteFailsPlain) { EXPECT_GE(fail_each(way::plain, net::op_kind::write), 5u); }
+TEST(SmtpSessionFaults, ConnectFailsPlain) { EXPECT_EQ(fail_each(way::plain, net::op_kind::connect), 1u); }
+
+TEST(SmtpSessionFaults, EachReadFailsStarttls) { EXPECT_GE(fail_each(way::starttls, net::op_kind::read), 5u); }
+TEST(SmtpSessionFaults, EachReadEndsStarttls) { EXPECT_GE(fail_each(way::starttls, net::op_kind::read, true), 5u); }
+TEST(SmtpSessionFaults, EachWriteFailsStarttls) { EXPECT_GE(fail_each(way::starttls, net::op_kind::write), 5u); }
+TEST(SmtpSessionFaults, HandshakeFailsStarttls) { EXPECT_EQ(fail_each(way::starttls, net::op_kind::handshake), 1u); }
+
+TEST(SmtpSessionFaults, EachReadFailsTcpMode) { EXPECT_GE(fail_each(way::tcp, net::op_kind::read), 3u); }
+TEST(SmtpSessionFaults, EachReadEndsTcpMode) { EXPECT_GE(fail_each(way::tcp, net::op_kind::read, true), 3u); }
+TEST(SmtpSessionFaults, EachWriteFailsTcpMode) { EXPECT_GE(fail_each(way::tcp, net::op_kind::write), 3u); }
+TEST(SmtpSessionFaults, ConnectFailsTcpMode) { EXPECT_EQ(fail_each(way::tcp, net::op_kind::connect), 1u); }
 
 }  // namespace
 }  // namespace dmz::test::sessions
