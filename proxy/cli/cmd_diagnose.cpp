@@ -76,6 +76,60 @@ topology::remote_probe ask_instance(const admin_of& a, const std::string& rule) 
         for (auto& n : b["certificate_names"]) r.names += (r.names.empty() ? "" : ", ") + n.get<std::string>();
     return r;
 }
+
+std::string summary_line(const topology::diagnosis& d) {
+    return d.verdict == "ok"              ? "OK"
+           : d.verdict == "network-fault" ? "NETWORK FAULT at " + d.hop
+           : d.verdict == "rule-fault"    ? "RULE FAULT at " + d.tier
+                                          : "AUTH FAULT at " + d.tier;
+}
+
+void print_json(const topology::diagnosis& d, const topology::probe& p, const std::string& line) {
+    nlohmann::json hops = nlohmann::json::array();
+    for (auto& h : d.hops)
+        hops.push_back({{"from", h.hop.from}, {"to", h.hop.to}, {"source", h.hop.source.to_string()},
+                        {"address", h.hop.address.to_string()}, {"port", h.hop.port}, {"tcp", h.tcp},
+                        {"tls", h.tls.empty() ? nlohmann::json(nullptr) : nlohmann::json(h.tls)},
+                        {"certificate_names", h.tls_detail}, {"rule", h.rule}, {"action", h.action},
+                        {"probed_by", h.by.empty() ? nlohmann::json(nullptr) : nlohmann::json(h.by)}, {"probed", h.probed}});
+    nlohmann::json out = {{"verdict", d.verdict}, {"tier", d.tier.empty() ? nlohmann::json(nullptr) : nlohmann::json(d.tier)},
+                          {"hop", d.hop.empty() ? nlohmann::json(nullptr) : nlohmann::json(d.hop)}, {"reason", d.reason},
+                          {"summary", line}, {"status", d.status}, {"response", d.response}, {"hops", hops},
+                          {"test_rules", d.test_rules}, {"note", d.note}, {"offline", explanation_json(p, d.offline)}};
+    std::cout << out.dump(2) << "\n";
+}
+
+void print_text(const topology::diagnosis& d, const topology::probe& p, const std::string& line) {
+    for (auto& h : d.hops) {
+        std::cout << "hop " << h.hop.from << " -> " << h.hop.to << ": " << h.hop.source.to_string() << " -> "
+                  << h.hop.address.to_string() << ":" << h.hop.port << "  TCP " << h.tcp;
+        if (!h.tls.empty()) std::cout << "  TLS " << h.tls << (h.tls_detail.empty() ? "" : " [" + h.tls_detail + "]");
+        if (!h.rule.empty()) std::cout << "  rule " << h.rule << " (" << h.action << ")";
+        if (!h.by.empty()) std::cout << "  [probed by " << h.by << "]";
+        std::cout << "\n";
+    }
+    if (d.status)
+        std::cout << "response: " << (p.smtp ? d.response : std::to_string(d.status) + (d.response.empty() ? "" : " " + d.response)) << "\n";
+    std::cout << line << " (" << d.reason << ")\n";
+    if (!d.test_rules.empty()) std::cout << "  " << d.test_rules << "\n";
+    if (!d.note.empty()) std::cout << "  note: " << d.note << "\n";
+}
+
+/// Where the probes start and whom they ask: a lab's CA and client address, or a deployment's.
+topology::diagnose_settings settings_for(const diagnose_cli& o, const topology::topology& t, const nlohmann::json& lab) {
+    bool in_lab = lab.is_object();
+    topology::diagnose_settings ds;
+    ds.ca_file = !o.ca_file.empty() ? o.ca_file : in_lab ? lab.value("ca_file", std::string()) : std::string();
+    ds.map_ports = in_lab && lab.value("ports_mapped", false);
+    ds.bind_client = in_lab || !o.from.empty();
+    auto admins = admin_endpoints(t, lab);
+    ds.ask = [admins](const std::string& instance, const std::string& rule) -> std::optional<topology::remote_probe> {
+        auto it = admins.find(instance);
+        if (it == admins.end() || it->second.url.empty()) return std::nullopt;
+        return ask_instance(it->second, rule);
+    };
+    return ds;
+}
 }  // namespace
 
 command add_diagnose(CLI::App& app) {
@@ -126,49 +180,10 @@ command add_diagnose(CLI::App& app) {
             p.user = o->user.substr(0, colon);
             if (colon != std::string::npos) p.password = o->user.substr(colon + 1);
         }
-        topology::diagnose_settings ds;
-        ds.ca_file = !o->ca_file.empty() ? o->ca_file : in_lab ? lab.value("ca_file", std::string()) : std::string();
-        ds.map_ports = mapped;
-        ds.bind_client = in_lab || !o->from.empty();
-        auto admins = admin_endpoints(*res.topo, lab);
-        ds.ask = [admins](const std::string& instance, const std::string& rule) -> std::optional<topology::remote_probe> {
-            auto it = admins.find(instance);
-            if (it == admins.end() || it->second.url.empty()) return std::nullopt;
-            return ask_instance(it->second, rule);
-        };
-        auto d = topology::diagnose(*res.topo, p, ds);
-        std::string line = d.verdict == "ok"              ? "OK"
-                           : d.verdict == "network-fault" ? "NETWORK FAULT at " + d.hop
-                           : d.verdict == "rule-fault"    ? "RULE FAULT at " + d.tier
-                                                          : "AUTH FAULT at " + d.tier;
-        if (o->json) {
-            nlohmann::json hops = nlohmann::json::array();
-            for (auto& h : d.hops)
-                hops.push_back({{"from", h.hop.from}, {"to", h.hop.to}, {"source", h.hop.source.to_string()},
-                                {"address", h.hop.address.to_string()}, {"port", h.hop.port}, {"tcp", h.tcp},
-                                {"tls", h.tls.empty() ? nlohmann::json(nullptr) : nlohmann::json(h.tls)},
-                                {"certificate_names", h.tls_detail}, {"rule", h.rule}, {"action", h.action},
-                                {"probed_by", h.by.empty() ? nlohmann::json(nullptr) : nlohmann::json(h.by)}, {"probed", h.probed}});
-            nlohmann::json out = {{"verdict", d.verdict}, {"tier", d.tier.empty() ? nlohmann::json(nullptr) : nlohmann::json(d.tier)},
-                                  {"hop", d.hop.empty() ? nlohmann::json(nullptr) : nlohmann::json(d.hop)}, {"reason", d.reason},
-                                  {"summary", line}, {"status", d.status}, {"response", d.response}, {"hops", hops},
-                                  {"test_rules", d.test_rules}, {"note", d.note}, {"offline", explanation_json(p, d.offline)}};
-            std::cout << out.dump(2) << "\n";
-        } else {
-            for (auto& h : d.hops) {
-                std::cout << "hop " << h.hop.from << " -> " << h.hop.to << ": " << h.hop.source.to_string() << " -> "
-                          << h.hop.address.to_string() << ":" << h.hop.port << "  TCP " << h.tcp;
-                if (!h.tls.empty()) std::cout << "  TLS " << h.tls << (h.tls_detail.empty() ? "" : " [" + h.tls_detail + "]");
-                if (!h.rule.empty()) std::cout << "  rule " << h.rule << " (" << h.action << ")";
-                if (!h.by.empty()) std::cout << "  [probed by " << h.by << "]";
-                std::cout << "\n";
-            }
-            if (d.status)
-                std::cout << "response: " << (p.smtp ? d.response : std::to_string(d.status) + (d.response.empty() ? "" : " " + d.response)) << "\n";
-            std::cout << line << " (" << d.reason << ")\n";
-            if (!d.test_rules.empty()) std::cout << "  " << d.test_rules << "\n";
-            if (!d.note.empty()) std::cout << "  note: " << d.note << "\n";
-        }
+        auto d = topology::diagnose(*res.topo, p, settings_for(*o, *res.topo, lab));
+        std::string line = summary_line(d);
+        if (o->json) print_json(d, p, line);
+        else print_text(d, p, line);
         return d.verdict == "ok" ? 0 : 1;
     };
 }
