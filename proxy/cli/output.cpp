@@ -150,7 +150,7 @@ const char* verdict_line(topology::outcome o) {
 }
 }  // namespace
 
-topology::probe make_probe(const std::string& command, const std::string& what, const std::string& from,
+topology::probe make_probe(const std::string& command_name, const std::string& what, const std::string& from,
                            const std::string& method, const std::string& mail_from, std::string rcpt) {
     topology::probe p;
     auto a = rules::ip_address::parse(from);
@@ -166,7 +166,7 @@ topology::probe make_probe(const std::string& command, const std::string& what, 
         } else {
             p.smtp_server = arg;
         }
-        if (rcpt.empty()) throw std::invalid_argument(command + " smtp needs a recipient: smtp:ADDRESS or --rcpt ADDRESS");
+        if (rcpt.empty()) throw std::invalid_argument(command_name + " smtp needs a recipient: smtp:ADDRESS or --rcpt ADDRESS");
         p.mail_from = mail_from;
         p.rcpt = rcpt;
     } else {

@@ -18,7 +18,7 @@ nlohmann::json rules_json(const rules::instance_config& c);
 
 /// The probe of explain and diagnose: `what` is a URL, smtp:RECIPIENT, or smtp /
 /// smtp:SERVER[:PORT] with `rcpt`. Throws std::invalid_argument (a usage error) otherwise.
-topology::probe make_probe(const std::string& command, const std::string& what, const std::string& from,
+topology::probe make_probe(const std::string& command_name, const std::string& what, const std::string& from,
                            const std::string& method, const std::string& mail_from, std::string rcpt);
 
 void print_explanation(std::ostream& os, const topology::probe& p, const topology::topology& t,
