@@ -167,6 +167,13 @@ net::task<authenticator::result> authenticator::check(const std::string& user, c
         if (r.refusal.empty() && u) r.ok = true, r.user = user, r.groups = u->groups;
         co_return finish(std::move(r));
     }
+    // An address past its failure threshold costs no check at all: answered here, at once,
+    // as a wrong password is. (A user's lockout still costs the check's work, so its timing
+    // says nothing about whether the user exists.)
+    if (ctx_.lockout && ctx_.lockout->any()) {
+        r.refusal = ctx_.lockout->address_refused(listener, address, policy);
+        if (!r.refusal.empty()) co_return finish(std::move(r));
+    }
     auto job = [users = ctx_.users, lockout = ctx_.lockout, user, password, listener, address, policy] {
         return verify_on_pool(*users, lockout.get(), user, password, listener, address, policy);
     };

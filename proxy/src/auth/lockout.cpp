@@ -2,15 +2,27 @@
 
 namespace dmz::proxy {
 
+std::string lockout_table::address_refused(const std::string& listener, const std::string& address, const rules::lockout_policy& p) {
+    if (!p.address_threshold) return "";
+    auto now = std::chrono::steady_clock::now();
+    std::lock_guard lock(m_);
+    return address_refused_locked(listener, address, p, now);
+}
+
+std::string lockout_table::address_refused_locked(const std::string& listener, const std::string& address,
+                                                  const rules::lockout_policy& p, std::chrono::steady_clock::time_point now) const {
+    if (!p.address_threshold) return "";
+    auto it = addresses_.find(listener + '\0' + address);
+    if (it != addresses_.end() && it->second.count >= p.address_threshold && now - it->second.last < p.window)
+        return "too many failures from " + address;
+    return "";
+}
+
 std::string lockout_table::refused(const std::string& listener, const std::string& user, const std::string& address,
                                    const rules::lockout_policy& p) {
     auto now = std::chrono::steady_clock::now();
     std::lock_guard lock(m_);
-    if (p.address_threshold) {
-        auto it = addresses_.find(listener + '\0' + address);
-        if (it != addresses_.end() && it->second.count >= p.address_threshold && now - it->second.last < p.window)
-            return "too many failures from " + address;
-    }
+    if (auto why = address_refused_locked(listener, address, p, now); !why.empty()) return why;
     if (p.threshold) {
         auto it = users_.find(listener + '\0' + user);
         if (it != users_.end() && it->second.count >= p.threshold && now - it->second.last < p.window) return "locked out";

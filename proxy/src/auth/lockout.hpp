@@ -19,12 +19,17 @@ public:
     /// Why a check must fail without looking at the password, or "".
     std::string refused(const std::string& listener, const std::string& user, const std::string& address,
                         const rules::lockout_policy& p);
+    /// The address part alone: an address past its threshold is refused before any work
+    /// (no password check runs for it: one address must not keep the check pool busy).
+    std::string address_refused(const std::string& listener, const std::string& address, const rules::lockout_policy& p);
     void failed(const std::string& listener, const std::string& user, const std::string& address, const rules::lockout_policy& p);
     void succeeded(const std::string& listener, const std::string& user);
     /// Whether any failure is on record (lets good logins skip the lock when there is none).
     bool any() const { return entries_.load(std::memory_order_relaxed) != 0; }
 
 private:
+    std::string address_refused_locked(const std::string& listener, const std::string& address, const rules::lockout_policy& p,
+                                       std::chrono::steady_clock::time_point now) const;
     std::atomic<std::size_t> entries_{0};
     struct entry {
         std::uint32_t count = 0;

@@ -192,4 +192,55 @@ TEST(Authenticator, SaturatedPoolIsOverloadedAndACachedPasswordSkipsThePool) {
     fs::remove_all(dir);
 }
 
+/// An address past its failure threshold is refused at once, without the pool: a saturated
+/// pool would otherwise say "overloaded". Other addresses still get their checks.
+TEST(Authenticator, ALockedOutAddressCostsNoCheck) {
+    namespace fs = std::filesystem;
+    std::string dir = (fs::temp_directory_path() / "dmz-auth-test-XXXXXX").string();
+    ASSERT_NE(mkdtemp(dir.data()), nullptr);
+    auto path = dir + "/users.toml";
+    user_store s;
+    s.set("alice", "pw", std::vector<std::string>{"mail"});
+    s.save(path);
+
+    auth_context ctx{std::make_shared<user_directory>(path), std::make_shared<lockout_table>(), std::make_shared<check_pool>(1, 2)};
+    authenticator a(ctx);
+    asio::io_context io(1);
+    authenticator::result guesses[3], locked, busy_elsewhere;
+    gate g;
+    std::atomic<bool> started{false};
+    asio::co_spawn(io, [&]() -> task<> {
+        std::string listener = "web", wrong = "nope";
+        auto attacker = *dmz::rules::ip_address::parse("127.0.0.66");
+        auto other = *dmz::rules::ip_address::parse("127.0.0.1");
+        dmz::rules::lockout_policy policy;
+        policy.threshold = 0;  // the address limit alone
+        policy.address_threshold = 3;
+        for (int i = 0; i < 3; ++i) {
+            std::string user = "mallory-" + std::to_string(i);
+            guesses[i] = co_await a.check(user, wrong, listener, attacker, policy);
+        }
+        ctx.pool->try_submit([&] {
+            started = true;
+            g.f.wait();
+        });
+        while (!started) std::this_thread::yield();
+        while (ctx.pool->try_submit([] {})) {
+        }
+        std::string user = "mallory-9";
+        locked = co_await a.check(user, wrong, listener, attacker, policy);
+        std::string alice = "alice";
+        busy_elsewhere = co_await a.check(alice, wrong, listener, other, policy);
+        g.p.set_value();
+    }, asio::detached);
+    io.run();
+    for (auto& r : guesses) EXPECT_EQ(r.refusal, "unknown user");
+    EXPECT_FALSE(locked.ok);
+    EXPECT_FALSE(locked.overloaded) << "a locked-out address must not wait for (or fill) the pool";
+    EXPECT_EQ(locked.refusal, "too many failures from 127.0.0.66");
+    EXPECT_TRUE(busy_elsewhere.overloaded) << "another address still needs a real check";
+    ctx.pool->shutdown();
+    fs::remove_all(dir);
+}
+
 }  // namespace
