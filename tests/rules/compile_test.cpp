@@ -11,45 +11,14 @@
 #include "dmz/rules/config.hpp"
 #include "dmz/rules/evaluate.hpp"
 #include "support/test_text.hpp"
+#include "rules/policy_preamble.hpp"
 
 namespace {
 
 using namespace dmz::rules;
 using namespace dmz::test;
 
-const std::string listeners_text = R"([instance]
-trust_forwarded_from = ["Perimeter"]
-
-[networks.Internal]
-ranges = ["10.0.0.0/8"]
-
-[networks.Perimeter]
-ranges = ["127.20.0.0/16"]
-
-[address_sets.relayhost]
-ranges = ["10.1.2.3/32"]
-
-[listeners.web]
-protocol = "http"
-bind = ["127.0.0.1:8080"]
-
-[listeners.admin]
-protocol = "http"
-bind = ["127.0.0.1:8081"]
-
-[listeners.smtp]
-protocol = "smtp"
-bind = ["127.0.0.1:2525"]
-
-[groups.admins]
-[groups.staff]
-
-[users.alice]
-groups = ["admins"]
-
-[users.bob]
-groups = ["staff"]
-)";
+const std::string listeners_text = "[instance]\ntrust_forwarded_from = [\"Perimeter\"]\n\n" + policy_preamble;
 
 const std::string rules_text = R"(
 [[rules]]

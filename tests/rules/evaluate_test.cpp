@@ -7,6 +7,7 @@
 
 #include "dmz/rules/config.hpp"
 #include "support/test_text.hpp"
+#include "rules/policy_preamble.hpp"
 #include "dmz/rules/evaluate.hpp"
 
 namespace {
@@ -17,36 +18,7 @@ using outcome = examined_rule::outcome;
 
 
 // Networks, listeners, users and groups every policy below shares.
-const std::string preamble = R"([networks.Internal]
-ranges = ["10.0.0.0/8"]
-
-[networks.Perimeter]
-ranges = ["127.20.0.0/16"]
-
-[address_sets.relayhost]
-ranges = ["10.1.2.3/32"]
-
-[listeners.web]
-protocol = "http"
-bind = ["127.0.0.1:8080"]
-
-[listeners.admin]
-protocol = "http"
-bind = ["127.0.0.1:8081"]
-
-[listeners.smtp]
-protocol = "smtp"
-bind = ["127.0.0.1:2525"]
-
-[groups.admins]
-[groups.staff]
-
-[users.alice]
-groups = ["admins"]
-
-[users.bob]
-groups = ["staff"]
-)";
+const std::string preamble = dmz::test::policy_preamble;
 
 policy make_policy(const std::string& rules_text) {
     auto r = load_instance_config_text(preamble + rules_text, "/tmp/x/policy.toml");

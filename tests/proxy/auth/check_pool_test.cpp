@@ -142,18 +142,35 @@ TEST(CheckPool, ShutdownDropsWhatWaits) {
     EXPECT_FALSE(pool->try_submit([] {})) << "a stopped pool takes no work";
 }
 
+/// A user store holding alice (password "pw", group mail) in a temporary folder, and an
+/// authenticator context on a pool of one thread with two places.
+struct store_with_alice {
+    std::string dir = make_dir();
+    auth_context ctx{std::make_shared<user_directory>(save_store(dir)), std::make_shared<lockout_table>(),
+                     std::make_shared<check_pool>(1, 2)};
+    ~store_with_alice() {
+        ctx.pool->shutdown();
+        std::error_code ec;
+        std::filesystem::remove_all(dir, ec);
+    }
+    static std::string make_dir() {
+        std::string d = (std::filesystem::temp_directory_path() / "dmz-auth-test-XXXXXX").string();
+        if (!mkdtemp(d.data())) throw std::runtime_error("mkdtemp failed");
+        return d;
+    }
+    static std::string save_store(const std::string& d) {
+        user_store s;
+        s.set("alice", "pw", std::vector<std::string>{"mail"});
+        s.save(d + "/users.toml");
+        return d + "/users.toml";
+    }
+};
+
 /// The authenticator on a saturated pool: overloaded, not a bad password; and a cached
 /// password needs no pool at all.
 TEST(Authenticator, SaturatedPoolIsOverloadedAndACachedPasswordSkipsThePool) {
-    namespace fs = std::filesystem;
-    std::string dir = (fs::temp_directory_path() / "dmz-auth-test-XXXXXX").string();
-    ASSERT_NE(mkdtemp(dir.data()), nullptr);
-    auto path = dir + "/users.toml";
-    user_store s;
-    s.set("alice", "pw", std::vector<std::string>{"mail"});
-    s.save(path);
-
-    auth_context ctx{std::make_shared<user_directory>(path), std::make_shared<lockout_table>(), std::make_shared<check_pool>(1, 2)};
+    store_with_alice fx;
+    auto& ctx = fx.ctx;
     authenticator a(ctx);
     asio::io_context io(1);
     authenticator::result first, busy, cached;
@@ -188,22 +205,13 @@ TEST(Authenticator, SaturatedPoolIsOverloadedAndACachedPasswordSkipsThePool) {
     auto f = auth_overloaded_fault("alice");
     EXPECT_EQ(f.status, 503);
     EXPECT_EQ(f.cls, dmz::rules::fault_class::overloaded);
-    ctx.pool->shutdown();
-    fs::remove_all(dir);
 }
 
 /// An address past its failure threshold is refused at once, without the pool: a saturated
 /// pool would otherwise say "overloaded". Other addresses still get their checks.
 TEST(Authenticator, ALockedOutAddressCostsNoCheck) {
-    namespace fs = std::filesystem;
-    std::string dir = (fs::temp_directory_path() / "dmz-auth-test-XXXXXX").string();
-    ASSERT_NE(mkdtemp(dir.data()), nullptr);
-    auto path = dir + "/users.toml";
-    user_store s;
-    s.set("alice", "pw", std::vector<std::string>{"mail"});
-    s.save(path);
-
-    auth_context ctx{std::make_shared<user_directory>(path), std::make_shared<lockout_table>(), std::make_shared<check_pool>(1, 2)};
+    store_with_alice fx;
+    auto& ctx = fx.ctx;
     authenticator a(ctx);
     asio::io_context io(1);
     authenticator::result guesses[3], locked, busy_elsewhere;
@@ -239,8 +247,6 @@ TEST(Authenticator, ALockedOutAddressCostsNoCheck) {
     EXPECT_FALSE(locked.overloaded) << "a locked-out address must not wait for (or fill) the pool";
     EXPECT_EQ(locked.refusal, "too many failures from 127.0.0.66");
     EXPECT_TRUE(busy_elsewhere.overloaded) << "another address still needs a real check";
-    ctx.pool->shutdown();
-    fs::remove_all(dir);
 }
 
 }  // namespace
