@@ -288,6 +288,7 @@ class Dmzproxy(Contender):
                 name = "origin"
                 action = "allow"
                 listeners = ["web"]
+                paths = ["/owa"]
                 target = { address = "%s", port = %d }
                 ''') % (FE, BE, P_BE, BE, P_SMTP_BE, ORIGIN, P_SMTP_SINK, ORIGIN, P_HOLD, ORIGIN, P_SINK, ORIGIN, P_ORIGIN)
         else:
@@ -315,6 +316,7 @@ class Dmzproxy(Contender):
                 name = "back-end"
                 action = "allow"
                 listeners = ["web", "tls"]
+                paths = ["/owa", "/hold", "/rpc"]
                 target = { address = "%s", port = %d, source = "%s", timeouts = { read = "10m" } }
                 ''') % (FE, P_FE, FE, P_FE_TLS, crt, key, FE, P_SMTP_FE, BE, P_SMTP_BE, FE, BE, P_BE, FE)
         path = os.path.join(self.tmp, tier + ".toml")
