@@ -121,24 +121,15 @@ std::string server_name(SSL* ssl) {
 }
 
 std::vector<std::string> presented_names(SSL* ssl) {
-    std::vector<std::string> names;
-    if (!ssl) return names;
+    if (!ssl) return {};
     // A refused certificate never becomes "the peer's": it is only in the chain received.
     X509* leaf = SSL_get0_peer_certificate(ssl);
     if (!leaf) {
         auto* chain = SSL_get_peer_cert_chain(ssl);
         if (chain && sk_X509_num(chain) > 0) leaf = sk_X509_value(chain, 0);
     }
-    if (!leaf) return names;
-    auto* sans = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(leaf, NID_subject_alt_name, nullptr, nullptr));
-    for (int i = 0; sans && i < sk_GENERAL_NAME_num(sans); ++i) {
-        auto* gn = sk_GENERAL_NAME_value(sans, i);
-        if (gn->type == GEN_DNS)
-            names.emplace_back(reinterpret_cast<const char*>(ASN1_STRING_get0_data(gn->d.dNSName)),
-                               static_cast<std::size_t>(ASN1_STRING_length(gn->d.dNSName)));
-    }
-    if (sans) GENERAL_NAMES_free(sans);
-    return names;
+    if (!leaf) return {};
+    return certs::describe(leaf).dns_names;
 }
 
 }  // namespace dmz::proxy

@@ -37,16 +37,12 @@ action = "allow"
     return c;
 }
 
-struct outcome {
+struct outcome : aftermath {
     bool ended = false;      ///< the worker ran out of work in time
     std::string client_got;  ///< every byte the client read before the end
     std::string origin_got;  ///< every byte the upstream read
     bool origin_answered = false;
-    std::vector<json> recs;
     int http_left = 0;  ///< HTTP sessions still alive
-    std::int64_t open_connections = 0;
-    std::uint64_t internal_faults = 0;
-    std::string peer_errors;
     int fds_before = 0, fds_after = 0;
 };
 
@@ -93,13 +89,8 @@ outcome run_http(bool tls, net::fault_plan* plan) {
         r.spawn([&]() { return origin(r, tls, sctx, out); });
         r.spawn([&]() { return client(r, tls, cctx, out); });
         out.ended = r.run();
-        out.recs = records(r.log());
+        static_cast<aftermath&>(out) = collect(r);
         out.http_left = proxy::http_sessions().load();
-        auto c = r.worker().stats.snapshot();
-        for (auto& [listener, n] : c.active) out.open_connections += n;
-        for (auto& [key, n] : c.faults)
-            if (std::get<1>(key) == rules::fault_class::internal) out.internal_faults += n;
-        out.peer_errors = r.peer_errors();
     }
     out.fds_after = open_fds();
     return out;

@@ -239,4 +239,24 @@ private:
     std::string peer_errors_;
 };
 
+/// What every session test reads after a run, whatever the protocol: the access log, the
+/// open-connection gauge, exceptions that escaped, and what the scripted peers saw go wrong.
+struct aftermath {
+    std::vector<nlohmann::json> recs;
+    std::int64_t open_connections = 0;
+    std::uint64_t internal_faults = 0;
+    std::string peer_errors;
+};
+
+inline aftermath collect(rig& r) {
+    aftermath a;
+    a.recs = records(r.log());
+    auto c = r.worker().stats.snapshot();
+    for (auto& [listener, n] : c.active) a.open_connections += n;
+    for (auto& [key, n] : c.faults)
+        if (std::get<1>(key) == rules::fault_class::internal) a.internal_faults += n;
+    a.peer_errors = r.peer_errors();
+    return a;
+}
+
 }  // namespace dmz::test::sessions

@@ -33,16 +33,12 @@ accepted_domains = ["contoso.com"]
 target = { address = "127.0.0.1", port = {ORIGIN}, timeouts = { connect = "5s", read = "5s" } }
 )";
 
-struct outcome {
+struct outcome : aftermath {
     bool ended = false;
     std::vector<int> client_codes;  ///< the replies the client got, in order
     std::string client_last;        ///< the last reply's text
     int queued = 0;                 ///< messages the upstream accepted
-    std::vector<json> recs;
     int smtp_left = 0;
-    std::int64_t open_connections = 0;
-    std::uint64_t internal_faults = 0;
-    std::string peer_errors;
     int fds_before = 0, fds_after = 0;
 };
 
@@ -179,13 +175,8 @@ outcome run_smtp(way how, net::fault_plan* plan) {
         r.spawn([&]() { return sink(r, out); });
         r.spawn([&]() { return client(r, starttls, cctx, out); });
         out.ended = r.run();
-        out.recs = records(r.log());
+        static_cast<aftermath&>(out) = collect(r);
         out.smtp_left = proxy::smtp_sessions().load();
-        auto c = r.worker().stats.snapshot();
-        for (auto& [listener, n] : c.active) out.open_connections += n;
-        for (auto& [key, n] : c.faults)
-            if (std::get<1>(key) == rules::fault_class::internal) out.internal_faults += n;
-        out.peer_errors = r.peer_errors();
     }
     out.fds_after = open_fds();
     return out;
