@@ -195,6 +195,7 @@ TEST(Authenticator, SaturatedPoolIsOverloadedAndACachedPasswordSkipsThePool) {
         g.p.set_value();
     }, asio::detached);
     io.run();
+    ctx.pool->shutdown();  // join the thread still returning from the gate before the gate goes
     EXPECT_TRUE(first.ok) << first.refusal;
     EXPECT_EQ(first.groups, std::vector<std::string>{"mail"});
     EXPECT_FALSE(busy.ok);
@@ -242,6 +243,7 @@ TEST(Authenticator, ALockedOutAddressCostsNoCheck) {
         g.p.set_value();
     }, asio::detached);
     io.run();
+    ctx.pool->shutdown();  // join the thread still returning from the gate before the gate goes
     for (auto& r : guesses) EXPECT_EQ(r.refusal, "unknown user");
     EXPECT_FALSE(locked.ok);
     EXPECT_FALSE(locked.overloaded) << "a locked-out address must not wait for (or fill) the pool";
